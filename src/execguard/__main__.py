@@ -1,0 +1,3 @@
+from execguard.cli import main
+
+main()

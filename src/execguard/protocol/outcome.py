@@ -1,0 +1,34 @@
+"""The four decisions and the protocol constants every part shares."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+__all__ = ["PROTOCOL_VERSION", "Outcome", "format_timestamp", "parse_timestamp"]
+
+#: Named in every receipt and in the keys document.
+PROTOCOL_VERSION = "execguard/1"
+
+
+class Outcome(StrEnum):
+    """A decision. Only PERMIT lets an action run."""
+
+    PERMIT = "PERMIT"
+    DENY = "DENY"
+    ESCALATE = "ESCALATE"
+    SILENCE = "SILENCE"
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 UTC with milliseconds: ``2026-11-26T22:30:00.123Z``."""
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Parse an RFC 3339 timestamp (``Z`` or an offset); naive input is taken as UTC."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
