@@ -1,0 +1,40 @@
+"""Storage: the append-only decision log, tenants, keys, policy bundles, idempotency.
+
+    store = SQLiteStore("data/execguard.db")
+    committer = GroupCommitter(store); committer.start()
+    result = await committer.submit(pending_entry)   # durable when it returns
+"""
+
+from execguard.ledger.group_commit import GroupCommitter
+from execguard.ledger.records import (
+    ApiKeyRecord,
+    BundleRecord,
+    CommitResult,
+    Committed,
+    Conflicted,
+    ExecutionRecord,
+    IdempotencyClaim,
+    LogEntry,
+    PendingEntry,
+    Replayed,
+    SigningKeyRecord,
+)
+from execguard.ledger.sqlite import SQLiteStore
+from execguard.ledger.store import LedgerStore
+
+__all__ = [
+    "ApiKeyRecord",
+    "BundleRecord",
+    "CommitResult",
+    "Committed",
+    "Conflicted",
+    "ExecutionRecord",
+    "GroupCommitter",
+    "IdempotencyClaim",
+    "LedgerStore",
+    "LogEntry",
+    "PendingEntry",
+    "Replayed",
+    "SQLiteStore",
+    "SigningKeyRecord",
+]

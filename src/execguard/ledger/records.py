@@ -1,0 +1,150 @@
+"""The records the ledger stores and returns. Plain frozen data, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ApiKeyRecord",
+    "BundleRecord",
+    "CommitResult",
+    "Committed",
+    "Conflicted",
+    "ExecutionRecord",
+    "IdempotencyClaim",
+    "LogEntry",
+    "PendingEntry",
+    "Replayed",
+    "SigningKeyRecord",
+]
+
+#: Builds the sealed receipt once the ledger knows the entry's log index.
+Sealer = Callable[[int], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """An API key, known by the SHA-256 of its text."""
+
+    key_hash: str
+    tenant: str
+    role: str
+    label: str | None
+    created_at: str
+
+
+@dataclass(frozen=True)
+class SigningKeyRecord:
+    """A published Ed25519 public key; ``status`` is ``active`` or ``retired``."""
+
+    key_id: str
+    public_pem: str
+    status: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class BundleRecord:
+    """A pushed policy bundle (immutable) and whether it is the tenant's active one."""
+
+    tenant: str
+    version: str
+    created_at: str
+    active: bool
+    files: Mapping[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExecutionRecord:
+    """A decision as stored: the normalized request, the response, the receipt."""
+
+    execution_id: str
+    tenant: str
+    log_index: int
+    surface: str
+    actor_id: str | None
+    decision: str
+    reason_code: str
+    policy_version: str | None
+    created_at: str
+    request_hash: str
+    request: Mapping[str, Any]
+    response: Mapping[str, Any]
+    outcome_receipt: Mapping[str, Any] | None = None
+
+    @property
+    def receipt(self) -> Mapping[str, Any]:
+        """The decision's sealed receipt."""
+        return self.response["receipt"]
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """A request to remember ``key`` for this request hash until ``expires_at`` (epoch s)."""
+
+    key: str
+    request_hash: str
+    mode: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One entry of a tenant's append-only log."""
+
+    tenant: str
+    index: int
+    kind: str
+    execution_id: str
+    receipt: Mapping[str, Any]
+    receipt_hash: str
+    prev_hash: str | None
+    entry_hash: str
+
+
+@dataclass
+class PendingEntry:
+    """A receipt waiting to be appended, with what must be stored beside it.
+
+    ``seal`` is called inside the committing transaction with the entry's log
+    index, because the index is part of what the receipt signs.
+    For ``kind == "decision"``: ``execution`` holds the row fields (without
+    ``log_index``), ``response`` the reply without its receipt, and
+    ``idempotency`` an optional claim. For ``kind == "outcome"``: the outcome
+    is recorded at most once per execution.
+    """
+
+    tenant: str
+    kind: str
+    execution_id: str
+    seal: Sealer
+    execution: Mapping[str, Any] | None = None
+    response: Mapping[str, Any] | None = None
+    idempotency: IdempotencyClaim | None = None
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The entry is durable at ``log_index`` with this sealed receipt."""
+
+    log_index: int
+    receipt: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The idempotency key was already used for this same request; here is its record."""
+
+    record: ExecutionRecord
+
+
+@dataclass(frozen=True)
+class Conflicted:
+    """Nothing was written: ``code`` says why (``idempotency_key_reuse``, ``outcome_exists``)."""
+
+    code: str
+
+
+CommitResult = Committed | Replayed | Conflicted

@@ -1,0 +1,422 @@
+"""The embedded SQLite ledger (the default backend).
+
+Durability: WAL journal with ``synchronous=FULL``, so a committed transaction
+is fsync'd before ``commit()`` returns. Appends are atomic and sequential:
+:meth:`SQLiteStore.commit_batch` runs in one ``BEGIN IMMEDIATE`` transaction,
+which takes SQLite's single write lock before reading the last log index, so
+two writers (threads or processes) can never assign the same index. Triggers
+refuse any UPDATE or DELETE of log rows, so the log is append-only even for a
+careless operator using the sqlite3 shell.
+
+Readers use one connection per thread; the write lock is retried with ~200 µs
+sleeps (SQLite's own busy handler sleeps in millisecond steps and doubles p99).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from execguard.ledger.records import (
+    ApiKeyRecord,
+    BundleRecord,
+    CommitResult,
+    Committed,
+    Conflicted,
+    ExecutionRecord,
+    LogEntry,
+    PendingEntry,
+    Replayed,
+    SigningKeyRecord,
+)
+from execguard.protocol.chain import entry_hash
+from execguard.protocol.errors import NotFound, StorageUnavailable
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStore", "translate_errors"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_hash TEXT PRIMARY KEY, tenant TEXT NOT NULL REFERENCES tenants(name),
+    role TEXT NOT NULL, label TEXT, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS signing_keys (
+    key_id TEXT PRIMARY KEY, public_pem TEXT NOT NULL, status TEXT NOT NULL,
+    created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS bundles (
+    tenant TEXT NOT NULL, version TEXT NOT NULL, files TEXT NOT NULL, created_at TEXT NOT NULL,
+    PRIMARY KEY (tenant, version));
+CREATE TABLE IF NOT EXISTS active_bundles (
+    tenant TEXT PRIMARY KEY, version TEXT NOT NULL, activated_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS log (
+    tenant TEXT NOT NULL, idx INTEGER NOT NULL, kind TEXT NOT NULL, execution_id TEXT NOT NULL,
+    receipt TEXT NOT NULL, receipt_hash TEXT NOT NULL, prev_hash TEXT, entry_hash TEXT NOT NULL,
+    PRIMARY KEY (tenant, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS executions (
+    execution_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, log_index INTEGER NOT NULL,
+    surface TEXT NOT NULL, actor_id TEXT, decision TEXT NOT NULL, reason_code TEXT NOT NULL,
+    policy_version TEXT, created_at TEXT NOT NULL, request_hash TEXT NOT NULL,
+    request TEXT NOT NULL, response TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS executions_by_time ON executions (tenant, created_at);
+CREATE TABLE IF NOT EXISTS outcomes (
+    execution_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, log_index INTEGER NOT NULL,
+    receipt TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL, mode TEXT NOT NULL,
+    execution_id TEXT NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (tenant, key));
+CREATE TRIGGER IF NOT EXISTS log_no_update BEFORE UPDATE ON log
+    BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS log_no_delete BEFORE DELETE ON log
+    BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
+"""
+
+_BUSY_RETRY_SECONDS = 10.0
+
+
+@contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Turn every ``sqlite3`` error into :class:`StorageUnavailable` (one seam)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StorageUnavailable(f"{what} failed: {exc}") from exc
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class SQLiteStore:
+    """The ledger in one SQLite file. Thread-safe; usable by several processes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._migrate()
+
+    # -- connections -------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        with translate_errors("opening the database"):
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=0.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._open()
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: taken with retries, committed or rolled back whole."""
+        conn = self._conn
+        with translate_errors(what):
+            deadline = time.monotonic() + _BUSY_RETRY_SECONDS
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.0002)
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _migrate(self) -> None:
+        # Two processes creating one database at once can see "locked": retry.
+        deadline = time.monotonic() + _BUSY_RETRY_SECONDS
+        while True:
+            try:
+                with self._write("creating the schema") as conn:
+                    for statement in _SCHEMA.split(";\n"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                                 (str(SCHEMA_VERSION),))
+                return
+            except StorageUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        """Close every connection this store opened."""
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # -- tenants and keys --------------------------------------------------------------
+
+    def create_tenant(self, name: str, now: str) -> bool:
+        """Create a tenant; False if it already exists."""
+        with self._write("creating a tenant") as conn:
+            cur = conn.execute("INSERT OR IGNORE INTO tenants VALUES (?, ?)", (name, now))
+            return cur.rowcount == 1
+
+    def tenant_exists(self, name: str) -> bool:
+        """Whether the tenant exists."""
+        with translate_errors("reading tenants"):
+            row = self._conn.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone()
+        return row is not None
+
+    def add_api_key(self, record: ApiKeyRecord) -> None:
+        """Store an API key by its hash."""
+        if not self.tenant_exists(record.tenant):
+            raise NotFound(f"tenant {record.tenant!r} does not exist")
+        with self._write("storing an API key") as conn:
+            conn.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?)",
+                         (record.key_hash, record.tenant, record.role, record.label,
+                          record.created_at))
+
+    def lookup_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        """The API key with this hash, or None."""
+        with translate_errors("reading API keys"):
+            row = self._conn.execute(
+                "SELECT key_hash, tenant, role, label, created_at FROM api_keys"
+                " WHERE key_hash = ?", (key_hash,)).fetchone()
+        return ApiKeyRecord(*row) if row else None
+
+    def add_signing_key(self, record: SigningKeyRecord) -> None:
+        """Publish a public signing key."""
+        with self._write("storing a signing key") as conn:
+            conn.execute("INSERT INTO signing_keys VALUES (?, ?, ?, ?)",
+                         (record.key_id, record.public_pem, record.status, record.created_at))
+
+    def signing_keys(self) -> list[SigningKeyRecord]:
+        """Every published key, oldest first."""
+        with translate_errors("reading signing keys"):
+            rows = self._conn.execute(
+                "SELECT key_id, public_pem, status, created_at FROM signing_keys"
+                " ORDER BY created_at, key_id").fetchall()
+        return [SigningKeyRecord(*row) for row in rows]
+
+    # -- policy bundles ----------------------------------------------------------------
+
+    def put_bundle(self, tenant: str, version: str, files: Mapping[str, bytes],
+                   now: str) -> bool:
+        """Store an immutable bundle; False if the version is already stored."""
+        encoded = _dumps({path: base64.b64encode(data).decode("ascii")
+                          for path, data in sorted(files.items())})
+        with self._write("storing a policy bundle") as conn:
+            cur = conn.execute("INSERT OR IGNORE INTO bundles VALUES (?, ?, ?, ?)",
+                               (tenant, version, encoded, now))
+            return cur.rowcount == 1
+
+    def get_bundle(self, tenant: str, version: str) -> BundleRecord | None:
+        """The bundle with its files, or None."""
+        with translate_errors("reading a policy bundle"):
+            row = self._conn.execute(
+                "SELECT b.files, b.created_at, a.version IS NOT NULL FROM bundles b"
+                " LEFT JOIN active_bundles a ON a.tenant = b.tenant AND a.version = b.version"
+                " WHERE b.tenant = ? AND b.version = ?", (tenant, version)).fetchone()
+        if row is None:
+            return None
+        files = {path: base64.b64decode(data) for path, data in json.loads(row[0]).items()}
+        return BundleRecord(tenant, version, row[1], bool(row[2]), files)
+
+    def list_bundles(self, tenant: str) -> list[BundleRecord]:
+        """The tenant's bundles, oldest first."""
+        with translate_errors("listing policy bundles"):
+            rows = self._conn.execute(
+                "SELECT b.version, b.created_at, a.version IS NOT NULL FROM bundles b"
+                " LEFT JOIN active_bundles a ON a.tenant = b.tenant AND a.version = b.version"
+                " WHERE b.tenant = ? ORDER BY b.created_at, b.version", (tenant,)).fetchall()
+        return [BundleRecord(tenant, version, created, bool(active))
+                for version, created, active in rows]
+
+    def activate_bundle(self, tenant: str, version: str, now: str) -> None:
+        """Make a stored version the tenant's active one."""
+        with self._write("activating a policy bundle") as conn:
+            if conn.execute("SELECT 1 FROM bundles WHERE tenant = ? AND version = ?",
+                            (tenant, version)).fetchone() is None:
+                raise NotFound(f"policy version {version} is not stored for tenant {tenant!r}")
+            conn.execute("INSERT INTO active_bundles VALUES (?, ?, ?) ON CONFLICT (tenant)"
+                         " DO UPDATE SET version = excluded.version,"
+                         " activated_at = excluded.activated_at", (tenant, version, now))
+
+    def active_bundle_version(self, tenant: str) -> str | None:
+        """The tenant's active policy version, or None."""
+        with translate_errors("reading the active policy"):
+            row = self._conn.execute("SELECT version FROM active_bundles WHERE tenant = ?",
+                                     (tenant,)).fetchone()
+        return row[0] if row else None
+
+    # -- the log -----------------------------------------------------------------------
+
+    def commit_batch(self, entries: Sequence[PendingEntry],
+                     now_epoch: float) -> list[CommitResult]:
+        """Append the entries in one fsync'd transaction (see LedgerStore)."""
+        results: list[CommitResult] = []
+        heads: dict[str, tuple[int, str | None]] = {}
+        with self._write("appending to the log") as conn:
+            for entry in entries:
+                results.append(self._append_one(conn, entry, heads, now_epoch))
+        return results
+
+    def _head(self, conn: sqlite3.Connection, tenant: str,
+              heads: dict[str, tuple[int, str | None]]) -> tuple[int, str | None]:
+        if tenant not in heads:
+            row = conn.execute("SELECT idx, entry_hash FROM log WHERE tenant = ?"
+                               " ORDER BY idx DESC LIMIT 1", (tenant,)).fetchone()
+            heads[tenant] = (row[0] + 1, row[1]) if row else (0, None)
+        return heads[tenant]
+
+    def _append_one(self, conn: sqlite3.Connection, entry: PendingEntry,
+                    heads: dict[str, tuple[int, str | None]], now_epoch: float) -> CommitResult:
+        claim = entry.idempotency
+        if claim is not None:
+            row = conn.execute(
+                "SELECT request_hash, mode, execution_id FROM idempotency"
+                " WHERE tenant = ? AND key = ? AND expires_at > ?",
+                (entry.tenant, claim.key, now_epoch)).fetchone()
+            if row is not None:
+                if (row[0], row[1]) != (claim.request_hash, claim.mode):
+                    return Conflicted("idempotency_key_reuse")
+                record = self._execution(conn, entry.tenant, row[2])
+                if record is None:  # pragma: no cover - the rows are written together
+                    raise StorageUnavailable("idempotency key points at a missing execution")
+                return Replayed(record)
+        if entry.kind == "outcome" and conn.execute(
+                "SELECT 1 FROM outcomes WHERE execution_id = ?",
+                (entry.execution_id,)).fetchone() is not None:
+            return Conflicted("outcome_exists")
+
+        index, prev = self._head(conn, entry.tenant, heads)
+        receipt = entry.seal(index)
+        digest = receipt["receiptHash"]
+        chained = entry_hash(index, prev, digest)
+        conn.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (entry.tenant, index, entry.kind, entry.execution_id, _dumps(receipt),
+                      digest, prev, chained))
+        heads[entry.tenant] = (index + 1, chained)
+
+        if entry.kind == "decision":
+            row = entry.execution or {}
+            response = {**(entry.response or {}), "receipt": receipt}
+            conn.execute(
+                "INSERT INTO executions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (entry.execution_id, entry.tenant, index, row["surface"], row["actor_id"],
+                 row["decision"], row["reason_code"], row["policy_version"],
+                 receipt["timestamp"], row["request_hash"], _dumps(row["request"]),
+                 _dumps(response)))
+            if claim is not None:
+                conn.execute(
+                    "INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT"
+                    " (tenant, key) DO UPDATE SET request_hash = excluded.request_hash,"
+                    " mode = excluded.mode, execution_id = excluded.execution_id,"
+                    " expires_at = excluded.expires_at",
+                    (entry.tenant, claim.key, claim.request_hash, claim.mode,
+                     entry.execution_id, claim.expires_at))
+        elif entry.kind == "outcome":
+            conn.execute("INSERT INTO outcomes VALUES (?, ?, ?, ?)",
+                         (entry.execution_id, entry.tenant, index, _dumps(receipt)))
+        return Committed(index, receipt)
+
+    def purge_idempotency(self, now_epoch: float) -> int:
+        """Forget expired idempotency keys; return how many."""
+        with self._write("purging idempotency keys") as conn:
+            return conn.execute("DELETE FROM idempotency WHERE expires_at <= ?",
+                                (now_epoch,)).rowcount
+
+    def find_idempotent(self, tenant: str, key: str,
+                        now_epoch: float) -> tuple[str, str, ExecutionRecord] | None:
+        """(request hash, mode, execution) for a live key, else None."""
+        with translate_errors("reading idempotency keys"):
+            conn = self._conn
+            row = conn.execute(
+                "SELECT request_hash, mode, execution_id FROM idempotency"
+                " WHERE tenant = ? AND key = ? AND expires_at > ?",
+                (tenant, key, now_epoch)).fetchone()
+            if row is None:
+                return None
+            record = self._execution(conn, tenant, row[2])
+        return (row[0], row[1], record) if record else None
+
+    _EXECUTION_COLUMNS = (
+        "e.execution_id, e.tenant, e.log_index, e.surface, e.actor_id, e.decision,"
+        " e.reason_code, e.policy_version, e.created_at, e.request_hash, e.request,"
+        " e.response, o.receipt")
+
+    @staticmethod
+    def _record(row: tuple[Any, ...]) -> ExecutionRecord:
+        return ExecutionRecord(
+            *row[:10], request=json.loads(row[10]), response=json.loads(row[11]),
+            outcome_receipt=json.loads(row[12]) if row[12] else None)
+
+    def _execution(self, conn: sqlite3.Connection, tenant: str,
+                   execution_id: str) -> ExecutionRecord | None:
+        row = conn.execute(
+            f"SELECT {self._EXECUTION_COLUMNS} FROM executions e LEFT JOIN outcomes o"
+            " ON o.execution_id = e.execution_id"
+            " WHERE e.tenant = ? AND e.execution_id = ?", (tenant, execution_id)).fetchone()
+        return self._record(row) if row else None
+
+    def get_execution(self, tenant: str, execution_id: str) -> ExecutionRecord | None:
+        """The tenant's execution, or None (also for another tenant's id)."""
+        with translate_errors("reading an execution"):
+            return self._execution(self._conn, tenant, execution_id)
+
+    def query_executions(self, tenant: str, *, execution_id: str | None = None,
+                         surface: str | None = None, actor_id: str | None = None,
+                         since: str | None = None, limit: int = 100) -> list[ExecutionRecord]:
+        """The tenant's executions matching every given filter, newest first."""
+        where, params = ["e.tenant = ?"], [tenant]
+        for column, value in (("e.execution_id", execution_id), ("e.surface", surface),
+                              ("e.actor_id", actor_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            where.append("e.created_at >= ?")
+            params.append(since)
+        sql = (f"SELECT {self._EXECUTION_COLUMNS} FROM executions e LEFT JOIN outcomes o"
+               f" ON o.execution_id = e.execution_id WHERE {' AND '.join(where)}"
+               " ORDER BY e.log_index DESC LIMIT ?")
+        with translate_errors("querying executions"):
+            rows = self._conn.execute(sql, (*params, limit)).fetchall()
+        return [self._record(row) for row in rows]
+
+    def log_entries(self, tenant: str, start: int, end: int) -> list[LogEntry]:
+        """Entries ``start <= index < end`` in order."""
+        with translate_errors("reading the log"):
+            rows = self._conn.execute(
+                "SELECT tenant, idx, kind, execution_id, receipt, receipt_hash, prev_hash,"
+                " entry_hash FROM log WHERE tenant = ? AND idx >= ? AND idx < ? ORDER BY idx",
+                (tenant, start, end)).fetchall()
+        return [LogEntry(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7])
+                for r in rows]
+
+    def log_size(self, tenant: str) -> int:
+        """Number of entries in the tenant's log."""
+        with translate_errors("reading the log"):
+            row = self._conn.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM log"
+                                     " WHERE tenant = ?", (tenant,)).fetchone()
+        return int(row[0])

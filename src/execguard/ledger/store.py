@@ -1,0 +1,94 @@
+"""The storage contract every backend implements (SQLite now, PostgreSQL next).
+
+Contract, for every method: a storage failure raises
+:class:`~execguard.protocol.errors.StorageUnavailable` and leaves what was
+stored before untouched. Nothing is ever updated in place in the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from execguard.ledger.records import (
+    ApiKeyRecord,
+    BundleRecord,
+    CommitResult,
+    ExecutionRecord,
+    LogEntry,
+    PendingEntry,
+    SigningKeyRecord,
+)
+
+__all__ = ["LedgerStore"]
+
+
+class LedgerStore(Protocol):
+    """Tenants, keys, policy bundles and the append-only decision log."""
+
+    def create_tenant(self, name: str, now: str) -> bool:
+        """Create a tenant; return False (and change nothing) if it exists."""
+
+    def tenant_exists(self, name: str) -> bool:
+        """Whether the tenant exists."""
+
+    def add_api_key(self, record: ApiKeyRecord) -> None:
+        """Store an API key by its hash. The tenant must exist (else ``NotFound``)."""
+
+    def lookup_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        """The key with this hash, or None."""
+
+    def add_signing_key(self, record: SigningKeyRecord) -> None:
+        """Publish a public key. Keys are never deleted."""
+
+    def signing_keys(self) -> list[SigningKeyRecord]:
+        """Every published key, oldest first."""
+
+    def put_bundle(self, tenant: str, version: str, files: Mapping[str, bytes],
+                   now: str) -> bool:
+        """Store an immutable bundle; return False if this version is already stored."""
+
+    def get_bundle(self, tenant: str, version: str) -> BundleRecord | None:
+        """The bundle with its files, or None."""
+
+    def list_bundles(self, tenant: str) -> list[BundleRecord]:
+        """The tenant's bundles, oldest first, without files."""
+
+    def activate_bundle(self, tenant: str, version: str, now: str) -> None:
+        """Make a stored version the tenant's only active one (else ``NotFound``)."""
+
+    def active_bundle_version(self, tenant: str) -> str | None:
+        """The tenant's active version, or None."""
+
+    def commit_batch(self, entries: Sequence[PendingEntry],
+                     now_epoch: float) -> list[CommitResult]:
+        """Append entries in one durable transaction, in order; one result per entry.
+
+        Log indexes are gapless per tenant. When this returns, every
+        ``Committed`` entry is on stable storage. An idempotency claim whose key
+        is live with the same request hash and mode gives ``Replayed``; with
+        another, ``Conflicted("idempotency_key_reuse")``. A second outcome for one
+        execution gives ``Conflicted("outcome_exists")``. If the transaction
+        fails, nothing of the batch is stored and ``StorageUnavailable`` is raised.
+        """
+
+    def find_idempotent(self, tenant: str, key: str,
+                        now_epoch: float) -> tuple[str, str, ExecutionRecord] | None:
+        """For a live key: (its request hash, its execution mode, its execution), else None."""
+
+    def get_execution(self, tenant: str, execution_id: str) -> ExecutionRecord | None:
+        """The tenant's execution with this id (and its outcome receipt), or None."""
+
+    def query_executions(self, tenant: str, *, execution_id: str | None = None,
+                         surface: str | None = None, actor_id: str | None = None,
+                         since: str | None = None, limit: int = 100) -> list[ExecutionRecord]:
+        """The tenant's executions matching every given filter, newest first."""
+
+    def log_entries(self, tenant: str, start: int, end: int) -> list[LogEntry]:
+        """Log entries with ``start <= index < end``, in index order."""
+
+    def log_size(self, tenant: str) -> int:
+        """Number of entries in the tenant's log."""
+
+    def close(self) -> None:
+        """Release connections."""

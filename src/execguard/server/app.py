@@ -1,0 +1,159 @@
+"""The HTTP API (FastAPI). Handlers are thin: read, call the gateway, answer.
+
+``create_app`` receives its collaborators; nothing is a module global, so
+tests and several servers in one process each get their own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from execguard import __version__
+from execguard.ledger import GroupCommitter, SQLiteStore
+from execguard.protocol.errors import (
+    MalformedRequest,
+    PayloadTooLarge,
+    ServiceUnavailable,
+)
+from execguard.protocol.outcome import format_timestamp, parse_timestamp
+from execguard.protocol.request import parse_execution_request
+from execguard.protocol.signing import Signer
+from execguard.server.errors import install_error_handlers, request_id_of
+from execguard.server.gateway import Caller, Gateway, explain_record
+from execguard.server.middleware import RequestIdMiddleware
+from execguard.server.openapi import EXECUTE_REQUEST_SCHEMA
+from execguard.server.settings import Settings
+
+__all__ = ["create_app"]
+
+
+def _json(body: dict[str, Any], request: Request, status: int = 200,
+          headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+                    status_code=status, media_type="application/json", headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise PayloadTooLarge(limit)
+        except ValueError:
+            raise MalformedRequest("Content-Length", "a whole number", repr(declared)) from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(settings: Settings, store: SQLiteStore, signer: Signer | None,
+               committer: GroupCommitter | None = None) -> FastAPI:
+    """Build the ASGI app. The committer's writer thread runs for the app's lifespan."""
+    committer = committer or GroupCommitter(store)
+    gateway = Gateway(settings, store, committer, signer)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        committer.start()
+        try:
+            yield
+        finally:
+            # In-flight requests have finished when uvicorn runs this: drain and stop.
+            committer.stop()
+
+    app = FastAPI(title="ExecGuard", version=__version__, lifespan=lifespan,
+                  description="Execution governance: no PERMIT, no execution.")
+    app.state.gateway = gateway
+    app.add_middleware(RequestIdMiddleware)
+    install_error_handlers(app)
+
+    def caller_of(request: Request) -> Caller:
+        return gateway.authenticate(request.headers.get("authorization"),
+                                    request.headers.get("x-consumer"))
+
+    @app.post("/execute", summary="Decide on a proposed action",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": EXECUTE_REQUEST_SCHEMA}}}})
+    async def execute(request: Request) -> Response:
+        caller = caller_of(request)
+        body = await read_body(request, settings.max_body_bytes)
+        parsed = parse_execution_request(
+            body, idempotency_header=request.headers.get("idempotency-key"))
+        answer = await gateway.decide(caller, parsed)
+        return _json({**answer, "request_id": request_id_of(request)}, request)
+
+    @app.get("/.well-known/trigguard/keys.json", summary="Published signing keys")
+    def keys_document(request: Request) -> Response:
+        return _json(gateway.keys_document(), request,
+                     headers={"Cache-Control": "public, max-age=300"})
+
+    @app.get("/verify/{execution_id}", summary="Explain one decision")
+    def verify(execution_id: str, request: Request) -> Response:
+        return _json(gateway.explain(caller_of(request), execution_id), request)
+
+    @app.get("/v1/executions/{execution_id}", summary="One decision and its outcome")
+    def execution(execution_id: str, request: Request) -> Response:
+        return _json(gateway.explain(caller_of(request), execution_id), request)
+
+    @app.get("/v1/audit", summary="Recorded decisions, newest first")
+    def audit(request: Request, execution_id: str | None = None,
+              surface: str | None = None, actor: str | None = None,
+              since: str | None = None,
+              limit: int = Query(100, ge=1, le=1000)) -> Response:
+        caller = caller_of(request)
+        since_text = None
+        if since is not None:
+            try:
+                since_text = format_timestamp(parse_timestamp(since))
+            except ValueError:
+                raise MalformedRequest("since", "an RFC 3339 timestamp such as "
+                                       "2026-11-26T00:00:00Z", repr(since)) from None
+        records = store.query_executions(caller.tenant, execution_id=execution_id,
+                                         surface=surface, actor_id=actor, since=since_text,
+                                         limit=limit)
+        return _json({"entries": [explain_record(r) for r in records]}, request)
+
+    @app.post("/v1/coach", summary="Dry run: what would be decided (no receipt)")
+    async def coach(request: Request) -> Response:
+        caller = caller_of(request)
+        body = await read_body(request, settings.max_body_bytes)
+        return _json(gateway.coach(caller, body), request)
+
+    @app.post("/executions/{execution_id}/outcome", summary="Report how an execution ended")
+    async def outcome(execution_id: str, request: Request) -> Response:
+        caller = caller_of(request)
+        body = await read_body(request, settings.max_body_bytes)
+        return _json(await gateway.record_outcome(caller, execution_id, body), request)
+
+    @app.get("/healthz", summary="Liveness")
+    def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz", summary="Readiness: can decisions be issued durably?")
+    def readyz(request: Request) -> Response:
+        problems = []
+        if signer is None:
+            problems.append("no signing key loaded")
+        if not committer.running:
+            problems.append("ledger writer not running")
+        try:
+            store.signing_keys()
+        except ServiceUnavailable as exc:
+            problems.append(str(exc))
+        if problems:
+            return _json({"status": "unavailable", "problems": problems}, request, 503)
+        return _json({"status": "ready"}, request)
+
+    return app

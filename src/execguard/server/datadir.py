@@ -1,0 +1,169 @@
+"""The data directory: the database, the signing keys, and first-run set-up.
+
+Layout::
+
+    <data>/execguard.db          the SQLite ledger
+    <data>/keys/<key id>.pem     Ed25519 private keys, mode 0600 (directory 0700)
+    <data>/demo-api-key          the demo tenant's API key, mode 0600 (created by init)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from execguard.arbiter import PolicyBundle, demo_bundle_path
+from execguard.ledger import ApiKeyRecord, SigningKeyRecord, SQLiteStore
+from execguard.protocol.errors import ConfigError, NoSigningKey
+from execguard.protocol.outcome import format_timestamp
+from execguard.protocol.signing import Signer
+
+__all__ = [
+    "API_KEY_PREFIX",
+    "DataDir",
+    "InitResult",
+    "hash_api_key",
+    "new_api_key",
+    "now_text",
+]
+
+#: ExecGuard's API keys. Not ``tg_live_``/``tg_test_``: TrigGuard's SDK treats those specially.
+API_KEY_PREFIX = "egk_"
+ROLES = ("agent", "admin", "approver")
+DEMO_TENANT = "demo"
+
+
+def now_text() -> str:
+    """The current time as a protocol timestamp."""
+    return format_timestamp(datetime.now(UTC))
+
+
+def new_api_key() -> str:
+    """A fresh random API key (256 bits)."""
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_api_key(key: str) -> str:
+    """Keys are stored as SHA-256 hex: they are random, so no slow hash is needed."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class InitResult:
+    """What ``init`` did: ``created`` is False when the directory was already set up."""
+
+    created: bool
+    data_dir: Path
+    key_id: str
+    api_key: str | None
+    policy_version: str | None
+
+
+class DataDir:
+    """Paths and operations on one data directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite ledger."""
+        return self.path / "execguard.db"
+
+    @property
+    def keys_dir(self) -> Path:
+        """Private signing keys live here (mode 0700)."""
+        return self.path / "keys"
+
+    @property
+    def demo_key_path(self) -> Path:
+        """The demo API key written by ``init`` (mode 0600)."""
+        return self.path / "demo-api-key"
+
+    def exists(self) -> bool:
+        """Whether ``init`` has run here."""
+        return self.db_path.exists()
+
+    def open_store(self) -> SQLiteStore:
+        """Open the ledger; the directory must have been initialised."""
+        if not self.exists():
+            raise ConfigError(
+                f"no ExecGuard data directory at {self.path}: run 'execguard init --data "
+                f"{self.path}' first"
+            )
+        return SQLiteStore(self.db_path)
+
+    def _write_secret(self, path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def create_signing_key(self, store: SQLiteStore) -> Signer:
+        """Generate a key, write it (0600), then publish its public half as active."""
+        self.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        signer = Signer.generate()
+        self._write_secret(self.keys_dir / f"{signer.key_id}.pem", signer.private_pem())
+        store.add_signing_key(SigningKeyRecord(signer.key_id, signer.public_pem, "active",
+                                               now_text()))
+        return signer
+
+    def load_signer(self, store: SQLiteStore) -> Signer:
+        """The active signing key; :class:`NoSigningKey` if it is missing or unreadable."""
+        active = [k for k in store.signing_keys() if k.status == "active"]
+        if not active:
+            raise NoSigningKey("no active signing key is published in the database")
+        record = active[-1]
+        path = self.keys_dir / f"{record.key_id}.pem"
+        try:
+            signer = Signer.from_pem(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise NoSigningKey(f"signing key {record.key_id} cannot be read from {path}: "
+                               f"{exc}") from exc
+        if signer.key_id != record.key_id:
+            raise NoSigningKey(f"{path} does not hold key {record.key_id}")
+        return signer
+
+    def create_api_key(self, store: SQLiteStore, tenant: str, role: str = "agent",
+                       label: str | None = None) -> str:
+        """Create and store (hashed) a new API key for an existing tenant; return its text."""
+        if role not in ROLES:
+            raise ConfigError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        if not store.tenant_exists(tenant):
+            raise ConfigError(f"tenant {tenant!r} does not exist")
+        key = new_api_key()
+        store.add_api_key(ApiKeyRecord(hash_api_key(key), tenant, role, label, now_text()))
+        return key
+
+    def initialise(self) -> InitResult:
+        """Create everything on first run; on an existing directory change nothing."""
+        if self.exists():
+            store = self.open_store()
+            try:
+                keys = store.signing_keys()
+                version = store.active_bundle_version(DEMO_TENANT)
+            finally:
+                store.close()
+            demo_key = (self.demo_key_path.read_text().strip()
+                        if self.demo_key_path.exists() else None)
+            return InitResult(False, self.path, keys[-1].key_id if keys else "", demo_key,
+                              version)
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        store = SQLiteStore(self.db_path)
+        try:
+            signer = self.create_signing_key(store)
+            now = now_text()
+            store.create_tenant(DEMO_TENANT, now)
+            bundle = PolicyBundle.from_directory(demo_bundle_path())
+            store.put_bundle(DEMO_TENANT, bundle.version, bundle.files, now)
+            store.activate_bundle(DEMO_TENANT, bundle.version, now)
+            api_key = self.create_api_key(store, DEMO_TENANT, "admin", "demo")
+            self._write_secret(self.demo_key_path, (api_key + "\n").encode())
+        finally:
+            store.close()
+        return InitResult(True, self.path, signer.key_id, api_key, bundle.version)

@@ -1,0 +1,110 @@
+"""ExecGuard errors → HTTP. Status codes live here and nowhere else.
+
+Every error body is ``{"error", "message", "request_id"}`` (plus ``field``,
+``expected`` and ``got`` for a malformed request). A DENY is a decision,
+answered 200 with a receipt: it never passes through here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from execguard.protocol.errors import (
+    AuthError,
+    Conflict,
+    ExecGuardError,
+    Forbidden,
+    IdempotencyKeyReuse,
+    MalformedRequest,
+    NotFound,
+    PayloadTooLarge,
+    RequestError,
+    ServiceUnavailable,
+    UnknownSurface,
+)
+
+__all__ = ["STATUS_BY_ERROR", "install_error_handlers", "status_for"]
+
+log = logging.getLogger("execguard.server")
+
+#: Looked up along the exception's MRO, so a subclass inherits its branch's status.
+STATUS_BY_ERROR: dict[type[ExecGuardError], int] = {
+    MalformedRequest: 422,
+    PayloadTooLarge: 413,
+    UnknownSurface: 400,
+    IdempotencyKeyReuse: 409,
+    Conflict: 409,
+    NotFound: 404,
+    RequestError: 400,
+    Forbidden: 403,
+    AuthError: 401,
+    ServiceUnavailable: 503,
+}
+
+
+def status_for(exc: ExecGuardError) -> int:
+    """The HTTP status for an ExecGuard error (500 for anything unmapped)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500
+
+
+def request_id_of(request: Request) -> str | None:
+    """The id the request-id middleware gave this request."""
+    return getattr(request.state, "request_id", None)
+
+
+def error_response(request: Request, status: int, code: str, message: str,
+                   **extra: object) -> JSONResponse:
+    """The one shape of every error body."""
+    rid = request_id_of(request)
+    body = {"error": code, "message": message, "request_id": rid, **extra}
+    headers = {"X-Request-Id": rid} if rid else None
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    if status == 503:
+        headers = {**(headers or {}), "Retry-After": "1"}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register one handler per branch of the tree, plus the framework's and a catch-all."""
+
+    async def on_execguard_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ExecGuardError)
+        status = status_for(exc)
+        extra: dict[str, object] = {}
+        if isinstance(exc, MalformedRequest):
+            extra = {"field": exc.field, "expected": exc.expected, "got": exc.got}
+        if status >= 500:
+            log.warning("failing closed: %s", exc)
+        message = exc.diagnostics() if status < 500 else str(exc)
+        return error_response(request, status, exc.code, message, **extra)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(request, exc.status_code, code, str(exc.detail))
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path"))
+        message = f"{field}: {first.get('msg', 'invalid value')}"
+        return error_response(request, 422, "malformed_request", message, field=field)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error; answering 500 (no decision was issued)")
+        return error_response(request, 500, "internal_error",
+                              "an unexpected error occurred; no decision was issued")
+
+    app.add_exception_handler(ExecGuardError, on_execguard_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,368 @@
+"""The decision path, wired: authenticate, evaluate, seal, append, answer.
+
+The gateway holds no policy logic (that is the arbiter's) and no storage
+logic (the ledger's); it puts them in order and fails closed between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from execguard.arbiter import CompiledBundle, PolicyBundle, compute_facts
+from execguard.arbiter.registry import SurfaceSpec
+from execguard.ledger import (
+    Committed,
+    Conflicted,
+    ExecutionRecord,
+    GroupCommitter,
+    IdempotencyClaim,
+    PendingEntry,
+    Replayed,
+    SQLiteStore,
+)
+from execguard.protocol.errors import (
+    AuthError,
+    Conflict,
+    Forbidden,
+    IdempotencyKeyReuse,
+    MalformedRequest,
+    NoSigningKey,
+    NotFound,
+    ServiceUnavailable,
+    UnknownSurface,
+)
+from execguard.protocol.outcome import PROTOCOL_VERSION, Outcome, format_timestamp
+from execguard.protocol.receipt import seal_receipt
+from execguard.protocol.request import (
+    ExecutionRequest,
+    describe,
+    normalized_request,
+    parse_execution_request,
+    parse_json_object,
+    request_hash,
+)
+from execguard.protocol.signing import Signer
+from execguard.protocol.token import execution_token_claims, issue_execution_token
+from execguard.server.datadir import hash_api_key
+from execguard.server.settings import Settings
+
+__all__ = ["Caller", "Gateway"]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated caller: its tenant and role."""
+
+    tenant: str
+    role: str
+    key_hash: str
+
+
+class Gateway:
+    """Decides, records and answers. One per running server."""
+
+    def __init__(self, settings: Settings, store: SQLiteStore, committer: GroupCommitter,
+                 signer: Signer | None, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.committer = committer
+        self.signer = signer
+        self.clock = clock
+        self._bundles: dict[tuple[str, str], tuple[PolicyBundle, CompiledBundle]] = {}
+        self._bundles_lock = threading.Lock()
+        self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
+
+    # -- authentication ----------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None, consumer: str | None) -> Caller:
+        """Resolve ``Authorization: Bearer <key>``; ``X-Consumer`` must name the same tenant."""
+        if not authorization:
+            raise AuthError("missing Authorization header: send 'Authorization: Bearer <key>'")
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise AuthError("the Authorization header must be 'Bearer <api key>'")
+        record = self.store.lookup_api_key(hash_api_key(key.strip()))
+        if record is None:
+            raise AuthError("the API key is not valid")
+        if consumer is not None and consumer.strip() and consumer.strip() != record.tenant:
+            raise Forbidden("X-Consumer names a different tenant than the API key")
+        return Caller(record.tenant, record.role, record.key_hash)
+
+    # -- policy ------------------------------------------------------------------------
+
+    def active_bundle(self, tenant: str) -> tuple[PolicyBundle, CompiledBundle]:
+        """The tenant's active bundle, compiled once per version."""
+        version = self.store.active_bundle_version(tenant)
+        if version is None:
+            raise ServiceUnavailable(
+                f"tenant {tenant!r} has no active policy bundle: push and activate one "
+                "with 'execguard policy push' and 'execguard policy activate'")
+        cached = self._bundles.get((tenant, version))
+        if cached is not None:
+            return cached
+        with self._bundles_lock:
+            record = self.store.get_bundle(tenant, version)
+            if record is None:  # pragma: no cover - activation requires a stored bundle
+                raise ServiceUnavailable(f"active policy version {version} is not stored")
+            bundle = PolicyBundle.from_files(record.files)
+            compiled = (bundle, CompiledBundle(bundle))
+            self._bundles[(tenant, version)] = compiled
+            return compiled
+
+    def _surface(self, bundle: PolicyBundle, surface: str) -> SurfaceSpec:
+        spec = bundle.registry.get(surface)
+        if spec is None:
+            raise UnknownSurface(surface)
+        return spec
+
+    def _signer(self) -> Signer:
+        if self.signer is None:
+            raise NoSigningKey("no signing key is loaded: no receipt can be issued")
+        return self.signer
+
+    # -- decisions ---------------------------------------------------------------------
+
+    async def decide(self, caller: Caller, request: ExecutionRequest) -> dict[str, Any]:
+        """Evaluate and durably record one request; return the response body."""
+        tenant = caller.tenant
+        bundle, compiled = self.active_bundle(tenant)
+        spec = self._surface(bundle, request.surface)
+        signer = self._signer()
+        observe = request.execution_mode == "observe" and spec.observe_allowed
+        mode = "observe" if observe else "enforce"
+        normalized = normalized_request(tenant, request, spec.sensitive)
+        digest = request_hash(normalized)
+
+        key = request.idempotency_key
+        if key is None:
+            return await self._decide_once(tenant, request, compiled, normalized, digest,
+                                           mode, signer)
+        slot = (tenant, key)
+        while True:
+            replay = self._replay(tenant, key, digest, mode)
+            if replay is not None:
+                return replay
+            pending = self._inflight.get(slot)
+            if pending is None:
+                break
+            # Concurrent requests with one key are evaluated once: wait for the first.
+            await asyncio.shield(pending)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight[slot] = done
+        try:
+            return await self._decide_once(tenant, request, compiled, normalized, digest,
+                                           mode, signer)
+        finally:
+            del self._inflight[slot]
+            done.set_result(None)
+
+    def _replay(self, tenant: str, key: str, digest: str, mode: str) -> dict[str, Any] | None:
+        found = self.store.find_idempotent(tenant, key, self.clock())
+        if found is None:
+            return None
+        stored_hash, stored_mode, record = found
+        if (stored_hash, stored_mode) != (digest, mode):
+            raise IdempotencyKeyReuse(key)
+        return dict(record.response)
+
+    async def _decide_once(self, tenant: str, request: ExecutionRequest,
+                           compiled: CompiledBundle, normalized: Mapping[str, Any],
+                           digest: str, mode: str, signer: Signer) -> dict[str, Any]:
+        now = self.clock()
+        moment = datetime.fromtimestamp(now, UTC)
+        evaluation = compiled.evaluate(request, compute_facts(moment))
+        real = evaluation.outcome
+        decision = Outcome.PERMIT if mode == "observe" else real
+        execution_id = str(uuid.uuid4())
+        fields: dict[str, Any] = {
+            "receiptType": "decision",
+            "executionId": execution_id,
+            "decision": decision.value,
+            "surface": request.surface,
+            "actorId": request.actor_id,
+            "timestamp": format_timestamp(moment),
+            "requestHash": digest,
+            "policyVersion": evaluation.policy_version,
+            "reasonCode": evaluation.reason_code,
+            "determiningPolicies": list(evaluation.determining_policies),
+            "executionMode": mode,
+            "wouldDecision": real.value if mode == "observe" else None,
+            "protocolVersion": PROTOCOL_VERSION,
+            "authorityId": self.settings.authority_id,
+            "subjectDigest": request.subject_digest,
+        }
+        response: dict[str, Any] = {
+            "decision": decision.value,
+            "execution_id": execution_id,
+            "surface": request.surface,
+            "reason": evaluation.reason,
+            "reasonCode": evaluation.reason_code,
+            "summary": f"{decision.value} for {request.surface}: {evaluation.reason}",
+            "policyVersion": evaluation.policy_version,
+            "determiningPolicies": list(evaluation.determining_policies),
+            "executionMode": mode,
+        }
+        if mode == "observe":
+            response["would_decision"] = real.value
+        if decision is Outcome.PERMIT and mode == "enforce":
+            claims = execution_token_claims(
+                issuer=self.settings.authority_id, tenant=tenant, surface=request.surface,
+                request_hash=digest, execution_id=execution_id, actor_id=request.actor_id,
+                policy_version=evaluation.policy_version, issued_at=int(now),
+                ttl_seconds=self.settings.token_ttl_seconds)
+            response["execution_token"] = issue_execution_token(claims, signer)
+            response["token_expires_at"] = format_timestamp(
+                datetime.fromtimestamp(claims["exp"], UTC))
+
+        claim = None
+        if request.idempotency_key is not None:
+            claim = IdempotencyClaim(request.idempotency_key, digest, mode,
+                                     now + self.settings.idempotency_ttl_seconds)
+        entry = PendingEntry(
+            tenant=tenant, kind="decision", execution_id=execution_id,
+            seal=lambda index: seal_receipt({**fields, "logIndex": index}, signer),
+            execution={"surface": request.surface, "actor_id": request.actor_id,
+                       "decision": decision.value, "reason_code": evaluation.reason_code,
+                       "policy_version": evaluation.policy_version, "request_hash": digest,
+                       "request": {**normalized, "executionMode": mode}},
+            response=response, idempotency=claim)
+        result = await self.committer.submit(entry)
+        if isinstance(result, Committed):
+            return {**response, "receipt": result.receipt}
+        if isinstance(result, Replayed):
+            return dict(result.record.response)
+        raise IdempotencyKeyReuse(request.idempotency_key or "")
+
+    # -- outcomes ----------------------------------------------------------------------
+
+    async def record_outcome(self, caller: Caller, execution_id: str,
+                             body: bytes) -> dict[str, Any]:
+        """Record SUCCESS/FAILURE of a permitted execution as a signed outcome receipt."""
+        data = parse_json_object(body)
+        result = data.get("result")
+        if result not in ("SUCCESS", "FAILURE"):
+            raise MalformedRequest("result", "'SUCCESS' or 'FAILURE'", describe(result))
+        latency = data.get("latencyMs")
+        if latency is not None and (isinstance(latency, bool) or not isinstance(latency, int)
+                                    or latency < 0):
+            raise MalformedRequest("latencyMs", "a whole number of milliseconds >= 0",
+                                   describe(latency))
+        record = self.store.get_execution(caller.tenant, execution_id)
+        if record is None:
+            raise NotFound(f"no execution {execution_id!r} for this tenant")
+        if record.decision != Outcome.PERMIT.value:
+            raise Conflict(f"execution {execution_id} was not permitted ({record.decision}): "
+                           "there is no execution to report an outcome for")
+        signer = self._signer()
+        fields = {
+            "receiptType": "outcome",
+            "executionId": execution_id,
+            "outcome": result,
+            "latencyMs": latency,
+            "decisionReceiptHash": record.receipt["receiptHash"],
+            "surface": record.surface,
+            "actorId": record.actor_id,
+            "timestamp": format_timestamp(datetime.fromtimestamp(self.clock(), UTC)),
+            "protocolVersion": PROTOCOL_VERSION,
+            "authorityId": self.settings.authority_id,
+        }
+        entry = PendingEntry(tenant=caller.tenant, kind="outcome", execution_id=execution_id,
+                             seal=lambda index: seal_receipt({**fields, "logIndex": index},
+                                                             signer))
+        committed = await self.committer.submit(entry)
+        if isinstance(committed, Conflicted):
+            raise Conflict(f"an outcome is already recorded for execution {execution_id}")
+        assert isinstance(committed, Committed)
+        return {"executionId": execution_id, "outcome": result, "receipt": committed.receipt}
+
+    # -- reading -----------------------------------------------------------------------
+
+    def explain(self, caller: Caller, execution_id: str) -> dict[str, Any]:
+        """The story of one execution, for ``GET /verify/{id}``."""
+        record = self.store.get_execution(caller.tenant, execution_id)
+        if record is None:
+            raise NotFound(f"no execution {execution_id!r} for this tenant")
+        return explain_record(record)
+
+    def coach(self, caller: Caller, body: bytes) -> dict[str, Any]:
+        """Dry-run evaluation: what would happen, with no receipt and no log entry."""
+        data = parse_json_object(body)
+        intent = data.get("intent")
+        context = data.get("context", {})
+        if not isinstance(context, dict):
+            raise MalformedRequest("context", "a JSON object", describe(context))
+        if isinstance(intent, str):
+            intent = {"surface": intent}
+        if not isinstance(intent, dict):
+            raise MalformedRequest("intent", "a surface name or an object with 'surface'",
+                                   describe(intent))
+        surface = intent.get("surface")
+        if not isinstance(surface, str):
+            raise MalformedRequest("intent.surface", "a surface name", describe(surface))
+        intent_context = intent.get("context") or {}
+        if not isinstance(intent_context, dict):
+            raise MalformedRequest("intent.context", "a JSON object", describe(intent_context))
+        # The same validation as /execute, on the request the intent describes.
+        request = parse_execution_request(json.dumps({
+            **{k: intent[k] for k in ("action", "actorId", "signals", "subjectDigest")
+               if k in intent},
+            "surface": surface, "context": {**intent_context, **context},
+        }).encode("utf-8"))
+        bundle, compiled = self.active_bundle(caller.tenant)
+        self._surface(bundle, surface)
+        evaluation = compiled.evaluate(request, compute_facts(
+            datetime.fromtimestamp(self.clock(), UTC)))
+        return {
+            "likely_outcome": evaluation.outcome.value,
+            "likelyOutcome": evaluation.outcome.value,
+            "confidence": 1.0,
+            "reason": evaluation.reason,
+            "reasonCode": evaluation.reason_code,
+            "determiningPolicies": list(evaluation.determining_policies),
+            "policyVersion": evaluation.policy_version,
+            "alternatives": [],
+            "advisoryOnly": True,
+        }
+
+    def keys_document(self) -> dict[str, Any]:
+        """The published keys; :class:`NoSigningKey` when none is published."""
+        keys = self.store.signing_keys()
+        if not keys:
+            raise NoSigningKey("no signing key is published")
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "authority": self.settings.authority_id,
+            "keys": [{"keyId": k.key_id, "algorithm": "Ed25519", "publicKeyPem": k.public_pem,
+                      "status": k.status} for k in keys],
+        }
+
+
+def explain_record(record: ExecutionRecord) -> dict[str, Any]:
+    """A decision's summary, receipt and outcome, as ``/verify/{id}`` shows it."""
+    response = record.response
+    return {
+        "executionId": record.execution_id,
+        "summary": response.get("summary"),
+        "decision": record.decision,
+        "surface": record.surface,
+        "actorId": record.actor_id,
+        "reason": response.get("reason"),
+        "reasonCode": record.reason_code,
+        "policyVersion": record.policy_version,
+        "determiningPolicies": response.get("determiningPolicies", []),
+        "executionMode": response.get("executionMode"),
+        "wouldDecision": response.get("would_decision"),
+        "timestamp": record.created_at,
+        "logIndex": record.log_index,
+        "requestHash": record.request_hash,
+        "receipt": record.receipt,
+        "outcome": record.outcome_receipt,
+    }

@@ -1,0 +1,62 @@
+"""Settings, read once at start into a frozen object. Errors name the variable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from execguard.protocol.errors import ConfigError
+
+__all__ = ["DEFAULT_DATA_DIR", "Settings"]
+
+DEFAULT_DATA_DIR = ".execguard"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"setting {name} has value {raw!r}: not a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"setting {name} has value {value}: must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the gateway is configured with."""
+
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Largest accepted request body, in bytes (413 above it).
+    max_body_bytes: int = 256 * 1024
+    #: Lifetime of an execution token, in seconds.
+    token_ttl_seconds: int = 60
+    #: How long an idempotency key is remembered, in seconds.
+    idempotency_ttl_seconds: int = 24 * 3600
+    #: Named in every receipt and token as the issuing authority.
+    authority_id: str = "execguard"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read ``EXECGUARD_*`` variables; explicit overrides (CLI flags) win when not None."""
+        env = os.environ if env is None else env
+        settings = cls(
+            data_dir=Path(env.get("EXECGUARD_DATA") or DEFAULT_DATA_DIR),
+            host=env.get("EXECGUARD_HOST") or "127.0.0.1",
+            port=_int(env, "EXECGUARD_PORT", 8080, 0),
+            max_body_bytes=_int(env, "EXECGUARD_MAX_BODY_BYTES", 256 * 1024, 1024),
+            token_ttl_seconds=_int(env, "EXECGUARD_TOKEN_TTL_SECONDS", 60, 1),
+            idempotency_ttl_seconds=_int(env, "EXECGUARD_IDEMPOTENCY_TTL_SECONDS", 86400, 1),
+            authority_id=env.get("EXECGUARD_AUTHORITY_ID") or "execguard",
+        )
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "data_dir" in given:
+            given["data_dir"] = Path(str(given["data_dir"]))
+        return replace(settings, **given)  # type: ignore[arg-type]

@@ -1,0 +1,197 @@
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from execguard.ledger import (
+    Committed,
+    Conflicted,
+    GroupCommitter,
+    IdempotencyClaim,
+    PendingEntry,
+    Replayed,
+    SQLiteStore,
+)
+from execguard.ledger.sqlite import translate_errors
+from execguard.protocol.chain import entry_hash
+from execguard.protocol.errors import NotFound, StorageUnavailable
+from execguard.protocol.receipt import seal_receipt
+from execguard.protocol.signing import Signer
+
+SIGNER = Signer.generate()
+
+
+def decision(tenant: str, execution_id: str, claim: IdempotencyClaim | None = None,
+             **extra: Any) -> PendingEntry:
+    fields = {"receiptType": "decision", "executionId": execution_id, "decision": "PERMIT",
+              "surface": "payment.execute", "timestamp": "2026-11-26T22:30:00.000Z", **extra}
+    return PendingEntry(
+        tenant=tenant, kind="decision", execution_id=execution_id,
+        seal=lambda index: seal_receipt({**fields, "logIndex": index}, SIGNER),
+        execution={"surface": "payment.execute", "actor_id": "a", "decision": "PERMIT",
+                   "reason_code": "WITHIN_LIMIT", "policy_version": "v1",
+                   "request_hash": claim.request_hash if claim else "h",
+                   "request": {"tenant": tenant}},
+        response={"decision": "PERMIT", "execution_id": execution_id}, idempotency=claim)
+
+
+def outcome(tenant: str, execution_id: str) -> PendingEntry:
+    return PendingEntry(tenant=tenant, kind="outcome", execution_id=execution_id,
+                        seal=lambda index: seal_receipt(
+                            {"receiptType": "outcome", "executionId": execution_id,
+                             "logIndex": index}, SIGNER))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteStore:
+    s = SQLiteStore(tmp_path / "ledger.db")
+    s.create_tenant("acme", "t0")
+    s.create_tenant("other", "t0")
+    yield s
+    s.close()
+
+
+def test_indexes_are_gapless_per_tenant_and_chained(store: SQLiteStore) -> None:
+    results = store.commit_batch([decision("acme", "e1"), decision("other", "o1"),
+                                  decision("acme", "e2")], 0)
+    results += store.commit_batch([decision("acme", "e3")], 0)
+    assert [r.log_index for r in results if isinstance(r, Committed)] == [0, 0, 1, 2]
+    entries = store.log_entries("acme", 0, 10)
+    assert [e.index for e in entries] == [0, 1, 2]
+    prev = None
+    for entry in entries:
+        assert entry.receipt["logIndex"] == entry.index
+        assert entry.prev_hash == prev
+        assert entry.entry_hash == entry_hash(entry.index, prev, entry.receipt_hash)
+        prev = entry.entry_hash
+    assert store.log_size("acme") == 3 and store.log_size("other") == 1
+
+
+def test_log_is_append_only_even_through_sql(store: SQLiteStore, tmp_path: Path) -> None:
+    store.commit_batch([decision("acme", "e1")], 0)
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        conn.execute("UPDATE log SET receipt = '{}'")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        conn.execute("DELETE FROM log")
+    conn.close()
+    assert store.log_entries("acme", 0, 1)[0].receipt["executionId"] == "e1"
+
+
+def test_idempotency_replays_same_request_and_refuses_another(store: SQLiteStore) -> None:
+    claim = IdempotencyClaim("k", "hash-1", "enforce", expires_at=100)
+    first = store.commit_batch([decision("acme", "e1", claim)], now_epoch=0)[0]
+    assert isinstance(first, Committed)
+    again = store.commit_batch([decision("acme", "e2", claim)], now_epoch=1)[0]
+    assert isinstance(again, Replayed) and again.record.execution_id == "e1"
+    other = IdempotencyClaim("k", "hash-2", "enforce", expires_at=100)
+    assert store.commit_batch([decision("acme", "e3", other)], 1)[0] == \
+        Conflicted("idempotency_key_reuse")
+    observe = IdempotencyClaim("k", "hash-1", "observe", expires_at=100)
+    assert store.commit_batch([decision("acme", "e4", observe)], 1)[0] == \
+        Conflicted("idempotency_key_reuse")
+    # Keys are per tenant, and forgotten after they expire.
+    assert isinstance(store.commit_batch([decision("other", "o1", other)], 1)[0], Committed)
+    later = IdempotencyClaim("k", "hash-2", "enforce", expires_at=200)
+    assert isinstance(store.commit_batch([decision("acme", "e5", later)], 101)[0], Committed)
+    assert store.log_size("acme") == 2
+    found = store.find_idempotent("acme", "k", 102)
+    assert found is not None and found[2].execution_id == "e5"
+    assert store.purge_idempotency(10**9) == 2
+    assert store.find_idempotent("acme", "k", 102) is None
+
+
+def test_an_outcome_is_recorded_once(store: SQLiteStore) -> None:
+    store.commit_batch([decision("acme", "e1")], 0)
+    assert isinstance(store.commit_batch([outcome("acme", "e1")], 0)[0], Committed)
+    assert store.commit_batch([outcome("acme", "e1")], 0)[0] == Conflicted("outcome_exists")
+    record = store.get_execution("acme", "e1")
+    assert record is not None and record.outcome_receipt is not None
+    assert record.outcome_receipt["logIndex"] == 1
+
+
+def test_executions_are_tenant_scoped(store: SQLiteStore) -> None:
+    store.commit_batch([decision("acme", "e1"), decision("other", "o1")], 0)
+    assert store.get_execution("other", "e1") is None
+    assert [r.execution_id for r in store.query_executions("acme")] == ["e1"]
+    assert store.query_executions("acme", surface="data.export") == []
+
+
+def test_a_failed_batch_stores_nothing(store: SQLiteStore) -> None:
+    def explode(index: int) -> dict[str, Any]:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    bad = PendingEntry(tenant="acme", kind="decision", execution_id="boom", seal=explode)
+    with pytest.raises(StorageUnavailable):
+        store.commit_batch([decision("acme", "e1"), bad], 0)
+    assert store.log_size("acme") == 0 and store.get_execution("acme", "e1") is None
+
+
+def test_bundles_are_immutable_and_one_is_active(store: SQLiteStore) -> None:
+    assert store.put_bundle("acme", "v1", {"a.cedar": b"x"}, "t1")
+    assert not store.put_bundle("acme", "v1", {"a.cedar": b"changed"}, "t2")
+    assert store.get_bundle("acme", "v1").files == {"a.cedar": b"x"}
+    store.put_bundle("acme", "v2", {"a.cedar": b"y"}, "t2")
+    store.activate_bundle("acme", "v1", "t3")
+    store.activate_bundle("acme", "v2", "t4")
+    assert store.active_bundle_version("acme") == "v2"
+    assert [b.active for b in store.list_bundles("acme")] == [False, True]
+    with pytest.raises(NotFound):
+        store.activate_bundle("other", "v1", "t5")
+    assert store.active_bundle_version("other") is None
+
+
+def test_every_sqlite_error_class_is_translated() -> None:
+    classes = [getattr(sqlite3, name) for name in dir(sqlite3)
+               if isinstance(getattr(sqlite3, name), type)
+               and issubclass(getattr(sqlite3, name), sqlite3.Error)]
+    assert len(classes) >= 8
+    for cls in classes:
+        with pytest.raises(StorageUnavailable), translate_errors("testing"):
+            raise cls("boom")
+
+
+def test_group_commit_shares_transactions_and_acknowledges_after_commit(
+        store: SQLiteStore) -> None:
+    committer = GroupCommitter(store, max_delay=0.005)
+    committer.start()
+
+    async def many() -> list[Any]:
+        return await asyncio.gather(*(committer.submit(decision("acme", f"e{i}"))
+                                      for i in range(200)))
+
+    try:
+        results = asyncio.run(many())
+    finally:
+        committer.stop()
+    assert sorted(r.log_index for r in results) == list(range(200))
+    assert committer.entries_committed == 200
+    assert committer.batches_committed < 200  # several requests per fsync'd transaction
+    assert store.log_size("acme") == 200
+
+
+def test_group_commit_failure_reaches_every_waiter(store: SQLiteStore, tmp_path: Path) -> None:
+    committer = GroupCommitter(store)
+    committer.start()
+
+    def explode(index: int) -> dict[str, Any]:
+        raise OSError("No space left on device")
+
+    async def attempt() -> list[Any]:
+        good = committer.submit(decision("acme", "e1"))
+        bad = committer.submit(PendingEntry(tenant="acme", kind="decision",
+                                            execution_id="x", seal=explode))
+        return await asyncio.gather(good, bad, return_exceptions=True)
+
+    try:
+        results = asyncio.run(attempt())
+    finally:
+        committer.stop()
+    # Whether they shared a batch or not, the failing one never succeeds silently.
+    assert isinstance(results[1], StorageUnavailable)
+    if isinstance(results[0], StorageUnavailable):
+        assert store.log_size("acme") == 0
+    else:
+        assert store.log_size("acme") == 1

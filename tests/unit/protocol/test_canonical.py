@@ -1,0 +1,46 @@
+import hashlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from execguard.protocol.canonical import canonical_json, canonical_sha256
+from execguard.protocol.errors import CanonicalizationError
+
+# Known answers: RFC 8785 sorts keys by UTF-16 code units and prints numbers the ECMAScript way.
+KNOWN = [
+    ({"b": 1, "a": [True, None, "x"]}, b'{"a":[true,null,"x"],"b":1}'),
+    ({"n": 1.0, "m": 1e21, "s": 1e-7}, b'{"m":1e+21,"n":1,"s":1e-7}'),
+    ({"\u20ac": 1, "\U0001f600": 2, "z": 3}, '{"z":3,"\u20ac":1,"\U0001f600":2}'.encode()),
+    ({"t": "é\n\u2028"}, '{"t":"é\\n\u2028"}'.encode()),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), KNOWN)
+def test_known_answers(value: object, expected: bytes) -> None:
+    assert canonical_json(value) == expected
+    assert canonical_sha256(value) == hashlib.sha256(expected).hexdigest()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 2**53, -(2**53),
+                                 10**400, {1: "x"}, "\ud800", object()])
+def test_refuses_values_without_exact_form(bad: object) -> None:
+    with pytest.raises(CanonicalizationError):
+        canonical_json({"v": bad})
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(json_values)
+def test_key_order_never_matters(value: object) -> None:
+    if isinstance(value, dict):
+        reversed_value = dict(reversed(list(value.items())))
+        assert canonical_json(value) == canonical_json(reversed_value)
+    else:
+        assert canonical_json(value) == canonical_json(value)
