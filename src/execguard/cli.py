@@ -69,10 +69,9 @@ def serve(
     """Serve the gateway until SIGTERM/SIGINT, then finish in-flight requests and stop."""
     import logging
 
-    import uvicorn
-
     from execguard.protocol.errors import NoSigningKey
     from execguard.server.app import create_app
+    from execguard.server.run import serve_until_signalled
     from execguard.server.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
@@ -89,10 +88,8 @@ def serve(
     out.print(f"ExecGuard gateway on http://{host}:{port}  (data: {data})")
     if datadir.demo_key_path.exists():
         out.print(f"Demo API key: {datadir.demo_key_path.read_text().strip()}")
-    config = uvicorn.Config(application, host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=30, access_log=False)
     try:
-        uvicorn.Server(config).run()
+        serve_until_signalled(application, host, port)
     finally:
         store.close()
 
@@ -147,7 +144,7 @@ def policy_push(
         store.close()
     state = "stored" if new else "already stored"
     out.print(f"Policy bundle {state} for tenant {tenant}: {len(bundle.files)} files, "
-              f"{len(bundle.registry.surfaces)} surfaces"
+              f"{len(bundle.registry)} surfaces"
               + (" (now active)" if activate else ""))
     print(bundle.version)
 
@@ -198,19 +195,17 @@ def policy_show(version: str, tenant: TenantOption = "demo", data: DataOption = 
     if record is None:
         raise NotFound(f"policy version {version} is not stored for tenant {tenant!r}")
     bundle = PolicyBundle.from_files(record.files)
-    surfaces = bundle.registry.surfaces
     if as_json:
         print(json.dumps({"version": version, "active": record.active,
                           "createdAt": record.created_at, "files": sorted(record.files),
-                          "surfaces": sorted(surfaces)}, indent=2))
+                          "surfaces": list(bundle.registry.names())}, indent=2))
         return
     out.print(f"version {version}{'  (active)' if record.active else ''}")
     out.print(f"pushed  {record.created_at}")
     table = Table("surface", "risk", "observe", "required context")
-    for name in sorted(surfaces):
-        spec = surfaces[name]
+    for spec in bundle.registry:
         required = ", ".join(f for f, field in spec.context.items() if field.required)
-        table.add_row(name, spec.risk, "yes" if spec.observe_allowed else "no", required)
+        table.add_row(spec.name, spec.risk, "yes" if spec.observe_allowed else "no", required)
     out.print(table)
     for path in sorted(record.files):
         out.print(f"  {path}  ({len(record.files[path])} bytes)")
@@ -323,10 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except typer.TyperException as exc:  # usage errors: shown with their own exit code
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        sys.exit(getattr(exc, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)

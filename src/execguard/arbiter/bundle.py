@@ -202,7 +202,7 @@ def generate_schema(schema_text: str, registry: SurfaceRegistry) -> str:
         context += [
             '"action": __cedar::String',
             f'"facts": {{ {facts} }}',
-            f'"signals": {{ {signals} }}',
+            f'"signals": {{ {signals} }}' if signals else '"signals": {}',
         ]
         actions.append(
             f"action {json.dumps(surface.name)} appliesTo {{\n"

@@ -164,9 +164,11 @@ class _Reader:
         # segment found is the best position we can name.
         start, found = 0, None
         for segment in path:
-            quoted = rf"(?:\"{re.escape(segment)}\"|'{re.escape(segment)}'"
-            bare = rf"|{re.escape(segment)}" if re.fullmatch(r"[A-Za-z0-9_-]+", segment) else ""
-            pattern = re.compile(rf"(?<![\w\"'.-]){quoted}{bare})\s*(?:=|\.|\])")
+            escaped = re.escape(segment)
+            forms = [rf"\"{escaped}\"", rf"'{escaped}'"]
+            if re.fullmatch(r"[A-Za-z0-9_-]+", segment):  # TOML allows it unquoted
+                forms.append(rf"(?<![\w\"'-]){escaped}(?![\w-])")
+            pattern = re.compile(rf"(?:{'|'.join(forms)})\s*(?:=|\.|\])")
             for index in range(start, len(self._lines)):
                 line = self._lines[index]
                 if line.lstrip().startswith("#"):
@@ -243,7 +245,7 @@ def _field(reader: _Reader, name: str, raw: Any, path: tuple[str, ...]) -> Field
         hint = difflib.get_close_matches(str(kind), list(FIELD_TYPES), n=1)
         suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
         raise reader.fail(
-            f"unknown type {describe_toml(kind)} (one of {', '.join(FIELD_TYPES)}){suggestion}",
+            f"unknown type {kind!r} (one of {', '.join(FIELD_TYPES)}){suggestion}",
             (*path, "type"),
         )
     required = reader.boolean(spec.get("required", False), (*path, "required"))
@@ -324,7 +326,7 @@ def _surface(reader: _Reader, name: str, raw: Any) -> SurfaceSpec:
     for item in sensitive_raw:
         if item not in context:
             raise reader.fail(
-                f"sensitive field {item!r} is not declared under [surfaces.{name!r}.context]",
+                f'sensitive field {item!r} is not declared under [surfaces."{name}".context]',
                 (*path, "sensitive"),
             )
     return SurfaceSpec(

@@ -101,7 +101,7 @@ class GroupCommitter:
     def _commit(self, batch: list[_Waiter]) -> None:
         try:
             results = self.store.commit_batch([entry for entry, _, _ in batch], self._clock())
-        except Exception as exc:  # noqa: BLE001 - every failure must reach every waiter
+        except Exception as exc:  # every failure must reach every waiter
             if not isinstance(exc, StorageUnavailable):
                 log.exception("ledger commit failed")
                 exc = StorageUnavailable(f"appending to the log failed: {exc}")

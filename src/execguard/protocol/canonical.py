@@ -15,7 +15,7 @@ import rfc8785
 
 from execguard.protocol.errors import CanonicalizationError
 
-__all__ = ["canonical_json", "sha256_hex", "canonical_sha256"]
+__all__ = ["canonical_json", "canonical_sha256", "sha256_hex"]
 
 
 def canonical_json(value: Any) -> bytes:

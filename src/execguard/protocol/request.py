@@ -85,7 +85,8 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise MalformedRequest("body", "unique keys in every JSON object", f"duplicate key {key!r}")
+            raise MalformedRequest("body", "unique keys in every JSON object",
+                                   f"duplicate key {key!r}")
         obj[key] = value
     return obj
 
@@ -130,7 +131,8 @@ def parse_json_object(body: bytes, what: str = "body") -> dict[str, Any]:
         )
     except json.JSONDecodeError as exc:
         raise MalformedRequest(
-            what, "a JSON object", f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+            what, "a JSON object",
+            f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from None
     except (ValueError, RecursionError):
         raise MalformedRequest(what, "a JSON object", "JSON that cannot be read exactly") from None

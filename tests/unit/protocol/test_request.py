@@ -69,7 +69,7 @@ def test_malformed_bodies_name_the_field(body: str, field: str, fragment: str) -
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_standard_number_literals_are_refused(literal: str) -> None:
-    error = refused('{"surface": "payment.execute", "context": {"amount": %s}}' % literal)
+    error = refused('{"surface": "payment.execute", "context": {"amount": ' + literal + "}}")
     assert literal in error.got
 
 

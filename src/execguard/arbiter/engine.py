@@ -1,0 +1,220 @@
+"""Evaluating an execution request against a compiled policy bundle.
+
+The steps of :meth:`CompiledBundle.evaluate`, in order:
+
+1. The surface must be in the registry, else :class:`UnknownSurface` (an
+   error, not a decision).
+2. The request's context and signals are checked against the registry; a
+   missing or invalid declared field is a SILENCE naming the field.
+3. The Cedar request is built from the declared fields only, plus ``action``,
+   the computed ``facts`` and the declared ``signals``.
+4. Cedar's answer is mapped to an outcome, failing closed:
+
+   - a firing ``forbid`` without ``@escalate``      -> DENY
+   - any evaluation error or rejected request      -> SILENCE ``EVALUATION_ERROR``
+   - a firing ``@escalate`` forbid                 -> ESCALATE
+   - a firing ``permit``                           -> PERMIT
+   - nothing fired                                 -> SILENCE ``NO_MATCHING_POLICY``
+
+The error rule comes before ESCALATE and PERMIT because Cedar skips a policy
+whose evaluation errors: an erroring ``forbid`` would otherwise silently stop
+forbidding. Any unexpected exception becomes SILENCE ``EVALUATION_ERROR``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import cedarpy
+
+from execguard.arbiter.bundle import PolicyBundle
+from execguard.arbiter.context import FieldProblem, convert_fields
+from execguard.arbiter.facts import FACT_TYPES
+from execguard.arbiter.registry import SurfaceRegistry, SurfaceSpec
+from execguard.protocol.errors import UnknownSurface
+from execguard.protocol.outcome import Outcome
+from execguard.protocol.request import ExecutionRequest
+
+__all__ = ["CompiledBundle", "Evaluation", "PolicyMeta"]
+
+ANONYMOUS_ACTOR = "anonymous"
+NO_SUBJECT = "none"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The arbiter's answer for one request under one policy version."""
+
+    outcome: Outcome
+    reason_code: str  # e.g. "WITHIN_LIMIT", "SANCTIONED_BENEFICIARY", "MISSING_CONTEXT"
+    reason: str  # one sentence for a person
+    determining_policies: tuple[str, ...]  # @ids of the policies that decided
+    policy_version: str
+    errors: tuple[str, ...] = ()  # Cedar diagnostics, for operators
+
+
+@dataclass(frozen=True)
+class PolicyMeta:
+    """What the engine needs to know about one Cedar policy."""
+
+    id: str
+    effect: str
+    reason: str | None
+    escalate: bool
+
+
+class CompiledBundle:
+    """A bundle parsed once for evaluation: policy set, full schema and policy metadata."""
+
+    def __init__(self, bundle: PolicyBundle) -> None:
+        self.bundle = bundle
+        self.version = bundle.version
+        self.registry: SurfaceRegistry = bundle.registry
+        self._policies = cedarpy.PolicySet.from_str(bundle.policy_text)
+        self._schema = cedarpy.Schema.from_str(bundle.schema_text)
+        self._entities = cedarpy.Entities.from_json_str("[]")
+        parsed = json.loads(cedarpy.policies_to_json_str(bundle.policy_text))
+        meta: dict[str, PolicyMeta] = {}
+        for cedar_id, policy in parsed["staticPolicies"].items():
+            annotations = policy.get("annotations", {})
+            meta[cedar_id] = PolicyMeta(
+                id=annotations["id"],
+                effect=policy["effect"],
+                reason=annotations.get("reason"),
+                escalate="escalate" in annotations,
+            )
+        self._meta = MappingProxyType(meta)
+
+    def evaluate(self, request: ExecutionRequest, facts: Mapping[str, Any]) -> Evaluation:
+        """Decide ``request`` given ``facts`` (from :func:`compute_facts`); never reads the clock.
+
+        Raises :class:`UnknownSurface` for a surface the registry does not
+        name; every other problem is a SILENCE, never an exception.
+        """
+        spec = self.registry.get(request.surface)
+        if spec is None:
+            raise UnknownSurface(request.surface)
+        try:
+            return self._evaluate(spec, request, facts)
+        except Exception as exc:  # fail closed: whatever went wrong, no permit
+            return self._silence(
+                "EVALUATION_ERROR",
+                "The policy evaluation failed, so no permit can be issued.",
+                errors=(f"{type(exc).__name__}: {exc}",),
+            )
+
+    def _evaluate(
+        self, spec: SurfaceSpec, request: ExecutionRequest, facts: Mapping[str, Any]
+    ) -> Evaluation:
+        context = convert_fields(spec.context, request.context, "context", spec.sensitive)
+        if isinstance(context, FieldProblem):
+            code = "MISSING_CONTEXT" if context.missing else "INVALID_CONTEXT"
+            return self._silence(code, context.reason)
+        signals = convert_fields(spec.signals, request.signals, "signals")
+        if isinstance(signals, FieldProblem):
+            code = "MISSING_SIGNALS" if signals.missing else "INVALID_SIGNALS"
+            return self._silence(code, signals.reason)
+        computed = _checked_facts(facts)
+        if isinstance(computed, str):
+            return self._silence("EVALUATION_ERROR", computed)
+        action = request.action if request.action is not None else ""
+        if not isinstance(action, str):
+            raise TypeError(f"request.action must be a string, got {type(action).__name__}")
+        cedar_request = {
+            "principal": {"type": "Actor", "id": request.actor_id or ANONYMOUS_ACTOR},
+            "action": {"type": "Action", "id": spec.name},
+            "resource": {"type": "Subject", "id": request.subject_digest or NO_SUBJECT},
+            "context": {**context, "action": action, "facts": computed, "signals": signals},
+        }
+        result = cedarpy.is_authorized(
+            cedar_request, self._policies, self._entities, schema=self._schema
+        )
+        errors = tuple(_redact(result.diagnostics.errors, request.context, spec.sensitive))
+        return self._outcome(spec.name, result.decision, result.diagnostics.reasons, errors)
+
+    def _outcome(
+        self, surface: str, decision: cedarpy.Decision, fired_ids: Iterable[str],
+        errors: tuple[str, ...],
+    ) -> Evaluation:
+        fired = sorted((self._meta[cedar_id] for cedar_id in fired_ids), key=lambda m: m.id)
+        forbids = [m for m in fired if m.effect == "forbid" and not m.escalate]
+        if forbids:
+            return self._decide(
+                Outcome.DENY, forbids, "POLICY_FORBID", errors,
+                f"Policy {forbids[0].id!r} forbids this {surface} request.",
+            )
+        if errors or decision not in (cedarpy.Decision.Allow, cedarpy.Decision.Deny):
+            return self._silence(
+                "EVALUATION_ERROR",
+                "A policy could not be evaluated for this request, so no permit can be issued.",
+                errors=errors or (f"Cedar returned no decision ({decision.value})",),
+            )
+        escalations = [m for m in fired if m.escalate]
+        if escalations:
+            return self._decide(
+                Outcome.ESCALATE, escalations, "APPROVAL_REQUIRED", errors,
+                f"Policy {escalations[0].id!r} requires a human approval for this "
+                f"{surface} request.",
+            )
+        if decision == cedarpy.Decision.Allow:
+            permits = [m for m in fired if m.effect == "permit"]
+            if not permits or len(permits) != len(fired):
+                # Cedar allowed without naming only permits: inconsistent, so fail closed.
+                return self._silence(
+                    "EVALUATION_ERROR", "Cedar allowed the request without a determining permit.",
+                    errors=(f"determining policies: {[m.id for m in fired]}",),
+                )
+            return self._decide(
+                Outcome.PERMIT, permits, "POLICY_PERMIT", errors,
+                f"Policy {permits[0].id!r} permits this {surface} request.",
+            )
+        return self._silence("NO_MATCHING_POLICY", f"No policy permits this {surface} request.")
+
+    def _decide(
+        self, outcome: Outcome, policies: list[PolicyMeta], default_code: str,
+        errors: tuple[str, ...], reason: str,
+    ) -> Evaluation:
+        return Evaluation(
+            outcome=outcome,
+            reason_code=policies[0].reason or default_code,
+            reason=reason,
+            determining_policies=tuple(m.id for m in policies),
+            policy_version=self.version,
+            errors=errors,
+        )
+
+    def _silence(self, code: str, reason: str, errors: tuple[str, ...] = ()) -> Evaluation:
+        return Evaluation(Outcome.SILENCE, code, reason, (), self.version, errors)
+
+
+def _checked_facts(facts: Mapping[str, Any]) -> dict[str, Any] | str:
+    """The declared facts with the right types, or why they are unusable."""
+    if not isinstance(facts, Mapping):
+        return "The facts for this decision are not an object, so no decision can be made."
+    checked: dict[str, Any] = {}
+    for name, (kind, _cedar_type) in FACT_TYPES.items():
+        value = facts.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"The fact facts.{name} could not be computed, so no decision can be made."
+        checked[name] = value
+    return checked
+
+
+def _redact(errors: Iterable[str], context: Any, sensitive: frozenset[str]) -> list[str]:
+    """Cedar diagnostics with sensitive values blanked: they may quote the context."""
+    secrets: list[str] = []
+    if isinstance(context, Mapping):
+        for name in sensitive:
+            value = context.get(name)
+            items = value if isinstance(value, list) else [value]
+            secrets += [str(item) for item in items if item is not None and str(item)]
+    redacted = []
+    for message in errors:
+        for secret in sorted(secrets, key=len, reverse=True):
+            message = message.replace(secret, "<redacted>")
+        redacted.append(message)
+    return redacted

@@ -1,0 +1,198 @@
+"""The ``execguard`` command, run as a real subprocess against real data directories."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from execguard.arbiter import demo_bundle_path
+from tests.conftest import Gateway, api_key_from, run_cli
+
+PAY = {"amount": 250, "currency": "EUR", "beneficiary": "Acme Office Supplies"}
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_init_creates_everything_once(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = run_cli("init", data=data)
+    key = api_key_from(first.stdout)
+    assert first.stdout.strip().splitlines()[-1] == f"EXECGUARD_API_KEY={key}"
+    assert key.startswith("egk_") and "tg_live_" not in key and "tg_test_" not in key
+    key_files = list((data / "keys").glob("*.pem"))
+    assert len(key_files) == 1
+    assert stat.S_IMODE(key_files[0].stat().st_mode) == 0o600
+    assert stat.S_IMODE((data / "keys").stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "demo-api-key").stat().st_mode) == 0o600
+
+    before = snapshot(data)
+    again = run_cli("init", data=data)
+    assert "nothing changed" in again.stdout
+    assert snapshot(data) == before
+
+
+def test_data_dir_from_environment(tmp_path: Path) -> None:
+    data = tmp_path / "from-env"
+    run_cli("init", env={"EXECGUARD_DATA": str(data)})
+    assert (data / "execguard.db").exists()
+
+
+def test_commands_without_a_data_dir_fail_with_one_clear_line(tmp_path: Path) -> None:
+    result = run_cli("policy", "list", data=tmp_path / "missing", check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: no ExecGuard data directory")
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [
+    [], ["init"], ["serve"], ["keys", "create"], ["policy"], ["policy", "push"],
+    ["policy", "list"], ["policy", "activate"], ["policy", "show"], ["decide"],
+    ["receipt", "verify"],
+])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = run_cli(*command, "--help")
+    assert "Usage:" in result.stdout
+
+
+def test_keys_create_gives_a_working_key_for_a_new_isolated_tenant(
+        fresh_gateway: Gateway) -> None:
+    created = run_cli("keys", "create", "--tenant", "acme", data=fresh_gateway.data)
+    acme_key = api_key_from(created.stdout)
+    with fresh_gateway.client() as demo:
+        demo_answer = demo.post("/execute", json={"surface": "payment.execute",
+                                                  "context": PAY}).json()
+    with fresh_gateway.client(api_key=acme_key) as acme:
+        # acme has no policy yet: it fails closed, and sees none of demo's data.
+        assert acme.post("/execute", json={"surface": "payment.execute",
+                                           "context": PAY}).status_code == 503
+        assert acme.get("/v1/audit").json()["entries"] == []
+        assert acme.get(f"/verify/{demo_answer['execution_id']}").status_code == 404
+        pushed = run_cli("policy", "push", str(demo_bundle_path()), "--tenant", "acme",
+                         "--activate", data=fresh_gateway.data)
+        assert "now active" in pushed.stdout
+        answer = acme.post("/execute", json={"surface": "payment.execute", "context": PAY})
+        assert answer.json()["decision"] == "PERMIT"
+        assert answer.json()["receipt"]["logIndex"] == 0  # acme's own log
+        assert [e["executionId"] for e in acme.get("/v1/audit").json()["entries"]] == [
+            answer.json()["execution_id"]]
+
+
+def stricter_bundle(tmp_path: Path) -> Path:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle_path(), bundle)
+    for policy in (bundle / "policies").glob("*.cedar"):
+        text = policy.read_text()
+        policy.write_text(text.replace('decimal("10000.0")', 'decimal("100.0")'))
+    return bundle
+
+
+def test_push_activate_changes_decisions_and_the_version(fresh_gateway: Gateway,
+                                                         tmp_path: Path) -> None:
+    bundle = stricter_bundle(tmp_path)
+    with fresh_gateway.client() as client:
+        before = client.post("/execute", json={"surface": "payment.execute",
+                                               "context": PAY}).json()
+        assert before["decision"] == "PERMIT"
+        version = run_cli("policy", "push", str(bundle),
+                          data=fresh_gateway.data).stdout.strip().splitlines()[-1]
+        assert len(version) == 64 and version != before["policyVersion"]
+        listed = json.loads(run_cli("policy", "list", "--json", data=fresh_gateway.data).stdout)
+        assert {(b["version"], b["active"]) for b in listed} == {
+            (before["policyVersion"], True), (version, False)}
+        # Pushing is not activating: decisions are unchanged.
+        same = client.post("/execute", json={"surface": "payment.execute", "context": PAY})
+        assert same.json()["policyVersion"] == before["policyVersion"]
+        run_cli("policy", "activate", version, data=fresh_gateway.data)
+        after = client.post("/execute", json={"surface": "payment.execute",
+                                              "context": PAY}).json()
+        assert after["decision"] == "ESCALATE"
+        assert after["receipt"]["policyVersion"] == version
+    shown = run_cli("policy", "show", version, data=fresh_gateway.data).stdout
+    assert "payment.execute" in shown and "(active)" in shown
+    missing = run_cli("policy", "activate", "0" * 64, data=fresh_gateway.data, check=False)
+    assert missing.returncode == 1 and "is not stored" in missing.stderr
+
+
+@pytest.mark.parametrize(("edit", "where"), [
+    (lambda b: (b / "surfaces.toml").write_text(
+        (b / "surfaces.toml").read_text().replace('type = "decimal"', 'type = "decmial"', 1)),
+     "surfaces.toml:"),
+    (lambda b: (b / "surfaces.toml").write_text(
+        (b / "surfaces.toml").read_text() + '\n[surfaces."x.y"]\nrisk = "low"\ncolour = 1\n'),
+     "colour"),
+    (lambda b: (b / "policies" / "broken.cedar").write_text(
+        '@id("broken")\npermit(principal, action, resource) when { context.nope > 1 };\n'),
+     "policies/broken.cedar:"),
+])
+def test_invalid_bundles_are_refused_whole(tmp_path: Path, edit, where: str) -> None:
+    data = tmp_path / "data"
+    run_cli("init", data=data)
+    before = json.loads(run_cli("policy", "list", "--json", data=data).stdout)
+    bundle = tmp_path / "bad"
+    shutil.copytree(demo_bundle_path(), bundle)
+    edit(bundle)
+    result = run_cli("policy", "push", str(bundle), data=data, check=False)
+    assert result.returncode == 1
+    assert where in result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads(run_cli("policy", "list", "--json", data=data).stdout) == before
+
+
+def test_decide_evaluates_locally(tmp_path: Path) -> None:
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"surface": "payment.execute",
+                                   "context": {**PAY, "amount": 12_000}}))
+    result = run_cli("decide", str(request), "--policy", str(demo_bundle_path()),
+                     "--json")
+    answer = json.loads(result.stdout)
+    assert answer["decision"] == "ESCALATE"
+    assert answer["reasonCode"] == "HIGH_VALUE_PAYMENT"
+    assert answer["determiningPolicies"]
+    text = run_cli("decide", str(request), "--policy", str(demo_bundle_path())).stdout
+    assert "ESCALATE" in text and "determining policies" in text
+    request.write_text('{"surface": "payment.execute", "context": {"amount": NaN}}')
+    bad = run_cli("decide", str(request), "--policy", str(demo_bundle_path()), check=False)
+    assert bad.returncode == 1 and "expected" in bad.stderr
+
+
+def test_receipt_verify_recomputes_the_hash(gateway: Gateway, tmp_path: Path) -> None:
+    with gateway.client() as client:
+        answer = client.post("/execute", json={"surface": "payment.execute",
+                                               "context": PAY}).json()
+        keys_doc = client.get("/.well-known/trigguard/keys.json").json()
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps(keys_doc))
+    response_file = tmp_path / "response.json"
+    response_file.write_text(json.dumps(answer))
+    ok = run_cli("receipt", "verify", str(response_file), "--keys", str(keys_file))
+    assert "VALID" in ok.stdout
+    by_url = run_cli("receipt", "verify", str(response_file), "--keys",
+                     f"{gateway.url}/.well-known/trigguard/keys.json", "--json")
+    assert json.loads(by_url.stdout)["valid"] is True
+
+    for field, value in [("decision", "DENY"), ("policyVersion", "0" * 64),
+                         ("reasonCode", "WITHIN_LIMIT_X"), ("logIndex", 999_999),
+                         ("actorId", "someone-else"), ("requestHash", "1" * 64)]:
+        tampered = {**answer["receipt"], field: value}
+        path = tmp_path / f"tampered-{field}.json"
+        path.write_text(json.dumps(tampered))
+        result = run_cli("receipt", "verify", str(path), "--keys", str(keys_file), "--json",
+                         check=False)
+        assert result.returncode == 1, field
+        assert json.loads(result.stdout)["error"] == "receipt_hash_mismatch", field
+
+    signature = answer["receipt"]["authoritySignature"]
+    flipped = ("B" if signature[0] == "A" else "A") + signature[1:]
+    path = tmp_path / "tampered-signature.json"
+    path.write_text(json.dumps({**answer["receipt"], "authoritySignature": flipped}))
+    result = run_cli("receipt", "verify", str(path), "--keys", str(keys_file), check=False)
+    assert result.returncode == 1 and "signature does not verify" in result.stdout

@@ -1,0 +1,129 @@
+"""Loading, versioning and refusing policy bundles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import cedarpy
+import pytest
+
+from execguard.arbiter import PolicyBundle, bundle_version, demo_bundle_path
+from execguard.protocol.errors import BundleInvalid
+
+from .conftest import SMALL_SCHEMA, SMALL_SURFACES, demo_files, write_bundle
+
+PERMIT_ALL = '@id("run-all")\n@reason("ALWAYS")\npermit (principal, action, resource);\n'
+
+
+def refused(files: dict[str, bytes]) -> BundleInvalid:
+    with pytest.raises(BundleInvalid) as info:
+        PolicyBundle.from_files(files)
+    return info.value
+
+
+def small_files(**extra: str) -> dict[str, bytes]:
+    files = {
+        "schema.cedarschema": SMALL_SCHEMA,
+        "surfaces.toml": SMALL_SURFACES,
+        "policies/main.cedar": PERMIT_ALL,
+        **{key: value for key, value in extra.items()},
+    }
+    return {path: text.encode() for path, text in files.items()}
+
+
+def test_demo_bundle_loads_with_every_file(demo_bundle: PolicyBundle) -> None:
+    assert set(demo_bundle.files) == {
+        "README.md", "schema.cedarschema", "surfaces.toml",
+        "policies/comms.cedar", "policies/data.cedar", "policies/defaults.cedar",
+        "policies/deploy.cedar", "policies/infra.cedar", "policies/payments.cedar",
+        "policies/sanctions.cedar",
+    }
+    assert demo_bundle_path().joinpath("surfaces.toml").is_file()
+    assert len({info.id for info in demo_bundle.policies}) == len(demo_bundle.policies) == 18
+
+
+def test_version_recomputed_by_hand(demo_bundle: PolicyBundle) -> None:
+    root = demo_bundle_path()
+    digests = {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in root.rglob("*") if path.is_file()
+    }
+    # RFC 8785 for an object of ASCII string keys and values: sorted keys, no spaces.
+    canonical = json.dumps(digests, sort_keys=True, separators=(",", ":")).encode()
+    assert demo_bundle.version == hashlib.sha256(canonical).hexdigest()
+    assert len(demo_bundle.version) == 64 and demo_bundle.version == demo_bundle.version.lower()
+
+
+def test_from_files_and_from_directory_agree(demo_bundle: PolicyBundle) -> None:
+    assert PolicyBundle.from_files(demo_files()).version == demo_bundle.version
+
+
+def test_every_byte_counts_including_the_readme() -> None:
+    files = demo_files()
+    files["README.md"] += b"\n"
+    assert PolicyBundle.from_files(files).version != bundle_version(demo_files())
+
+
+def test_hidden_files_are_ignored_and_not_versioned(tmp_path: Path) -> None:
+    root = write_bundle(tmp_path / "b", {"main.cedar": PERMIT_ALL})
+    before = PolicyBundle.from_directory(root).version
+    (root / ".DS_Store").write_bytes(b"\x00junk")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (root / "policies" / ".draft.cedar").write_text("not cedar at all")
+    bundle = PolicyBundle.from_directory(root)
+    assert bundle.version == before
+    assert ".DS_Store" not in bundle.files
+
+
+def test_generated_schema_has_one_action_per_surface(demo_bundle: PolicyBundle) -> None:
+    schema = cedarpy.Schema.from_str(demo_bundle.schema_text)
+    rendered = str(schema)
+    for surface in demo_bundle.registry.names():
+        assert f'action "{surface}" appliesTo' in rendered
+    assert '"beneficiary_account"?: __cedar::String' in demo_bundle.schema_text
+    assert '"amount": __cedar::decimal' in demo_bundle.schema_text
+    assert '"risk_score"?: __cedar::Long' in demo_bundle.schema_text
+
+
+def test_policy_info_names_file_line_and_annotations(demo_bundle: PolicyBundle) -> None:
+    info = {p.id: p for p in demo_bundle.policies}
+    high = info["payment-high-value"]
+    assert (high.file, high.effect, high.reason, high.escalate) == (
+        "policies/payments.cedar", "forbid", "HIGH_VALUE_PAYMENT", True)
+    lines = demo_bundle.files["policies/payments.cedar"].decode().splitlines()
+    assert high.line is not None and '@id("payment-high-value")' in lines[high.line - 1]
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    ({"notes.txt": "hi"}, "notes.txt"),
+    ({"policies/sub/x.cedar": PERMIT_ALL}, "policies/sub/x.cedar"),
+    ({"policies/readme.txt": "x"}, "policies/readme.txt"),
+    ({"../escape.cedar": PERMIT_ALL}, "../escape.cedar"),
+])
+def test_other_files_are_refused_by_name(extra: dict[str, str], named: str) -> None:
+    error = refused(small_files(**extra))
+    assert error.file == named
+    assert named in str(error)
+
+
+@pytest.mark.parametrize("missing", ["schema.cedarschema", "surfaces.toml"])
+def test_missing_required_file(missing: str) -> None:
+    files = small_files()
+    del files[missing]
+    assert refused(files).file == missing
+
+
+def test_bundle_without_policies() -> None:
+    files = small_files()
+    del files["policies/main.cedar"]
+    assert "no .cedar file" in str(refused(files))
+
+
+def test_non_utf8_policy_is_refused() -> None:
+    files = small_files()
+    files["policies/main.cedar"] = b"// ok\n\xff\xfe"
+    error = refused(files)
+    assert (error.file, error.line) == ("policies/main.cedar", 2)
