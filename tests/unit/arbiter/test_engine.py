@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import cedarpy
 import pytest
 
 from execguard.arbiter import CompiledBundle, Evaluation
@@ -257,6 +258,18 @@ def test_unusable_facts_are_silence(demo_engine: CompiledBundle, facts: dict[str
 
 
 def test_determinism(demo_engine: CompiledBundle) -> None:
-    for context in (PAYMENT, {**PAYMENT, "amount": 50000}, {**PAYMENT, "amount": "x"}):
+    contexts: list[dict[str, Any]] = [PAYMENT, {**PAYMENT, "amount": 50000},
+                                      {**PAYMENT, "amount": "x"}]
+    for context in contexts:
         results = {pay(demo_engine, **context) for _ in range(5)}
         assert len(results) == 1
+
+
+def test_sensitive_values_are_redacted_from_cedar_errors(
+        demo_engine: CompiledBundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    quoted = 'context `{beneficiary_account: "ACCT-998877"}` is not valid'
+    answer = {"decision": "NoDecision", "diagnostics": {"errors": [quoted]}}
+    monkeypatch.setattr(cedarpy, "is_authorized", lambda *a, **k: cedarpy.AuthzResult(answer))
+    result = pay(demo_engine, beneficiary_account="ACCT-998877")
+    assert result.reason_code == "EVALUATION_ERROR"
+    assert result.errors == ('context `{beneficiary_account: "<redacted>"}` is not valid',)
