@@ -29,11 +29,14 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(policy_app, name="policy")
 app.add_typer(receipt_app, name="receipt")
 
-out = Console(highlight=False)
+# Piped output is read by people later (CI logs) and by grep: don't squeeze it to 80 columns.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 DataOption = Annotated[Path, typer.Option(
     "--data", envvar="EXECGUARD_DATA", help="Data directory.", show_default=True)]
 TenantOption = Annotated[str, typer.Option("--tenant", help="Tenant name.")]
+VersionArgument = Annotated[str, typer.Argument(metavar="VERSION",
+                                                help="A policy bundle version (64 hex digits).")]
 DEFAULT_DATA = Path(".execguard")
 
 
@@ -169,7 +172,7 @@ def policy_list(tenant: TenantOption = "demo", data: DataOption = DEFAULT_DATA,
 
 
 @policy_app.command("activate")
-def policy_activate(version: str, tenant: TenantOption = "demo",
+def policy_activate(version: VersionArgument, tenant: TenantOption = "demo",
                     data: DataOption = DEFAULT_DATA) -> None:
     """Make a pushed version the tenant's active policy."""
     from execguard.server.datadir import now_text
@@ -182,7 +185,7 @@ def policy_activate(version: str, tenant: TenantOption = "demo",
 
 
 @policy_app.command("show")
-def policy_show(version: str, tenant: TenantOption = "demo", data: DataOption = DEFAULT_DATA,
+def policy_show(version: VersionArgument, tenant: TenantOption = "demo", data: DataOption = DEFAULT_DATA,
                 as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show a bundle's files and surfaces."""
     from execguard.arbiter import PolicyBundle

@@ -213,7 +213,7 @@ def generate_schema(schema_text: str, registry: SurfaceRegistry) -> str:
             + "\n".join(actions))
 
 
-def _check_schema(text: str, registry: SurfaceRegistry) -> tuple[str, Any]:
+def _check_schema(text: str, registry: SurfaceRegistry) -> tuple[str, cedarpy.Schema]:
     """Check the bundle's own schema; return the full schema text and its parsed handle."""
     try:
         own = cedarpy.Schema.from_str(text)
@@ -332,7 +332,9 @@ def _position(error: cedarpy.ValidationError) -> int:
     return int(suffix) if suffix.isdigit() else -1
 
 
-def _check_against_schema(text: str, schema: Any, policies: list[PolicyInfo]) -> None:
+def _check_against_schema(
+    text: str, schema: cedarpy.Schema, policies: list[PolicyInfo]
+) -> None:
     result = cedarpy.validate_policies(text, schema)
     if result.validation_passed:
         return

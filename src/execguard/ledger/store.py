@@ -76,6 +76,9 @@ class LedgerStore(Protocol):
                         now_epoch: float) -> tuple[str, str, ExecutionRecord] | None:
         """For a live key: (its request hash, its execution mode, its execution), else None."""
 
+    def purge_idempotency(self, now_epoch: float) -> int:
+        """Forget idempotency keys that expired at or before ``now_epoch``; return how many."""
+
     def get_execution(self, tenant: str, execution_id: str) -> ExecutionRecord | None:
         """The tenant's execution with this id (and its outcome receipt), or None."""
 

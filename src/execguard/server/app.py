@@ -6,7 +6,10 @@ tests and several servers in one process each get their own.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,6 +34,10 @@ from execguard.server.openapi import EXECUTE_REQUEST_SCHEMA
 from execguard.server.settings import Settings
 
 __all__ = ["create_app"]
+
+log = logging.getLogger("execguard.server")
+
+IDEMPOTENCY_PURGE_INTERVAL_SECONDS = 600
 
 
 def _json(body: dict[str, Any], request: Request, status: int = 200,
@@ -64,12 +71,23 @@ def create_app(settings: Settings, store: SQLiteStore, signer: Signer | None,
     committer = committer or GroupCommitter(store)
     gateway = Gateway(settings, store, committer, signer)
 
+    async def forget_expired_idempotency_keys() -> None:
+        # Expired keys are already ignored by lookups; this only keeps the table small.
+        while True:
+            try:
+                await asyncio.to_thread(store.purge_idempotency, time.time())
+            except ServiceUnavailable as exc:
+                log.warning("could not purge expired idempotency keys: %s", exc)
+            await asyncio.sleep(IDEMPOTENCY_PURGE_INTERVAL_SECONDS)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         committer.start()
+        purger = asyncio.create_task(forget_expired_idempotency_keys())
         try:
             yield
         finally:
+            purger.cancel()
             # In-flight requests have finished when uvicorn runs this: drain and stop.
             committer.stop()
 
