@@ -185,7 +185,8 @@ def policy_activate(version: VersionArgument, tenant: TenantOption = "demo",
 
 
 @policy_app.command("show")
-def policy_show(version: VersionArgument, tenant: TenantOption = "demo", data: DataOption = DEFAULT_DATA,
+def policy_show(version: VersionArgument, tenant: TenantOption = "demo",
+                data: DataOption = DEFAULT_DATA,
                 as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show a bundle's files and surfaces."""
     from execguard.arbiter import PolicyBundle

@@ -22,9 +22,9 @@ from execguard.protocol.signing import Signer, key_id_for
 from execguard.protocol.token import issue_execution_token
 
 __all__ = [
+    "PROTOCOL_VERSION",
     "ExecutionRequest",
     "Outcome",
-    "PROTOCOL_VERSION",
     "Signer",
     "canonical_json",
     "canonical_sha256",
