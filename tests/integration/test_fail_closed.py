@@ -1,0 +1,33 @@
+"""When the gateway cannot sign or record, it issues no decision at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import Gateway, api_key_from, free_port, run_cli
+
+PAY = {"amount": 250, "currency": "EUR", "beneficiary": "Acme Office Supplies"}
+
+
+def test_unreadable_signing_key_means_no_decisions(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    key = api_key_from(run_cli("init", data=data).stdout)
+    for pem in (data / "keys").glob("*.pem"):
+        pem.write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+    gateway = Gateway(data=data, port=free_port(), api_key=key)
+    gateway.start(require_ready=False)
+    try:
+        with gateway.client() as client:
+            ready = client.get("/readyz")
+            assert ready.status_code == 503
+            assert "signing key" in " ".join(ready.json()["problems"])
+            response = client.post("/execute", json={"surface": "payment.execute",
+                                                     "context": PAY})
+            assert response.status_code == 503
+            assert response.json()["error"] == "keys_unavailable"
+            assert "execution_token" not in response.text
+            # The public half is still published, so earlier receipts stay verifiable.
+            assert client.get("/.well-known/trigguard/keys.json").status_code == 200
+            assert client.get("/v1/audit").json()["entries"] == []
+    finally:
+        gateway.stop()
