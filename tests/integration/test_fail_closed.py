@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from tests.conftest import Gateway, api_key_from, free_port, run_cli
@@ -29,5 +30,23 @@ def test_unreadable_signing_key_means_no_decisions(tmp_path: Path) -> None:
             # The public half is still published, so earlier receipts stay verifiable.
             assert client.get("/.well-known/trigguard/keys.json").status_code == 200
             assert client.get("/v1/audit").json()["entries"] == []
+    finally:
+        gateway.stop()
+
+
+def test_no_published_key_means_keys_unavailable(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    key = api_key_from(run_cli("init", data=data).stdout)
+    with sqlite3.connect(data / "execguard.db") as conn:
+        conn.execute("DELETE FROM signing_keys")
+    gateway = Gateway(data=data, port=free_port(), api_key=key)
+    gateway.start(require_ready=False)
+    try:
+        with gateway.client() as client:
+            keys = client.get("/.well-known/trigguard/keys.json")
+            assert keys.status_code == 503
+            assert keys.json()["error"] == "keys_unavailable"
+            assert client.post("/execute", json={"surface": "payment.execute",
+                                                 "context": PAY}).status_code == 503
     finally:
         gateway.stop()
