@@ -82,12 +82,12 @@ def serve(
     settings = Settings.from_env(data_dir=data, host=host, port=port)
     datadir = _datadir(settings.data_dir)
     store = datadir.open_store()
+    signers = datadir.signer_source(store)
     try:
-        signer = datadir.load_signer(store)
+        signers.current()
     except NoSigningKey as exc:
         logging.getLogger("execguard").error("%s: decisions will fail closed (503)", exc)
-        signer = None
-    application = create_app(settings, store, signer)
+    application = create_app(settings, store, signers)
     out.print(f"ExecGuard gateway on http://{host}:{port}  (data: {data})")
     if datadir.demo_key_path.exists():
         out.print(f"Demo API key: {datadir.demo_key_path.read_text().strip()}")

@@ -9,6 +9,7 @@ from execguard.ledger.group_commit import GroupCommitter
 from execguard.ledger.records import (
     ApiKeyRecord,
     BundleRecord,
+    CheckpointRecord,
     CommitResult,
     Committed,
     Conflicted,
@@ -25,6 +26,7 @@ from execguard.ledger.store import LedgerStore
 __all__ = [
     "ApiKeyRecord",
     "BundleRecord",
+    "CheckpointRecord",
     "CommitResult",
     "Committed",
     "Conflicted",

@@ -40,9 +40,11 @@ class GroupCommitter:
         self._queue: queue.SimpleQueue[_Waiter | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        #: Sizes of recent batches, for metrics and tests.
+        #: Counters, for metrics and tests.
         self.batches_committed = 0
         self.entries_committed = 0
+        self._grown: set[str] = set()
+        self._grown_lock = threading.Lock()
 
     def start(self) -> None:
         """Start the writer thread."""
@@ -63,6 +65,12 @@ class GroupCommitter:
     def running(self) -> bool:
         """Whether the writer thread is alive."""
         return self._thread is not None and self._thread.is_alive()
+
+    def take_grown_tenants(self) -> set[str]:
+        """Tenants whose logs grew since the last call (for the checkpoint schedule)."""
+        with self._grown_lock:
+            grown, self._grown = self._grown, set()
+        return grown
 
     async def submit(self, entry: PendingEntry) -> CommitResult:
         """Queue an entry and wait until it is durable (or refused)."""
@@ -110,6 +118,8 @@ class GroupCommitter:
             return
         self.batches_committed += 1
         self.entries_committed += len(batch)
+        with self._grown_lock:
+            self._grown.update(entry.tenant for entry, _, _ in batch)
         for (_, loop, future), result in zip(batch, results, strict=True):
             loop.call_soon_threadsafe(_resolve, future, result, None)
 

@@ -9,6 +9,7 @@ from typing import Any
 __all__ = [
     "ApiKeyRecord",
     "BundleRecord",
+    "CheckpointRecord",
     "CommitResult",
     "Committed",
     "Conflicted",
@@ -102,6 +103,19 @@ class LogEntry:
     receipt_hash: str
     prev_hash: str | None
     entry_hash: str
+    leaf_hash: bytes
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A signed checkpoint of one tenant's log: the C2SP signed note and what it states."""
+
+    tenant: str
+    size: int
+    root: bytes
+    note: str
+    key_id: str
+    created_at: str
 
 
 @dataclass

@@ -21,12 +21,14 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from execguard.ledger.records import (
     ApiKeyRecord,
     BundleRecord,
+    CheckpointRecord,
     CommitResult,
     Committed,
     Conflicted,
@@ -37,11 +39,19 @@ from execguard.ledger.records import (
     SigningKeyRecord,
 )
 from execguard.protocol.chain import entry_hash
-from execguard.protocol.errors import NotFound, StorageUnavailable
+from execguard.protocol.errors import ConfigError, NotFound, StorageUnavailable
+from execguard.protocol.logentry import receipt_leaf_hash
+from execguard.protocol.merkle import (
+    CompactRange,
+    NodeReader,
+    consistency_proof,
+    inclusion_proof,
+    root_hash,
+)
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "translate_errors"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,7 +70,13 @@ CREATE TABLE IF NOT EXISTS active_bundles (
 CREATE TABLE IF NOT EXISTS log (
     tenant TEXT NOT NULL, idx INTEGER NOT NULL, kind TEXT NOT NULL, execution_id TEXT NOT NULL,
     receipt TEXT NOT NULL, receipt_hash TEXT NOT NULL, prev_hash TEXT, entry_hash TEXT NOT NULL,
-    PRIMARY KEY (tenant, idx)) WITHOUT ROWID;
+    leaf_hash BLOB NOT NULL, PRIMARY KEY (tenant, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS merkle_nodes (
+    tenant TEXT NOT NULL, level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
+    PRIMARY KEY (tenant, level, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    tenant TEXT NOT NULL, size INTEGER NOT NULL, root BLOB NOT NULL, note TEXT NOT NULL,
+    key_id TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (tenant, size)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS executions (
     execution_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, log_index INTEGER NOT NULL,
     surface TEXT NOT NULL, actor_id TEXT, decision TEXT NOT NULL, reason_code TEXT NOT NULL,
@@ -77,9 +93,25 @@ CREATE TRIGGER IF NOT EXISTS log_no_update BEFORE UPDATE ON log
     BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS log_no_delete BEFORE DELETE ON log
     BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS merkle_nodes_no_update BEFORE UPDATE ON merkle_nodes
+    BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS merkle_nodes_no_delete BEFORE DELETE ON merkle_nodes
+    BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS checkpoints_no_update BEFORE UPDATE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS checkpoints_no_delete BEFORE DELETE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
 """
 
 _BUSY_RETRY_SECONDS = 10.0
+
+
+@dataclass
+class _Head:
+    """The end of one tenant's log during a batch: last entry hash and the tree's right edge."""
+
+    prev: str | None
+    tree: CompactRange
 
 
 @contextmanager
@@ -89,6 +121,26 @@ def translate_errors(what: str) -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         raise StorageUnavailable(f"{what} failed: {exc}") from exc
+
+
+def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
+    """Version 2 adds the Merkle tree: compute leaf and node hashes for the existing log."""
+    conn.execute("ALTER TABLE log ADD COLUMN leaf_hash BLOB NOT NULL DEFAULT x''")
+    conn.execute("DROP TRIGGER IF EXISTS log_no_update")
+    for statement in _SCHEMA.split(";\n"):
+        if statement.strip() and "merkle_nodes (" in statement:
+            conn.execute(statement)
+    tenants = [r[0] for r in conn.execute("SELECT DISTINCT tenant FROM log")]
+    for tenant in tenants:
+        tree = CompactRange()
+        rows = conn.execute("SELECT idx, receipt FROM log WHERE tenant = ? ORDER BY idx",
+                            (tenant,)).fetchall()
+        for index, receipt in rows:
+            leaf = receipt_leaf_hash(tenant, json.loads(receipt))
+            conn.execute("UPDATE log SET leaf_hash = ? WHERE tenant = ? AND idx = ?",
+                         (leaf, tenant, index))
+            conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?)",
+                             [(tenant, *node) for node in tree.append(leaf)])
 
 
 def _dumps(value: Any) -> str:
@@ -154,16 +206,29 @@ class SQLiteStore:
         while True:
             try:
                 with self._write("creating the schema") as conn:
-                    for statement in _SCHEMA.split(";\n"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                                 (str(SCHEMA_VERSION),))
+                    self._upgrade(conn)
                 return
             except StorageUnavailable:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+    def _upgrade(self, conn: sqlite3.Connection) -> None:
+        has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                                " AND name = 'meta'").fetchone()
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() \
+            if has_meta else None
+        version = int(row[0]) if row else None
+        if version is not None and version > SCHEMA_VERSION:
+            raise ConfigError(f"{self.path} has schema version {version}; this ExecGuard "
+                              f"understands up to {SCHEMA_VERSION}: upgrade ExecGuard")
+        if version == 1:
+            _upgrade_1_to_2(conn)
+        for statement in _SCHEMA.split(";\n"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key)"
+                     " DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         """Close every connection this store opened."""
@@ -209,6 +274,16 @@ class SQLiteStore:
         with self._write("storing a signing key") as conn:
             conn.execute("INSERT INTO signing_keys VALUES (?, ?, ?, ?)",
                          (record.key_id, record.public_pem, record.status, record.created_at))
+
+    def rotate_signing_key(self, record: SigningKeyRecord) -> list[str]:
+        """Publish ``record`` as the only active key; return the ids of the keys it retires."""
+        with self._write("rotating the signing key") as conn:
+            retired = [r[0] for r in conn.execute(
+                "SELECT key_id FROM signing_keys WHERE status = 'active'")]
+            conn.execute("UPDATE signing_keys SET status = 'retired' WHERE status = 'active'")
+            conn.execute("INSERT INTO signing_keys VALUES (?, ?, ?, ?)",
+                         (record.key_id, record.public_pem, "active", record.created_at))
+        return retired
 
     def signing_keys(self) -> list[SigningKeyRecord]:
         """Every published key, oldest first."""
@@ -275,22 +350,34 @@ class SQLiteStore:
                      now_epoch: float) -> list[CommitResult]:
         """Append the entries in one fsync'd transaction (see LedgerStore)."""
         results: list[CommitResult] = []
-        heads: dict[str, tuple[int, str | None]] = {}
+        heads: dict[str, _Head] = {}
         with self._write("appending to the log") as conn:
             for entry in entries:
                 results.append(self._append_one(conn, entry, heads, now_epoch))
         return results
 
-    def _head(self, conn: sqlite3.Connection, tenant: str,
-              heads: dict[str, tuple[int, str | None]]) -> tuple[int, str | None]:
+    def _head(self, conn: sqlite3.Connection, tenant: str, heads: dict[str, _Head]) -> _Head:
+        # Read inside the write transaction: no other writer can move the head meanwhile.
         if tenant not in heads:
             row = conn.execute("SELECT idx, entry_hash FROM log WHERE tenant = ?"
                                " ORDER BY idx DESC LIMIT 1", (tenant,)).fetchone()
-            heads[tenant] = (row[0] + 1, row[1]) if row else (0, None)
+            size, prev = (row[0] + 1, row[1]) if row else (0, None)
+            tree = CompactRange.from_reader(size, self._reader(conn, tenant))
+            heads[tenant] = _Head(prev, tree)
         return heads[tenant]
 
+    def _reader(self, conn: sqlite3.Connection, tenant: str) -> NodeReader:
+        def read(level: int, index: int) -> bytes:
+            row = conn.execute("SELECT hash FROM merkle_nodes WHERE tenant = ? AND level = ?"
+                               " AND idx = ?", (tenant, level, index)).fetchone()
+            if row is None:
+                raise StorageUnavailable(f"Merkle node ({level}, {index}) of tenant "
+                                         f"{tenant!r} is missing: the log store is damaged")
+            return bytes(row[0])
+        return read
+
     def _append_one(self, conn: sqlite3.Connection, entry: PendingEntry,
-                    heads: dict[str, tuple[int, str | None]], now_epoch: float) -> CommitResult:
+                    heads: dict[str, _Head], now_epoch: float) -> CommitResult:
         claim = entry.idempotency
         if claim is not None:
             row = conn.execute(
@@ -309,14 +396,18 @@ class SQLiteStore:
                 (entry.execution_id,)).fetchone() is not None:
             return Conflicted("outcome_exists")
 
-        index, prev = self._head(conn, entry.tenant, heads)
+        head = self._head(conn, entry.tenant, heads)
+        index = head.tree.size
         receipt = entry.seal(index)
         digest = receipt["receiptHash"]
-        chained = entry_hash(index, prev, digest)
-        conn.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        chained = entry_hash(index, head.prev, digest)
+        leaf = receipt_leaf_hash(entry.tenant, receipt)
+        conn.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                      (entry.tenant, index, entry.kind, entry.execution_id, _dumps(receipt),
-                      digest, prev, chained))
-        heads[entry.tenant] = (index + 1, chained)
+                      digest, head.prev, chained, leaf))
+        conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?)",
+                         [(entry.tenant, *node) for node in head.tree.append(leaf)])
+        head.prev = chained
 
         if entry.kind == "decision":
             row = entry.execution or {}
@@ -409,10 +500,81 @@ class SQLiteStore:
         with translate_errors("reading the log"):
             rows = self._conn.execute(
                 "SELECT tenant, idx, kind, execution_id, receipt, receipt_hash, prev_hash,"
-                " entry_hash FROM log WHERE tenant = ? AND idx >= ? AND idx < ? ORDER BY idx",
-                (tenant, start, end)).fetchall()
-        return [LogEntry(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7])
+                " entry_hash, leaf_hash FROM log WHERE tenant = ? AND idx >= ? AND idx < ?"
+                " ORDER BY idx", (tenant, start, end)).fetchall()
+        return [LogEntry(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], bytes(r[8]))
                 for r in rows]
+
+    def tenants(self) -> list[str]:
+        """Every tenant, by name."""
+        with translate_errors("reading tenants"):
+            return [r[0] for r in self._conn.execute("SELECT name FROM tenants ORDER BY name")]
+
+    # -- the Merkle tree and checkpoints -----------------------------------------------
+
+    def node_reader(self, tenant: str) -> NodeReader:
+        """Read the tenant's stored perfect-subtree hashes (for roots and proofs)."""
+        read = self._reader(self._conn, tenant)
+
+        def translated(level: int, index: int) -> bytes:
+            with translate_errors("reading the Merkle tree"):
+                return read(level, index)
+        return translated
+
+    def tree_root(self, tenant: str, size: int) -> bytes:
+        """The Merkle root of the tenant's first ``size`` entries, from stored hashes."""
+        return root_hash(size, self.node_reader(tenant))
+
+    def inclusion_proof(self, tenant: str, index: int, size: int) -> list[bytes]:
+        """RFC 9162 inclusion proof of entry ``index`` in the tree of ``size`` entries."""
+        return inclusion_proof(index, size, self.node_reader(tenant))
+
+    def consistency_proof(self, tenant: str, size1: int, size2: int) -> list[bytes]:
+        """RFC 9162 consistency proof between two tree sizes."""
+        return consistency_proof(size1, size2, self.node_reader(tenant))
+
+    def add_checkpoint(self, record: CheckpointRecord) -> CheckpointRecord:
+        """Store a checkpoint; if one of that size exists, return it instead (never a fork).
+
+        Raises :class:`StorageUnavailable` if a stored checkpoint of the same size
+        has a different root: that would be a fork, and nothing is written.
+        """
+        with self._write("storing a checkpoint") as conn:
+            row = conn.execute("SELECT tenant, size, root, note, key_id, created_at FROM"
+                               " checkpoints WHERE tenant = ? AND size = ?",
+                               (record.tenant, record.size)).fetchone()
+            if row is not None:
+                existing = CheckpointRecord(row[0], row[1], bytes(row[2]), *row[3:])
+                if existing.root != record.root:
+                    raise StorageUnavailable(
+                        f"refusing to sign a fork: checkpoint {record.size} of tenant "
+                        f"{record.tenant!r} already has another root")
+                return existing
+            conn.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)",
+                         (record.tenant, record.size, record.root, record.note, record.key_id,
+                          record.created_at))
+        return record
+
+    def checkpoints(self, tenant: str, *, min_size: int = 0,
+                    limit: int | None = None) -> list[CheckpointRecord]:
+        """The tenant's checkpoints of at least ``min_size``, smallest first."""
+        sql = ("SELECT tenant, size, root, note, key_id, created_at FROM checkpoints"
+               " WHERE tenant = ? AND size >= ? ORDER BY size")
+        params: tuple[Any, ...] = (tenant, min_size)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params += (limit,)
+        with translate_errors("reading checkpoints"):
+            rows = self._conn.execute(sql, params).fetchall()
+        return [CheckpointRecord(r[0], r[1], bytes(r[2]), *r[3:]) for r in rows]
+
+    def latest_checkpoint(self, tenant: str) -> CheckpointRecord | None:
+        """The tenant's largest checkpoint, or None."""
+        with translate_errors("reading checkpoints"):
+            row = self._conn.execute(
+                "SELECT tenant, size, root, note, key_id, created_at FROM checkpoints"
+                " WHERE tenant = ? ORDER BY size DESC LIMIT 1", (tenant,)).fetchone()
+        return CheckpointRecord(row[0], row[1], bytes(row[2]), *row[3:]) if row else None
 
     def log_size(self, tenant: str) -> int:
         """Number of entries in the tenant's log."""

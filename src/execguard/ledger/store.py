@@ -13,6 +13,7 @@ from typing import Protocol
 from execguard.ledger.records import (
     ApiKeyRecord,
     BundleRecord,
+    CheckpointRecord,
     CommitResult,
     ExecutionRecord,
     LogEntry,
@@ -40,6 +41,9 @@ class LedgerStore(Protocol):
 
     def add_signing_key(self, record: SigningKeyRecord) -> None:
         """Publish a public key. Keys are never deleted."""
+
+    def rotate_signing_key(self, record: SigningKeyRecord) -> list[str]:
+        """Atomically retire every active key and publish ``record`` as the active one."""
 
     def signing_keys(self) -> list[SigningKeyRecord]:
         """Every published key, oldest first."""
@@ -92,6 +96,32 @@ class LedgerStore(Protocol):
 
     def log_size(self, tenant: str) -> int:
         """Number of entries in the tenant's log."""
+
+    def tenants(self) -> list[str]:
+        """Every tenant, by name."""
+
+    def tree_root(self, tenant: str, size: int) -> bytes:
+        """Merkle root of the first ``size`` entries, from stored hashes (``size <= log_size``)."""
+
+    def inclusion_proof(self, tenant: str, index: int, size: int) -> list[bytes]:
+        """RFC 9162 inclusion proof, from stored hashes, O(log n) reads."""
+
+    def consistency_proof(self, tenant: str, size1: int, size2: int) -> list[bytes]:
+        """RFC 9162 consistency proof, from stored hashes, O(log n) reads."""
+
+    def add_checkpoint(self, record: CheckpointRecord) -> CheckpointRecord:
+        """Store a checkpoint, or return the stored one of that size if its root is the same.
+
+        A different root at a stored size is a fork: raise ``StorageUnavailable``
+        and write nothing. Checkpoints are never changed or removed.
+        """
+
+    def checkpoints(self, tenant: str, *, min_size: int = 0,
+                    limit: int | None = None) -> list[CheckpointRecord]:
+        """The tenant's checkpoints of at least ``min_size`` entries, smallest first."""
+
+    def latest_checkpoint(self, tenant: str) -> CheckpointRecord | None:
+        """The tenant's largest checkpoint, or None."""
 
     def close(self) -> None:
         """Release connections."""

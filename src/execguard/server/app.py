@@ -26,9 +26,8 @@ from execguard.protocol.errors import (
 )
 from execguard.protocol.outcome import format_timestamp, parse_timestamp
 from execguard.protocol.request import parse_execution_request
-from execguard.protocol.signing import Signer
 from execguard.server.errors import install_error_handlers, request_id_of
-from execguard.server.gateway import Caller, Gateway, explain_record
+from execguard.server.gateway import Caller, Gateway, SigningKeys, explain_record
 from execguard.server.middleware import RequestIdMiddleware
 from execguard.server.openapi import EXECUTE_REQUEST_SCHEMA
 from execguard.server.settings import Settings
@@ -65,11 +64,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(settings: Settings, store: SQLiteStore, signer: Signer | None,
+def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
                committer: GroupCommitter | None = None) -> FastAPI:
     """Build the ASGI app. The committer's writer thread runs for the app's lifespan."""
     committer = committer or GroupCommitter(store)
-    gateway = Gateway(settings, store, committer, signer)
+    gateway = Gateway(settings, store, committer, signers)
 
     async def forget_expired_idempotency_keys() -> None:
         # Expired keys are already ignored by lookups; this only keeps the table small.
@@ -162,8 +161,10 @@ def create_app(settings: Settings, store: SQLiteStore, signer: Signer | None,
     @app.get("/readyz", summary="Readiness: can decisions be issued durably?")
     def readyz(request: Request) -> Response:
         problems = []
-        if signer is None:
-            problems.append("no signing key loaded")
+        try:
+            signers.current()
+        except ServiceUnavailable as exc:
+            problems.append(str(exc))
         if not committer.running:
             problems.append("ledger writer not running")
         try:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +29,7 @@ __all__ = [
     "API_KEY_PREFIX",
     "DataDir",
     "InitResult",
+    "SignerSource",
     "hash_api_key",
     "new_api_key",
     "now_text",
@@ -50,6 +54,37 @@ def new_api_key() -> str:
 def hash_api_key(key: str) -> str:
     """Keys are stored as SHA-256 hex: they are random, so no slow hash is needed."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class SignerSource:
+    """Hands out the active signing key; notices a rotation within ``recheck_seconds``."""
+
+    def __init__(self, datadir: DataDir, store: SQLiteStore, recheck_seconds: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._datadir = datadir
+        self._store = store
+        self._recheck = recheck_seconds
+        self._clock = clock
+        self._signer: Signer | None = None
+        self._checked = float("-inf")
+        self._lock = threading.Lock()
+
+    def current(self) -> Signer:
+        """The active key; :class:`NoSigningKey` when there is none or it cannot be read."""
+        now = self._clock()
+        signer = self._signer
+        if signer is not None and now - self._checked < self._recheck:
+            return signer
+        with self._lock:
+            active = [k.key_id for k in self._store.signing_keys() if k.status == "active"]
+            if not active:
+                self._signer = None
+                raise NoSigningKey("no active signing key is published in the database")
+            if self._signer is None or self._signer.key_id != active[-1]:
+                self._signer = None
+                self._signer = self._datadir.load_signer(self._store)
+            self._checked = now
+            return self._signer
 
 
 @dataclass(frozen=True)
@@ -104,14 +139,26 @@ class DataDir:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def create_signing_key(self, store: SQLiteStore) -> Signer:
-        """Generate a key, write it (0600), then publish its public half as active."""
+    def _new_key_file(self) -> Signer:
         self.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         signer = Signer.generate()
+        # The private key is on disk before its public half is published as active.
         self._write_secret(self.keys_dir / f"{signer.key_id}.pem", signer.private_pem())
+        return signer
+
+    def create_signing_key(self, store: SQLiteStore) -> Signer:
+        """Generate a key, write it (0600), then publish its public half as active."""
+        signer = self._new_key_file()
         store.add_signing_key(SigningKeyRecord(signer.key_id, signer.public_pem, "active",
                                                now_text()))
         return signer
+
+    def rotate_signing_key(self, store: SQLiteStore) -> tuple[Signer, list[str]]:
+        """A new active key; the old ones stay published as ``retired`` and keep verifying."""
+        signer = self._new_key_file()
+        retired = store.rotate_signing_key(
+            SigningKeyRecord(signer.key_id, signer.public_pem, "active", now_text()))
+        return signer, retired
 
     def load_signer(self, store: SQLiteStore) -> Signer:
         """The active signing key; :class:`NoSigningKey` if it is missing or unreadable."""
@@ -128,6 +175,10 @@ class DataDir:
         if signer.key_id != record.key_id:
             raise NoSigningKey(f"{path} does not hold key {record.key_id}")
         return signer
+
+    def signer_source(self, store: SQLiteStore, recheck_seconds: float = 1.0) -> SignerSource:
+        """The active signing key, re-checked so a rotation takes effect without a restart."""
+        return SignerSource(self, store, recheck_seconds)
 
     def create_api_key(self, store: SQLiteStore, tenant: str, role: str = "agent",
                        label: str | None = None) -> str:

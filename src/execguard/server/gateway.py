@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from execguard.arbiter import CompiledBundle, PolicyBundle, compute_facts
 from execguard.arbiter.registry import SurfaceSpec
@@ -28,6 +28,7 @@ from execguard.ledger import (
     Replayed,
     SQLiteStore,
 )
+from execguard.protocol.checkpoint import verifier_key
 from execguard.protocol.errors import (
     AuthError,
     Conflict,
@@ -49,12 +50,20 @@ from execguard.protocol.request import (
     parse_json_object,
     request_hash,
 )
-from execguard.protocol.signing import Signer
+from execguard.protocol.signing import Signer, load_public_key_pem
 from execguard.protocol.token import execution_token_claims, issue_execution_token
 from execguard.server.datadir import hash_api_key
 from execguard.server.settings import Settings
 
-__all__ = ["Caller", "Gateway"]
+__all__ = ["Caller", "Gateway", "SigningKeys", "explain_record"]
+
+
+class SigningKeys(Protocol):
+    """Where the active signing key comes from (it may change: rotation)."""
+
+    def current(self) -> Signer:
+        """The active key, or raise ``NoSigningKey``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -70,11 +79,11 @@ class Gateway:
     """Decides, records and answers. One per running server."""
 
     def __init__(self, settings: Settings, store: SQLiteStore, committer: GroupCommitter,
-                 signer: Signer | None, *, clock: Callable[[], float] = time.time) -> None:
+                 signers: SigningKeys, *, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
         self.committer = committer
-        self.signer = signer
+        self.signers = signers
         self.clock = clock
         self._bundles: dict[tuple[str, str], tuple[PolicyBundle, CompiledBundle]] = {}
         self._bundles_lock = threading.Lock()
@@ -124,9 +133,7 @@ class Gateway:
         return spec
 
     def _signer(self) -> Signer:
-        if self.signer is None:
-            raise NoSigningKey("no signing key is loaded: no receipt can be issued")
-        return self.signer
+        return self.signers.current()
 
     # -- decisions ---------------------------------------------------------------------
 
@@ -341,7 +348,10 @@ class Gateway:
             "protocol": PROTOCOL_VERSION,
             "authority": self.settings.authority_id,
             "keys": [{"keyId": k.key_id, "algorithm": "Ed25519", "publicKeyPem": k.public_pem,
-                      "status": k.status} for k in keys],
+                      "status": k.status,
+                      "noteVerifierKey": verifier_key(self.settings.authority_id,
+                                                      load_public_key_pem(k.public_pem))}
+                     for k in keys],
         }
 
 

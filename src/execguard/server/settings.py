@@ -27,6 +27,19 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
     return value
 
 
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"setting {name} has value {raw!r}: not a number") from None
+    if not value >= minimum:
+        raise ConfigError(f"setting {name} has value {raw}: must be at least {minimum}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the gateway is configured with."""
@@ -40,8 +53,10 @@ class Settings:
     token_ttl_seconds: int = 60
     #: How long an idempotency key is remembered, in seconds.
     idempotency_ttl_seconds: int = 24 * 3600
-    #: Named in every receipt and token as the issuing authority.
+    #: Named in every receipt and token as the issuing authority; also the checkpoint key name.
     authority_id: str = "execguard"
+    #: A log that grew gets a new signed checkpoint at most this often, in seconds.
+    checkpoint_interval_seconds: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -55,6 +70,8 @@ class Settings:
             token_ttl_seconds=_int(env, "EXECGUARD_TOKEN_TTL_SECONDS", 60, 1),
             idempotency_ttl_seconds=_int(env, "EXECGUARD_IDEMPOTENCY_TTL_SECONDS", 86400, 1),
             authority_id=env.get("EXECGUARD_AUTHORITY_ID") or "execguard",
+            checkpoint_interval_seconds=_float(env, "EXECGUARD_CHECKPOINT_INTERVAL_SECONDS",
+                                               1.0, 0.01),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         if "data_dir" in given:
