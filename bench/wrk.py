@@ -14,7 +14,7 @@ from pathlib import Path
 
 from loadgen import LoadResult, LoadSpec
 
-__all__ = ["find_wrk", "parse_wrk", "run_wrk", "wrk_version", "write_script"]
+__all__ = ["find_wrk", "parse_wrk", "run_wrk", "write_script", "wrk_version"]
 
 _LUA = """\
 wrk.method = "POST"
@@ -72,7 +72,7 @@ def wrk_version(wrk: str) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "wrk"
     first = (out.stdout or out.stderr).strip().splitlines()
-    return first[0].split(" Copyright")[0] if first else "wrk"
+    return first[0].split(" Copyright")[0].strip() if first else "wrk"
 
 
 def _lua_string(text: str) -> str:

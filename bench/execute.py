@@ -1,0 +1,210 @@
+"""Throughput of ``POST /execute``: the real gateway against a FastAPI constant endpoint.
+
+Initialises a temporary data directory with ``execguard init``, starts ``execguard
+serve`` and ``bench/baseline_app.py`` (one uvicorn worker each), then drives both,
+one after the other, with the same closed-loop load: a PERMIT request under the
+demo policy (Cedar evaluation, signed receipt, signed execution token, durable
+SQLite append). Every answer must be HTTP 200 with ``"decision":"PERMIT"``.
+
+Load comes from wrk when it is on PATH, else from ``bench/loadgen.py`` (raw
+asyncio streams, HTTP/1.1 keep-alive), each in its own process.
+
+Run: ``make bench`` or ``.venv/bin/python bench/execute.py [--duration 10]
+[--connections 32 64] [--rounds 1] [--loadgen auto|wrk|python] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+
+from loadgen import LoadResult, LoadSpec
+from report import TARGETS, Measurement, machine, print_table, summarise
+from servers import Server, free_port, init_datadir, start_server
+from wrk import find_wrk, run_wrk, write_script, wrk_version
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+BODY = json.dumps({"surface": "payment.execute", "actorId": "bench-agent",
+                   "context": {"amount": 250, "currency": "EUR",
+                               "beneficiary": "Acme Office Supplies"}})
+EXPECT = '"decision":"PERMIT"'
+
+console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+
+
+class LoadGenerator:
+    """wrk with a Lua script, or the asyncio generator in a separate Python process."""
+
+    def __init__(self, choice: str, workdir: Path, threads: int) -> None:
+        wrk = find_wrk() if choice in ("auto", "wrk") else None
+        if choice == "wrk" and wrk is None:
+            raise SystemExit("--loadgen wrk: wrk is not on PATH")
+        self.wrk, self.workdir, self.threads = wrk, workdir, threads
+        if wrk is not None:
+            self.label = f"{wrk_version(wrk)}, {threads} thread(s), Lua script"
+        else:
+            self.label = "bench/loadgen.py (Python asyncio streams, 1 process)"
+
+    def run(self, spec: LoadSpec) -> LoadResult:
+        if self.wrk is not None:
+            script = self.workdir / "execute.lua"
+            write_script(script, spec)
+            return run_wrk(self.wrk, script, spec, self.threads)
+        argv = [sys.executable, str(BENCH / "loadgen.py"), json.dumps(asdict(spec))]
+        out = subprocess.run(argv, capture_output=True, text=True,
+                             timeout=spec.duration + spec.grace + 30)
+        if out.returncode != 0:
+            raise RuntimeError(f"loadgen failed ({out.returncode}): {out.stderr.strip()}")
+        return LoadResult(**json.loads(out.stdout))
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(gen: LoadGenerator, server: Server, spec: LoadSpec, warmup: float,
+            round_: int) -> Measurement:
+    """A warm-up run (discarded), then the timed run with CPU read around it."""
+    warm = gen.run(LoadSpec(**{**asdict(spec), "duration": warmup})) if warmup > 0 else None
+    cpu_before, children_before = server.cpu_seconds(), _children_cpu()
+    started = time.perf_counter()
+    result = gen.run(spec)
+    wall = time.perf_counter() - started
+    cpu_after, children_after = server.cpu_seconds(), _children_cpu()
+    server_cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    return Measurement(
+        round=round_, target=server.name, connections=spec.connections, result=result,
+        warmup_failures=warm.failures if warm else 0,
+        server_cpu_us=round(server_cpu / result.requests * 1e6, 1)
+        if server_cpu is not None and result.requests else None,
+        server_cpu_pct=None if server_cpu is None else round(server_cpu / wall * 100, 1),
+        loadgen_cpu_pct=round((children_after - children_before) / wall * 100, 1))
+
+
+def check_once(server: Server, key: str) -> None:
+    """One request before the load: a 200 PERMIT, or stop with the answer shown."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/execute", data=BODY.encode(), method="POST",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+        if response.status != 200 or EXPECT not in text:
+            raise RuntimeError(f"{server.name} answered {response.status}: {text[:500]}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Throughput of POST /execute: gateway "
+                                     "against a FastAPI constant endpoint.")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per timed run")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per run")
+    parser.add_argument("--connections", type=int, nargs="+", default=[32, 64],
+                        help="concurrency levels")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every measurement, alternating the order")
+    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
+                        help="auto: wrk if on PATH, else the Python generator")
+    parser.add_argument("--wrk-threads", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    if args.duration < 1 or args.warmup < 0 or args.rounds < 1 or min(args.connections) < 1:
+        parser.error("durations, rounds and connections must be positive")
+    return args
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    raise TimeoutError("the benchmark overran its time budget")
+
+
+def _on_term(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # stop like Ctrl-C: the finally blocks clean up
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Start both servers, measure every level in every round, return the report."""
+    gen = LoadGenerator(args.loadgen, workdir, args.wrk_threads)
+    console.print(f"load generator: {gen.label}")
+    key = init_datadir(sys.executable, workdir / "data")
+    servers: list[Server] = []
+    try:
+        port = free_port()
+        servers.append(start_server("baseline", [sys.executable, str(BENCH / "baseline_app.py"),
+                                                 "--port", str(port)],
+                                    port, workdir / "baseline.log", ROOT))
+        port = free_port()
+        servers.append(start_server("gateway", [sys.executable, "-m", "execguard", "serve",
+                                                "--data", str(workdir / "data"),
+                                                "--port", str(port)],
+                                    port, workdir / "gateway.log", ROOT))
+        for server in servers:
+            check_once(server, key)
+        runs: list[Measurement] = []
+        for round_ in range(args.rounds):
+            for index, conns in enumerate(args.connections):
+                order = servers if (round_ + index) % 2 == 0 else servers[::-1]
+                for server in order:
+                    spec = LoadSpec(port=server.port, body=BODY, connections=conns,
+                                    headers={"Authorization": f"Bearer {key}"},
+                                    duration=args.duration, expect=EXPECT)
+                    m = measure(gen, server, spec, args.warmup, round_)
+                    runs.append(m)
+                    console.print(f"round {round_ + 1} {server.name:8} c={conns:<4} "
+                                  f"{m.result.rps:9,.0f} req/s  p50 {m.result.p50_ms:7.2f} ms"
+                                  f"  p99 {m.result.p99_ms:7.2f} ms  failed {m.result.failures}"
+                                  f" (warm-up {m.warmup_failures})")
+    finally:
+        for server in servers:
+            server.stop()
+    return {"load_generator": gen.label, "machine": machine(), "duration_s": args.duration,
+            "warmup_s": args.warmup, "rounds": args.rounds,
+            "results": summarise(runs, args.connections),
+            "runs": [{**asdict(m), "result": asdict(m.result)} for m in runs]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runs = args.rounds * len(args.connections) * len(TARGETS)
+    budget = 180 + runs * (args.duration + args.warmup + 2 * 10 + 45)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.alarm(budget)
+    workdir = Path(tempfile.mkdtemp(prefix="execguard-bench-"))
+    try:
+        report = run(args, workdir)
+    except KeyboardInterrupt:
+        console.print("interrupted: servers stopped, temporary files removed")
+        return 130
+    except (TimeoutError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        console.print(f"benchmark failed: {exc}", style="red")
+        return 1
+    finally:
+        signal.alarm(0)
+        shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    failures = sum(row[t]["failures"] for row in report["results"] for t in TARGETS)
+    if failures:
+        console.print(f"{failures} request(s) failed the check (HTTP 200 with {EXPECT})",
+                      style="red")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The benchmark's figures: one measurement, the summary over rounds, the machine, the table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from loadgen import LoadResult
+
+__all__ = ["TARGETS", "Measurement", "machine", "print_table", "summarise"]
+
+TARGETS = ("baseline", "gateway")
+
+
+@dataclass
+class Measurement:
+    """One timed run against one server."""
+
+    round: int
+    target: str
+    connections: int
+    result: LoadResult
+    #: Failed checks during the warm-up run (its figures are discarded, its failures not).
+    warmup_failures: int
+    #: Server CPU (user + system, all threads) per answered request, in microseconds.
+    server_cpu_us: float | None
+    #: Server CPU over the run, in percent of one core.
+    server_cpu_pct: float | None
+    #: Load generator CPU over the run, in percent of one core.
+    loadgen_cpu_pct: float
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
+def summarise(runs: list[Measurement], connections: list[int]) -> list[dict[str, Any]]:
+    """Per concurrency level and server: medians over rounds; the median per-round ratio."""
+    rows = []
+    for conns in connections:
+        row: dict[str, Any] = {"connections": conns}
+        for target in TARGETS:
+            mine = [m for m in runs if m.connections == conns and m.target == target]
+            rps = [m.result.rps for m in mine]
+            row[target] = {
+                "rps": _median(rps), "rps_min": min(rps), "rps_max": max(rps),
+                "p50_ms": _median([m.result.p50_ms for m in mine]),
+                "p99_ms": _median([m.result.p99_ms for m in mine]),
+                "requests": sum(m.result.requests for m in mine),
+                "failures": sum(m.result.failures + m.warmup_failures for m in mine),
+                "server_cpu_us_per_request": _median([m.server_cpu_us for m in mine]),
+                "server_cpu_pct": _median([m.server_cpu_pct for m in mine]),
+                "loadgen_cpu_pct": _median([m.loadgen_cpu_pct for m in mine])}
+        ratios = [g.result.rps / b.result.rps
+                  for b in runs for g in runs
+                  if b.connections == g.connections == conns and b.round == g.round
+                  and (b.target, g.target) == TARGETS and b.result.rps]
+        row["ratio"] = _median(ratios)
+        rows.append(row)
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    """CPUs usable by this process, CPU model, Python version, platform."""
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpus": cpus, "cpu_model": model, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """The report as a rich table on stdout."""
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
+    info = report["machine"]
+    out.print(f"POST /execute, {report['duration_s']} s per run after {report['warmup_s']} s "
+              f"warm-up, {report['rounds']} round(s); {info['cpus']} CPUs ({info['cpu_model']})"
+              f", Python {info['python']}")
+    out.print(f"load generator: {escape(report['load_generator'])}")
+    table = Table("conns", "server", "req/s", "p50 ms", "p99 ms", "failed", "CPU µs/req",
+                  "server CPU %", "loadgen CPU %", "ratio",
+                  caption="CPU µs/req: server CPU (all its threads) per request. CPU %: of one "
+                  "core. ratio: gateway ÷ baseline req/s (median of per-round ratios).")
+
+    def num(value: float | None, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:,.{digits}f}"
+
+    for row in report["results"]:
+        for target in TARGETS:
+            fig = row[target]
+            rps = num(fig["rps"], 0)
+            if report["rounds"] > 1:
+                rps += f" ({fig['rps_min']:,.0f}–{fig['rps_max']:,.0f})"
+            failed = str(fig["failures"]) if not fig["failures"] else f"[red]{fig['failures']}"
+            table.add_row(str(row["connections"]), target, rps, num(fig["p50_ms"], 2),
+                          num(fig["p99_ms"], 2), failed, num(fig["server_cpu_us_per_request"], 0),
+                          num(fig["server_cpu_pct"], 0), num(fig["loadgen_cpu_pct"], 0),
+                          num(row["ratio"], 2) if target == "gateway" else "")
+    out.print(table)

@@ -1,0 +1,102 @@
+"""The servers under test, as subprocesses: start, wait until ready, read their CPU, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Server", "free_port", "init_datadir", "start_server"]
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_datadir(python: str, data: Path, timeout: float = 60.0) -> str:
+    """Run ``execguard init`` and return the API key from its last stdout line."""
+    out = subprocess.run([python, "-m", "execguard", "init", "--data", str(data)],
+                         capture_output=True, text=True, timeout=timeout)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines or not lines[-1].startswith("EXECGUARD_API_KEY="):
+        raise RuntimeError(f"execguard init failed ({out.returncode}): "
+                           f"{out.stderr.strip() or out.stdout.strip()}")
+    return lines[-1].split("=", 1)[1]
+
+
+@dataclass
+class Server:
+    """One server subprocess listening on ``port``; its output goes to ``log``."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def cpu_seconds(self) -> float | None:
+        """User plus system CPU time of the process (all its threads), if /proc tells."""
+        try:
+            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+    def wait_ready(self, timeout: float) -> None:
+        """Poll ``GET /readyz`` until it answers 200; fail if the process ends or time runs out."""
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.port}/readyz"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n"
+                                   f"{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 40.0) -> None:
+        """SIGTERM (graceful: the gateway drains its ledger), then SIGKILL if it hangs."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def start_server(name: str, argv: list[str], port: int, log: Path, cwd: Path,
+                 ready_timeout: float = 60.0) -> Server:
+    """Start ``argv`` in its own session (a Ctrl-C reaches only us) and wait until ready."""
+    with log.open("wb") as sink:
+        process = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=sink,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(name, process, port, log)
+    try:
+        server.wait_ready(ready_timeout)
+    except BaseException:
+        server.stop(timeout=10)
+        raise
+    return server
