@@ -26,7 +26,6 @@ half-loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -41,8 +40,8 @@ import cedarpy
 from execguard.arbiter.facts import FACT_TYPES
 from execguard.arbiter.locate import Statement, blank_comments, locate_error, split_statements
 from execguard.arbiter.registry import FieldSpec, SurfaceRegistry, parse_registry
-from execguard.protocol.canonical import canonical_sha256
 from execguard.protocol.errors import BundleInvalid, ConfigError
+from execguard.protocol.policyversion import bundle_version
 
 __all__ = [
     "PolicyBundle",
@@ -130,12 +129,6 @@ class PolicyBundle:
             policy_text=policy_text,
             policies=tuple(policies),
         )
-
-
-def bundle_version(files: Mapping[str, bytes]) -> str:
-    """The bundle version of ``files`` (see the module docstring)."""
-    digests = {path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
-    return canonical_sha256(digests)
 
 
 def demo_bundle_path() -> Path:

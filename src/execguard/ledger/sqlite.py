@@ -150,22 +150,33 @@ def _dumps(value: Any) -> str:
 class SQLiteStore:
     """The ledger in one SQLite file. Thread-safe; usable by several processes."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = str(path)
+        self.readonly = readonly
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._migrate()
+        if readonly:
+            if not Path(self.path).exists():
+                raise StorageUnavailable(f"no database at {self.path}")
+        else:
+            self._migrate()
 
     # -- connections -------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
         with translate_errors("opening the database"):
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=0.0)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
+            if self.readonly:
+                # Auditors open the file read-only: an audit can never change the evidence.
+                uri = f"{Path(self.path).resolve().as_uri()}?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                       check_same_thread=False, timeout=5.0)
+            else:
+                conn = sqlite3.connect(self.path, isolation_level=None,
+                                       check_same_thread=False, timeout=0.0)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
         with self._lock:
             self._connections.append(conn)
         return conn
@@ -504,6 +515,24 @@ class SQLiteStore:
                 " ORDER BY idx", (tenant, start, end)).fetchall()
         return [LogEntry(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], bytes(r[8]))
                 for r in rows]
+
+    def iter_log(self, tenant: str, batch: int = 5000) -> Iterator[tuple[Any, ...]]:
+        """Every stored row of the tenant's log in index order, as stored (for audits).
+
+        Rows are ``(index, receipt text, leaf hash, prev hash, entry hash)``; the
+        receipt is not parsed, so an auditor sees damaged rows as they are.
+        """
+        start = -1
+        while True:
+            with translate_errors("reading the log"):
+                rows = self._conn.execute(
+                    "SELECT idx, receipt, leaf_hash, prev_hash, entry_hash FROM log"
+                    " WHERE tenant = ? AND idx > ? ORDER BY idx LIMIT ?",
+                    (tenant, start, batch)).fetchall()
+            if not rows:
+                return
+            yield from rows
+            start = rows[-1][0]
 
     def tenants(self) -> list[str]:
         """Every tenant, by name."""

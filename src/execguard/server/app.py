@@ -31,6 +31,7 @@ from execguard.server.gateway import Caller, Gateway, SigningKeys, explain_recor
 from execguard.server.middleware import RequestIdMiddleware
 from execguard.server.openapi import EXECUTE_REQUEST_SCHEMA
 from execguard.server.settings import Settings
+from execguard.server.transparency import Transparency
 
 __all__ = ["create_app"]
 
@@ -69,6 +70,7 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
     """Build the ASGI app. The committer's writer thread runs for the app's lifespan."""
     committer = committer or GroupCommitter(store)
     gateway = Gateway(settings, store, committer, signers)
+    transparency = Transparency(settings, store, signers)
 
     async def forget_expired_idempotency_keys() -> None:
         # Expired keys are already ignored by lookups; this only keeps the table small.
@@ -79,16 +81,33 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
                 log.warning("could not purge expired idempotency keys: %s", exc)
             await asyncio.sleep(IDEMPOTENCY_PURGE_INTERVAL_SECONDS)
 
+    def checkpoint_grown_logs() -> None:
+        for tenant in committer.take_grown_tenants():
+            try:
+                transparency.issue_checkpoint(tenant)
+            except ServiceUnavailable as exc:
+                log.warning("no checkpoint for tenant %s this time: %s", tenant, exc)
+
+    async def checkpoint_on_schedule() -> None:
+        # Entries are durable before they are checkpointed: this runs after their commit.
+        while True:
+            await asyncio.sleep(settings.checkpoint_interval_seconds)
+            await asyncio.to_thread(checkpoint_grown_logs)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         committer.start()
-        purger = asyncio.create_task(forget_expired_idempotency_keys())
+        background = [asyncio.create_task(forget_expired_idempotency_keys()),
+                      asyncio.create_task(checkpoint_on_schedule())]
         try:
             yield
         finally:
-            purger.cancel()
-            # In-flight requests have finished when uvicorn runs this: drain and stop.
+            for task in background:
+                task.cancel()
+            # In-flight requests have finished when uvicorn runs this: drain and stop,
+            # then checkpoint what was committed last.
             committer.stop()
+            await asyncio.to_thread(checkpoint_grown_logs)
 
     app = FastAPI(title="ExecGuard", version=__version__, lifespan=lifespan,
                   description="Execution governance: no PERMIT, no execution.")
@@ -153,6 +172,36 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
         caller = caller_of(request)
         body = await read_body(request, settings.max_body_bytes)
         return _json(await gateway.record_outcome(caller, execution_id, body), request)
+
+    @app.get("/v1/log/checkpoint", summary="The latest signed checkpoint of the tenant's log")
+    def log_checkpoint(request: Request) -> Response:
+        return _json(transparency.checkpoint(caller_of(request).tenant), request)
+
+    @app.get("/v1/log/checkpoints", summary="Stored checkpoints, smallest first")
+    def log_checkpoints(request: Request, min_size: int = Query(0, ge=0),
+                        limit: int = Query(1000, ge=1, le=10000)) -> Response:
+        return _json(transparency.checkpoints(caller_of(request).tenant, min_size, limit),
+                     request)
+
+    @app.get("/v1/log/proof/inclusion", summary="RFC 9162 inclusion proof")
+    def log_inclusion(request: Request, index: int = Query(..., ge=0),
+                      size: int | None = Query(None, ge=1)) -> Response:
+        return _json(transparency.inclusion(caller_of(request).tenant, index, size), request)
+
+    @app.get("/v1/log/proof/consistency", summary="RFC 9162 consistency proof")
+    def log_consistency(request: Request, from_: int = Query(..., alias="from", ge=1),
+                        to: int | None = Query(None, ge=1)) -> Response:
+        return _json(transparency.consistency(caller_of(request).tenant, from_, to), request)
+
+    @app.get("/v1/log/entries", summary="Log entries start <= index < end, with receipts")
+    def log_entries(request: Request, start: int = Query(..., ge=0),
+                    end: int = Query(..., ge=1)) -> Response:
+        return _json(transparency.entries(caller_of(request).tenant, start, end), request)
+
+    @app.get("/v1/receipts/{execution_id}/bundle",
+             summary="Receipt + inclusion proof + checkpoint: verifiable offline")
+    def receipt_bundle(execution_id: str, request: Request) -> Response:
+        return _json(transparency.bundle(caller_of(request).tenant, execution_id), request)
 
     @app.get("/healthz", summary="Liveness")
     def healthz() -> JSONResponse:

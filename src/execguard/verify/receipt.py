@@ -5,60 +5,17 @@ Needs only ``protocol``: no server, no database, no network.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from execguard.protocol.errors import UnknownKey, VerificationError
+from execguard.protocol.errors import CanonicalizationError, VerificationError
 from execguard.protocol.receipt import check_receipt
-from execguard.protocol.signing import load_public_key_pem
+from execguard.verify.keys import KeySet
 
 __all__ = ["KeySet", "VerifiedReceipt", "extract_receipt", "verify_receipt"]
-
-
-@dataclass(frozen=True)
-class PublishedKey:
-    """One key of a keys document."""
-
-    key_id: str
-    public_key: Ed25519PublicKey
-    status: str
-
-
-class KeySet:
-    """The keys of a keys document (``{keys: [{keyId, algorithm, publicKeyPem, status}]}``)."""
-
-    def __init__(self, keys: Mapping[str, PublishedKey]) -> None:
-        self.keys = dict(keys)
-
-    @classmethod
-    def from_document(cls, document: Any) -> KeySet:
-        """Parse a keys document; refuse non-Ed25519 or malformed entries."""
-        if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
-            raise VerificationError("the keys document has no 'keys' list")
-        keys: dict[str, PublishedKey] = {}
-        for position, item in enumerate(document["keys"]):
-            if not isinstance(item, Mapping):
-                raise VerificationError(f"keys[{position}] is not an object")
-            key_id, pem = item.get("keyId"), item.get("publicKeyPem")
-            if not isinstance(key_id, str) or not isinstance(pem, str):
-                raise VerificationError(f"keys[{position}] lacks keyId or publicKeyPem")
-            if item.get("algorithm", "Ed25519") != "Ed25519":
-                raise VerificationError(f"key {key_id!r} is not an Ed25519 key")
-            keys[key_id] = PublishedKey(key_id, load_public_key_pem(pem),
-                                        str(item.get("status", "active")))
-        if not keys:
-            raise VerificationError("the keys document lists no keys")
-        return cls(keys)
-
-    def get(self, key_id: str) -> PublishedKey:
-        """The key with this id; :class:`UnknownKey` if it is not pinned."""
-        try:
-            return self.keys[key_id]
-        except KeyError:
-            raise UnknownKey(key_id) from None
 
 
 @dataclass(frozen=True)
@@ -81,19 +38,45 @@ def extract_receipt(document: Any) -> Mapping[str, Any]:
                             "or one with a 'receipt' object")
 
 
+def _signature_is_canonical(text: Any) -> bool:
+    """Strict base64 *and* its one canonical spelling.
+
+    Base64 of 64 bytes leaves 4 unused bits in its last character; without this
+    check several texts carry the same signature, so a sealed receipt could be
+    edited without the edit being detected.
+    """
+    if not isinstance(text, str):
+        return False
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return base64.b64encode(raw).decode("ascii") == text
+
+
 def verify_receipt(receipt: Mapping[str, Any], keys: KeySet) -> VerifiedReceipt:
     """Verify a receipt offline, or raise :class:`VerificationError` saying why.
 
     1. ``authorityKeyId`` names a key of the pinned document;
-    2. ``receiptHash`` equals the hash recomputed from every other field
+    2. ``authoritySignature`` is spelled as canonical standard base64;
+    3. ``receiptHash`` equals the hash recomputed from every other field
        (so editing any field, not only the signature, fails);
-    3. ``authoritySignature`` verifies over the raw hash bytes under that key.
+    4. ``authoritySignature`` verifies over the raw hash bytes under that key.
     """
+    if not isinstance(receipt, Mapping):
+        raise VerificationError("a receipt is a JSON object")
     # 1. the key
     key_id = receipt.get("authorityKeyId")
     if not isinstance(key_id, str) or not key_id:
         raise VerificationError("the receipt has no authorityKeyId")
     key = keys.get(key_id)
-    # 2 and 3. the recipe, then the signature
-    digest = check_receipt(receipt, key.public_key)
+    # 2. one spelling per signature
+    if not _signature_is_canonical(receipt.get("authoritySignature")):
+        raise VerificationError("authoritySignature is missing or not canonical standard base64")
+    # 3 and 4. the recipe, then the signature
+    try:
+        digest = check_receipt(receipt, key.public_key)
+    except CanonicalizationError as exc:
+        # A field with no canonical form cannot have been hashed by a gateway.
+        raise VerificationError(f"the receipt cannot be hashed: {exc}") from None
     return VerifiedReceipt(receipt, digest, key_id, key.status)

@@ -1,0 +1,41 @@
+"""The ``execguard`` command. It parses, calls the library, prints, and exits.
+
+Errors are caught once, in :func:`main`: one clear line on stderr and exit
+code 1 (2 for usage errors). Lines that scripts read (``EXECGUARD_API_KEY=``)
+are exact and last. Each area's commands live in their own module.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from execguard.cli import evidence, policy, setup
+from execguard.cli._common import app
+from execguard.protocol.errors import ExecGuardError
+
+__all__ = ["app", "main"]
+
+# Imported for their commands, which register themselves on ``app``.
+_COMMAND_MODULES = (setup, policy, evidence)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; ExecGuard errors become one line on stderr and exit code 1."""
+    try:
+        code = app(args=argv, prog_name="execguard", standalone_mode=False)
+    except ExecGuardError as exc:
+        print(f"error: {exc.diagnostics()}", file=sys.stderr)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except typer.TyperException as exc:  # usage errors: shown with their own exit code
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        sys.exit(getattr(exc, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)

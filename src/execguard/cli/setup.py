@@ -1,0 +1,109 @@
+"""``execguard init``, ``serve`` and ``keys``: setting up and running the gateway."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from execguard.cli._common import (
+    DEFAULT_DATA,
+    DataOption,
+    TenantOption,
+    app,
+    datadir,
+    keys_app,
+    out,
+)
+
+
+@app.command()
+def init(data: DataOption = DEFAULT_DATA) -> None:
+    """Create the data directory, signing key, demo tenant, demo policy and an API key."""
+    result = datadir(data).initialise()
+    if not result.created:
+        out.print(f"ExecGuard data directory {data} already exists: nothing changed.")
+    else:
+        out.print(f"Created ExecGuard data directory {data}")
+        out.print(f"  signing key    {result.key_id} (private key mode 0600)")
+        out.print("  tenant         demo")
+        out.print(f"  active policy  {result.policy_version} (bundled demo policy)")
+    if result.api_key:
+        print(f"EXECGUARD_API_KEY={result.api_key}")
+
+
+@app.command()
+def serve(
+    data: DataOption = DEFAULT_DATA,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+) -> None:
+    """Serve the gateway until SIGTERM/SIGINT, then finish in-flight requests and stop."""
+    import logging
+
+    from execguard.protocol.errors import NoSigningKey
+    from execguard.server.app import create_app
+    from execguard.server.run import serve_until_signalled
+    from execguard.server.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
+                        "%(message)s")
+    settings = Settings.from_env(data_dir=data, host=host, port=port)
+    directory = datadir(settings.data_dir)
+    store = directory.open_store()
+    signers = directory.signer_source(store)
+    try:
+        signers.current()
+    except NoSigningKey as exc:
+        logging.getLogger("execguard").error("%s: decisions will fail closed (503)", exc)
+    application = create_app(settings, store, signers)
+    out.print(f"ExecGuard gateway on http://{host}:{port}  (data: {data})")
+    if directory.demo_key_path.exists():
+        out.print(f"Demo API key: {directory.demo_key_path.read_text().strip()}")
+    try:
+        serve_until_signalled(application, host, port)
+    finally:
+        store.close()
+
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: TenantOption,
+    role: Annotated[str, typer.Option(help="agent, approver or admin.")] = "agent",
+    label: Annotated[str | None, typer.Option(help="A note to recognise the key by.")] = None,
+    data: DataOption = DEFAULT_DATA,
+) -> None:
+    """Create an API key for a tenant (creating the tenant if it is new)."""
+    from execguard.server.datadir import now_text
+    directory = datadir(data)
+    store = directory.open_store()
+    try:
+        if store.create_tenant(tenant, now_text()):
+            out.print(f"Created tenant {tenant} (it has no active policy yet: "
+                      "push and activate one)")
+        key = directory.create_api_key(store, tenant, role, label)
+    finally:
+        store.close()
+    out.print(f"API key for tenant {tenant}, role {role}. It is shown once; store it now.")
+    print(f"EXECGUARD_API_KEY={key}")
+
+
+
+
+@keys_app.command("rotate")
+def keys_rotate(data: DataOption = DEFAULT_DATA) -> None:
+    """Make a new signing key active. Old keys stay published as retired and keep verifying.
+
+    A running gateway switches to the new key within a second, without a restart.
+    """
+    directory = datadir(data)
+    store = directory.open_store()
+    try:
+        signer, retired = directory.rotate_signing_key(store)
+    finally:
+        store.close()
+    out.print(f"Active signing key: {signer.key_id}")
+    for key_id in retired:
+        out.print(f"Retired (still published, still verifying): {key_id}")
+    print(signer.key_id)

@@ -1,0 +1,226 @@
+"""Whole-log audit: re-derive a tenant's log from its receipts and compare with what was signed.
+
+The auditor is fed the log's entries in order (from a database file, a
+gateway or an export; it does no I/O itself) and the log's signed
+checkpoints. For every entry it checks, in order:
+
+1. the entry sits at the next index (a gap is a deletion, a repeat an insertion);
+2. the receipt verifies under the pinned keys (hash recipe, then signature);
+3. the receipt names the index it sits at (else entries were reordered);
+4. the stored leaf hash equals the leaf recomputed from the receipt;
+5. the hash chain links it to the entry before it;
+6. the recomputed Merkle root, at every checkpoint's size, equals the signed root
+   (else the checkpoint forks from the log: history was rewritten).
+
+At the end, a checkpoint larger than the log means entries were removed (a
+rollback). A *trusted head*, the last checkpoint a previous audit verified,
+is checked like a checkpoint, so a rewritten or rolled-back history is found
+across runs even when every signature in it is valid.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from execguard.protocol.chain import entry_hash
+from execguard.protocol.checkpoint import Checkpoint, open_checkpoint
+from execguard.protocol.errors import (
+    ReceiptHashMismatch,
+    SignatureInvalid,
+    UnknownKey,
+    VerificationError,
+)
+from execguard.protocol.logentry import receipt_leaf_hash
+from execguard.protocol.merkle import CompactRange
+from execguard.verify.keys import KeySet
+from execguard.verify.receipt import verify_receipt
+
+__all__ = ["AuditEntry", "Finding", "LogAuditReport", "LogAuditor", "TrustedHead"]
+
+#: Findings kept per log; the count of all of them is still reported.
+MAX_FINDINGS = 200
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One stored log entry as a source gives it; ``receipt`` is None if unreadable."""
+
+    index: int
+    receipt: Mapping[str, Any] | None
+    leaf_hash: bytes | None = None
+    prev_hash: str | None = None
+    entry_hash: str | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class TrustedHead:
+    """A tree head verified by an earlier audit: the log must still extend it."""
+
+    size: int
+    root: bytes
+    verified_at: str | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing wrong with the log. ``kind`` is one of the names in :data:`KINDS`."""
+
+    kind: str
+    index: int | None
+    message: str
+
+
+KINDS = ("modified", "deleted", "inserted", "reordered", "chain", "unknown-key", "checkpoint",
+         "fork", "rollback", "rewritten")
+
+
+@dataclass
+class LogAuditReport:
+    """What an audit of one log found."""
+
+    tenant: str
+    origin: str
+    entries: int
+    root: bytes
+    checkpoints_verified: int
+    findings: list[Finding] = field(default_factory=list)
+    finding_count: int = 0
+    latest: Checkpoint | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing was found."""
+        return self.finding_count == 0
+
+    @property
+    def first_bad_index(self) -> int | None:
+        """The smallest entry index named by a finding."""
+        indexes = [f.index for f in self.findings if f.index is not None]
+        return min(indexes) if indexes else None
+
+
+class LogAuditor:
+    """Streams one tenant's log through the checks in the module docstring."""
+
+    def __init__(self, *, tenant: str, keys: KeySet, checkpoints: Sequence[str],
+                 trusted: TrustedHead | None = None) -> None:
+        self.tenant = tenant
+        self.keys = keys
+        self.origin = f"{keys.authority}/{tenant}" if keys.authority else f"?/{tenant}"
+        self._findings: list[Finding] = []
+        self._count_findings = 0
+        self._tree = CompactRange()
+        self._prev: str | None = None
+        self._expected = 0
+        self._trusted = trusted
+        # size -> signed roots at that size (more than one root is a fork by itself)
+        self._signed: dict[int, list[Checkpoint]] = {}
+        self._verified: list[Checkpoint] = []
+        for note in checkpoints:
+            self._add_checkpoint(note)
+
+    # -- findings ----------------------------------------------------------------------
+
+    def _find(self, kind: str, index: int | None, message: str) -> None:
+        self._count_findings += 1
+        if len(self._findings) < MAX_FINDINGS:
+            self._findings.append(Finding(kind, index, message))
+
+    def _add_checkpoint(self, note: str) -> None:
+        try:
+            checkpoint = open_checkpoint(note, self.keys.note_verifiers(),
+                                         origin=self.origin if self.keys.authority else None)
+        except VerificationError as exc:
+            self._find("checkpoint", None, f"a checkpoint does not verify: {exc}")
+            return
+        if not checkpoint.origin.endswith(f"/{self.tenant}"):
+            self._find("checkpoint", None, f"checkpoint of another log: {checkpoint.origin}")
+            return
+        self.origin = checkpoint.origin
+        same_size = self._signed.setdefault(checkpoint.size, [])
+        if any(c.root != checkpoint.root for c in same_size):
+            self._find("fork", None, f"two checkpoints of size {checkpoint.size} sign "
+                       "different roots: the log forked")
+        same_size.append(checkpoint)
+
+    # -- entries -----------------------------------------------------------------------
+
+    def add(self, entry: AuditEntry) -> None:
+        """Check the next stored entry (entries must be given in stored order)."""
+        index = entry.index
+        # 1. position
+        if index > self._expected:
+            self._find("deleted", self._expected,
+                       f"entries {self._expected} to {index - 1} are missing (deleted)")
+        elif index < self._expected:
+            self._find("inserted", index, f"a second entry claims index {index} (inserted)")
+            return
+        self._expected = index + 1
+        receipt = entry.receipt
+        if receipt is None:
+            self._find("modified", index, f"entry {index} is unreadable: {entry.problem}")
+            return
+        # 2. the receipt itself
+        try:
+            verify_receipt(receipt, self.keys)
+        except UnknownKey as exc:
+            self._find("unknown-key", index, f"entry {index}: {exc} (not a pinned key)")
+        except (ReceiptHashMismatch, SignatureInvalid) as exc:
+            self._find("modified", index, f"entry {index} was modified: {exc}")
+        except VerificationError as exc:
+            self._find("modified", index, f"entry {index} does not verify: {exc}")
+        # 3. its place
+        if receipt.get("logIndex") != index:
+            self._find("reordered", index, f"entry {index} holds the receipt of entry "
+                       f"{receipt.get('logIndex')} (reordered)")
+        # 4. its leaf: always the one recomputed from the receipt, never the stored one
+        try:
+            leaf = receipt_leaf_hash(self.tenant, receipt)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._find("modified", index, f"entry {index} has no valid leaf: {exc}")
+            return
+        if entry.leaf_hash is not None and not hmac.compare_digest(entry.leaf_hash, leaf):
+            self._find("modified", index, f"entry {index}: the stored leaf hash does not "
+                       "match its receipt")
+        # 5. the chain
+        if entry.entry_hash is not None:
+            expected = entry_hash(index, self._prev, str(receipt.get("receiptHash")))
+            if entry.prev_hash != self._prev or entry.entry_hash != expected:
+                self._find("chain", index, f"entry {index} is not chained to entry {index - 1}")
+            self._prev = entry.entry_hash
+        # 6. the tree, at every signed size
+        self._tree.append(leaf)
+        self._check_size(self._tree.size)
+
+    def _check_size(self, size: int) -> None:
+        root = self._tree.root()
+        for checkpoint in self._signed.get(size, ()):
+            if hmac.compare_digest(checkpoint.root, root):
+                self._verified.append(checkpoint)
+            else:
+                self._find("fork", size - 1, f"checkpoint {size} signs a root that the log "
+                           "does not have: history up to entry "
+                           f"{size - 1} was rewritten")
+        if self._trusted is not None and self._trusted.size == size \
+                and not hmac.compare_digest(self._trusted.root, root):
+            when = f" on {self._trusted.verified_at}" if self._trusted.verified_at else ""
+            self._find("rewritten", size - 1, f"the log no longer has the tree head of size "
+                       f"{size} verified{when}: history was rewritten")
+
+    def finish(self) -> LogAuditReport:
+        """Close the audit: signed sizes beyond the log are rollbacks."""
+        size = self._tree.size
+        for signed_size in sorted(s for s in self._signed if s > size):
+            self._find("rollback", size, f"checkpoint {signed_size} was signed but the log "
+                       f"has {size} entries: entries were removed (rollback)")
+        if self._trusted is not None and self._trusted.size > size:
+            self._find("rollback", size, f"an earlier audit verified {self._trusted.size} "
+                       f"entries; the log now has {size} (rollback)")
+        latest = max(self._verified, key=lambda c: c.size, default=None)
+        return LogAuditReport(self.tenant, self.origin, size, self._tree.root(),
+                              len(self._verified), list(self._findings), self._count_findings,
+                              latest)
