@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +29,7 @@ from execguard.cli._common import (
     err,
     load_json_source,
     out,
+    read_file,
     receipt_app,
 )
 from execguard.evidence import (
@@ -42,8 +44,15 @@ from execguard.evidence import (
 )
 from execguard.ledger import SQLiteStore
 from execguard.protocol.errors import ConfigError, VerificationError
+from execguard.verify import (
+    KeySet,
+    classify_evidence,
+    extract_receipt,
+    verify_bundle,
+    verify_execution_token,
+    verify_receipt,
+)
 from execguard.verify.audit import LogAuditor, LogAuditReport
-from execguard.verify.keys import KeySet
 from execguard.verify.package import verify_package
 
 
@@ -51,31 +60,12 @@ from execguard.verify.package import verify_package
 def receipt_verify(
     file: Annotated[Path, typer.Argument(help="A receipt, or a response holding one.")],
     keys: Annotated[str, typer.Option(help="Keys document: a file or a URL.")],
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Verify a receipt offline: recompute its hash and check its signature."""
-    from execguard.verify import KeySet, extract_receipt, verify_receipt
-    document = load_json_source(str(file))
     keyset = KeySet.from_document(load_json_source(keys))
-    try:
-        verified = verify_receipt(extract_receipt(document), keyset)
-    except VerificationError as exc:
-        if as_json:
-            print(json.dumps({"valid": False, "error": exc.code, "reason": str(exc)}))
-        else:
-            out.print(f"[red]INVALID[/red]: {exc}")
-        raise typer.Exit(1) from None
-    receipt = verified.receipt
-    if as_json:
-        print(json.dumps({"valid": True, "receiptHash": verified.receipt_hash,
-                          "keyId": verified.key_id, "executionId": receipt.get("executionId"),
-                          "decision": receipt.get("decision")}))
-        return
-    out.print(f"[green]VALID[/green]: {receipt.get('receiptType', 'decision')} receipt "
-              f"{receipt.get('executionId')} ({receipt.get('decision') or receipt.get('outcome')}"
-              f" on {receipt.get('surface')}), signed by {verified.key_id}")
-
-
+    _verify_and_report(lambda: _verify_one("receipt", load_json_source(str(file)), keyset, 0.0),
+                       as_json)
 
 
 # -- whole-log audit -------------------------------------------------------------------
@@ -275,3 +265,86 @@ def export(
         store.close()
     out.print(f"Exported {summary.receipts} receipts and {summary.policies} policy bundles "
               f"with proofs against checkpoint {summary.tree_size} to {summary.path}")
+
+
+# -- verify one piece of evidence ------------------------------------------------------
+
+
+def _verify_one(kind: str, evidence: Any, keyset: KeySet, at: float) -> dict[str, Any]:
+    """Verify a token, bundle or receipt; return what a person or a script needs to see."""
+    if kind == "token":
+        token = verify_execution_token(evidence, keyset, now=at)
+        claims = token.claims
+        return {"kind": "token", "executionId": token.execution_id, "keyId": token.key_id,
+                "surface": claims["surface"], "tenant": claims["tenant"],
+                "requestHash": claims["request_hash"], "expiresAt": token.expires_at,
+                "summary": f"execution token for {claims['surface']} (tenant "
+                           f"{claims['tenant']}, execution {token.execution_id})"}
+    if kind == "bundle":
+        bundle = verify_bundle(evidence, keyset)
+        receipt = bundle.receipt.receipt
+        return {"kind": "bundle", "executionId": receipt.get("executionId"),
+                "keyId": bundle.receipt.key_id, "decision": receipt.get("decision"),
+                "logIndex": bundle.index, "treeSize": bundle.tree_size,
+                "origin": bundle.checkpoint.origin,
+                "summary": f"{receipt.get('decision')} receipt {receipt.get('executionId')}, "
+                           f"entry {bundle.index} of {bundle.checkpoint.origin} "
+                           f"(checkpoint of {bundle.tree_size} entries)"}
+    verified = verify_receipt(extract_receipt(evidence), keyset)
+    receipt = verified.receipt
+    verdict = receipt.get("decision") or receipt.get("outcome")
+    return {"kind": "receipt", "executionId": receipt.get("executionId"),
+            "keyId": verified.key_id, "decision": verdict,
+            "summary": f"{receipt.get('receiptType', 'decision')} receipt "
+                       f"{receipt.get('executionId')} ({verdict} on {receipt.get('surface')})"}
+
+
+@app.command()
+def verify(
+    file: Annotated[Path, typer.Argument(help="A receipt (or a response holding one), an "
+                                         "execution token, or a bundle.")],
+    keys: Annotated[str, typer.Option(help="Pinned keys document: a file or a URL.")],
+    at: Annotated[str | None, typer.Option(help="Check a token's validity at this RFC 3339 "
+                                           "time instead of now.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Verify a receipt, an execution token or a bundle offline. Exit 0 if valid, 1 if not.
+
+    Receipts: the hash is recomputed from every field and the signature checked. Tokens:
+    signature, algorithm, claims and validity window. Bundles: the receipt, its inclusion
+    proof and the checkpoint's note signature.
+    """
+    from datetime import UTC, datetime
+
+    from execguard.protocol.outcome import parse_timestamp
+    moment = datetime.now(UTC) if at is None else _parse_at(at, parse_timestamp)
+    keyset = KeySet.from_document(load_json_source(keys))
+
+    def check() -> dict[str, Any]:
+        kind, evidence = classify_evidence(read_file(file).decode("utf-8", errors="replace"))
+        return _verify_one(kind, evidence, keyset, moment.timestamp())
+
+    _verify_and_report(check, as_json)
+
+
+def _verify_and_report(check: Callable[[], dict[str, Any]], as_json: bool) -> None:
+    """Run a verification; print the verdict; exit 1 when it does not verify."""
+    try:
+        result = check()
+    except VerificationError as exc:
+        if as_json:
+            print(json.dumps({"valid": False, "error": exc.code, "reason": str(exc)}))
+        else:
+            out.print(f"[red]INVALID[/red]: {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps({"valid": True, **result}))
+    else:
+        out.print(f"[green]VALID[/green]: {result['summary']}, signed by {result['keyId']}")
+
+
+def _parse_at(text: str, parse: Any) -> Any:
+    try:
+        return parse(text)
+    except ValueError:
+        raise ConfigError(f"--at {text!r} is not an RFC 3339 timestamp") from None
