@@ -37,6 +37,7 @@ lint: install-test
 
 bench: install-test
 	$(BIN)/python bench/execute.py
+	$(BIN)/python bench/audit.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

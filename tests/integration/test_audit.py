@@ -259,3 +259,15 @@ def test_export_refuses_a_bad_time(fresh_gateway: Gateway, tmp_path: Path) -> No
     result = run_cli("export", str(tmp_path / "x"), "--since", "last tuesday",
                      data=fresh_gateway.data, check=False)
     assert result.returncode == 1 and "--since" in result.stderr
+
+
+def test_damaged_tree_hashes_break_the_consistency_of_checkpoints(
+        copy: tuple[Path, Path]) -> None:
+    """Receipts intact, but the stored tree the gateway proves from was altered."""
+    db, keys = copy
+    tamper(db, ("UPDATE merkle_nodes SET hash = zeroblob(32) WHERE tenant = 'demo'"
+                " AND level = 3 AND idx = 0", ()))
+    code, (report,) = audit(db, "--keys", str(keys))
+    assert code == 1
+    assert "fork" in kinds(report)
+    assert any("not consistent" in f["message"] for f in report["findings"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
 from typing import Any
 
@@ -138,8 +139,10 @@ def test_key_rotation_keeps_old_evidence_verifying(fresh_gateway: Gateway) -> No
         new_key = run_cli("keys", "rotate", data=fresh_gateway.data).stdout.strip().splitlines()[-1]
         assert new_key != old_key
         deadline = time.monotonic() + 10
-        while True:
+        made = len(before)
+        while True:  # the gateway notices a rotation within a second
             after = decide(client, 1)[0]
+            made += 1
             if after["receipt"]["authorityKeyId"] == new_key or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
@@ -154,6 +157,11 @@ def test_key_rotation_keeps_old_evidence_verifying(fresh_gateway: Gateway) -> No
         head = client.get("/v1/log/checkpoint").json()
         assert head["keyId"] == new_key
         open_checkpoint(head["note"], keys.note_verifiers())
+    # The log spans the rotation and audits clean under the published keys.
+    audit = run_cli("audit", "--url", fresh_gateway.url, "--api-key", fresh_gateway.api_key,
+                    "--no-state", "--json")
+    (report,) = json.loads(audit.stdout)
+    assert report["ok"] and report["entries"] == made and report["checkpointsVerified"] >= 2
 
 
 @pytest.mark.parametrize("path", ["/v1/log/checkpoint", "/v1/log/entries?start=0&end=1",

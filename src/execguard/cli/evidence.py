@@ -84,7 +84,8 @@ def _audit_log(evidence: LogEvidence, keys: KeySet, state: AuditState | None,
                quiet: bool) -> LogAuditReport:
     origin = f"{keys.authority}/{evidence.tenant}"
     auditor = LogAuditor(tenant=evidence.tenant, keys=keys, checkpoints=evidence.checkpoints,
-                         trusted=state.trusted(origin) if state else None)
+                         trusted=state.trusted(origin) if state else None,
+                         consistency=evidence.consistency)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err, transient=True,
                   disable=quiet or not err.is_terminal) as progress:

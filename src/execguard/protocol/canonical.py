@@ -4,6 +4,16 @@ Every hash ExecGuard computes is over these bytes. Values with no exact
 canonical form (NaN, infinities, integers beyond ±(2**53 - 1), non-string
 keys, lone surrogates) raise :class:`CanonicalizationError` instead of being
 coerced.
+
+Speed: receipts, leaves and requests are hashed on every decision and on
+every audited entry, and ``rfc8785`` costs ~38 µs for a receipt. ``orjson``
+with sorted keys produces the same bytes, ~20x faster, for documents made
+only of strings, safe integers, booleans, null, lists and objects whose keys
+are in the Basic Multilingual Plane (RFC 8785 §3.2.3 sorts keys by UTF-16 code
+units, orjson by code points: they differ only beyond U+FFFF). Such
+documents take the fast path; anything else (floats above all, whose
+ECMAScript formatting differs) goes through ``rfc8785``. A property test
+compares the two on random documents.
 """
 
 from __future__ import annotations
@@ -11,15 +21,60 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import orjson
 import rfc8785
 
 from execguard.protocol.errors import CanonicalizationError
 
 __all__ = ["canonical_json", "canonical_sha256", "sha256_hex"]
 
+_MAX_SAFE = 2**53 - 1
+_MAX_DEPTH = 64
+
+
+_SCALARS = frozenset({str, bool, type(None)})
+_ALLOWED = frozenset({str, bool, type(None), int, dict, list})
+
+
+def _fast_path_ok(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is in the domain where orjson's bytes equal RFC 8785's.
+
+    Written as whole-collection passes (``set(map(type, ...))``, one ``join`` of
+    the keys) rather than a call per value: it runs for every hash on the
+    decision and audit paths.
+    """
+    kind = type(value)
+    if kind is dict:
+        try:
+            keys = "".join(value)
+        except TypeError:
+            return False  # a non-string key
+        if not keys.isascii() and max(map(ord, keys)) > 0xFFFF:
+            return False
+        values: Any = value.values()
+    elif kind is list:
+        values = value
+    else:
+        return kind in _SCALARS or (kind is int and -_MAX_SAFE <= value <= _MAX_SAFE)
+    types = set(map(type, values))
+    if types <= _SCALARS:
+        return True
+    if not types <= _ALLOWED or depth > _MAX_DEPTH:
+        return False
+    if int in types and not all(-_MAX_SAFE <= v <= _MAX_SAFE for v in values if type(v) is int):
+        return False
+    if dict in types or list in types:
+        return all(_fast_path_ok(v, depth + 1) for v in values if type(v) in (dict, list))
+    return True
+
 
 def canonical_json(value: Any) -> bytes:
     """The RFC 8785 canonical UTF-8 bytes of a JSON-compatible value."""
+    if _fast_path_ok(value):
+        try:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            pass  # e.g. a lone surrogate: let rfc8785 give the precise refusal
     try:
         return rfc8785.dumps(value)
     except rfc8785.CanonicalizationError as exc:

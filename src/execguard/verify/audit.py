@@ -13,15 +13,19 @@ checkpoints. For every entry it checks, in order:
    (else the checkpoint forks from the log: history was rewritten).
 
 At the end, a checkpoint larger than the log means entries were removed (a
-rollback). A *trusted head*, the last checkpoint a previous audit verified,
-is checked like a checkpoint, so a rewritten or rolled-back history is found
-across runs even when every signature in it is valid.
+rollback), and each pair of consecutive verified checkpoints must be linked by
+a consistency proof from the source (RFC 9162 §2.1.4), which also checks the
+tree hashes the source serves proofs from. A *trusted head*, the last
+checkpoint a previous audit verified, is checked like a checkpoint, so a
+rewritten or rolled-back history is found across runs even when every
+signature in it is valid.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +38,21 @@ from execguard.protocol.errors import (
     VerificationError,
 )
 from execguard.protocol.logentry import receipt_leaf_hash
-from execguard.protocol.merkle import CompactRange
+from execguard.protocol.merkle import CompactRange, verify_consistency
 from execguard.verify.keys import KeySet
 from execguard.verify.receipt import verify_receipt
 
-__all__ = ["AuditEntry", "Finding", "LogAuditReport", "LogAuditor", "TrustedHead"]
+__all__ = [
+    "AuditEntry",
+    "ConsistencySource",
+    "Finding",
+    "LogAuditReport",
+    "LogAuditor",
+    "TrustedHead",
+]
+
+#: ``proof(size1, size2)``: a consistency proof as the audited source serves it.
+ConsistencySource = Callable[[int, int], list[bytes]]
 
 #: Findings kept per log; the count of all of them is still reported.
 MAX_FINDINGS = 200
@@ -107,7 +121,8 @@ class LogAuditor:
     """Streams one tenant's log through the checks in the module docstring."""
 
     def __init__(self, *, tenant: str, keys: KeySet, checkpoints: Sequence[str],
-                 trusted: TrustedHead | None = None) -> None:
+                 trusted: TrustedHead | None = None,
+                 consistency: ConsistencySource | None = None) -> None:
         self.tenant = tenant
         self.keys = keys
         self.origin = f"{keys.authority}/{tenant}" if keys.authority else f"?/{tenant}"
@@ -117,6 +132,7 @@ class LogAuditor:
         self._prev: str | None = None
         self._expected = 0
         self._trusted = trusted
+        self._consistency = consistency
         # size -> signed roots at that size (more than one root is a fork by itself)
         self._signed: dict[int, list[Checkpoint]] = {}
         self._verified: list[Checkpoint] = []
@@ -197,6 +213,9 @@ class LogAuditor:
         self._check_size(self._tree.size)
 
     def _check_size(self, size: int) -> None:
+        trusted_here = self._trusted is not None and self._trusted.size == size
+        if size not in self._signed and not trusted_here:
+            return  # the root is only needed where something signed one
         root = self._tree.root()
         for checkpoint in self._signed.get(size, ()):
             if hmac.compare_digest(checkpoint.root, root):
@@ -211,6 +230,21 @@ class LogAuditor:
             self._find("rewritten", size - 1, f"the log no longer has the tree head of size "
                        f"{size} verified{when}: history was rewritten")
 
+    def _check_consecutive(self) -> None:
+        if self._consistency is None:
+            return
+        heads = sorted({c.size: c for c in self._verified}.values(), key=lambda c: c.size)
+        for older, newer in itertools.pairwise(heads):
+            try:
+                proof = self._consistency(older.size, newer.size)
+                verify_consistency(older.size, newer.size, proof, older.root, newer.root)
+            except VerificationError as exc:
+                self._find("fork", older.size, f"checkpoints {older.size} and {newer.size} "
+                           f"are not consistent: {exc}")
+            except Exception as exc:  # a source that cannot prove it is as bad as a bad proof
+                self._find("fork", older.size, f"no consistency proof from {older.size} to "
+                           f"{newer.size}: {exc}")
+
     def finish(self) -> LogAuditReport:
         """Close the audit: signed sizes beyond the log are rollbacks."""
         size = self._tree.size
@@ -220,6 +254,7 @@ class LogAuditor:
         if self._trusted is not None and self._trusted.size > size:
             self._find("rollback", size, f"an earlier audit verified {self._trusted.size} "
                        f"entries; the log now has {size} (rollback)")
+        self._check_consecutive()
         latest = max(self._verified, key=lambda c: c.size, default=None)
         return LogAuditReport(self.tenant, self.origin, size, self._tree.root(),
                               len(self._verified), list(self._findings), self._count_findings,

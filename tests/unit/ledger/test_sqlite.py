@@ -195,3 +195,54 @@ def test_group_commit_failure_reaches_every_waiter(store: SQLiteStore, tmp_path:
         assert store.log_size("acme") == 0
     else:
         assert store.log_size("acme") == 1
+
+
+def test_the_tree_is_stored_and_a_forked_checkpoint_is_refused(store: SQLiteStore) -> None:
+    from execguard.ledger import CheckpointRecord
+    from execguard.protocol.merkle import MemoryTree, verify_consistency, verify_inclusion
+
+    store.commit_batch([decision("acme", f"e{i}") for i in range(11)], 0)
+    tree = MemoryTree(e.leaf_hash for e in store.log_entries("acme", 0, 11))
+    for size in range(1, 12):
+        assert store.tree_root("acme", size) == tree.root(size)
+    verify_inclusion(tree.read(0, 4), 4, 11, store.inclusion_proof("acme", 4, 11), tree.root())
+    verify_consistency(3, 11, store.consistency_proof("acme", 3, 11), tree.root(3), tree.root())
+
+    good = CheckpointRecord("acme", 11, tree.root(), "note", "k", "t")
+    assert store.add_checkpoint(good) == good
+    assert store.add_checkpoint(CheckpointRecord("acme", 11, tree.root(), "other note", "k",
+                                                 "t2")) == good  # same root: the stored one
+    with pytest.raises(StorageUnavailable, match="fork"):
+        store.add_checkpoint(CheckpointRecord("acme", 11, bytes(32), "forged", "k", "t3"))
+    assert [c.root for c in store.checkpoints("acme")] == [tree.root()]
+
+
+def test_a_version_1_database_is_upgraded_with_its_tree(tmp_path: Path) -> None:
+    """Databases from before the Merkle tree get leaves and nodes computed for their log."""
+    from execguard.ledger.sqlite import SCHEMA_VERSION
+    from execguard.protocol.logentry import receipt_leaf_hash
+    from execguard.protocol.merkle import MemoryTree
+
+    path = tmp_path / "v1.db"
+    old = SQLiteStore(path)
+    old.create_tenant("acme", "t0")
+    old.commit_batch([decision("acme", f"e{i}") for i in range(5)], 0)
+    receipts = [e.receipt for e in old.log_entries("acme", 0, 5)]
+    old.close()
+    conn = sqlite3.connect(path)
+    for trigger in ("log_no_update", "log_no_delete", "merkle_nodes_no_delete"):
+        conn.execute(f"DROP TRIGGER {trigger}")
+    conn.executescript("DROP TABLE merkle_nodes; DROP TABLE checkpoints;"
+                       "ALTER TABLE log DROP COLUMN leaf_hash;"
+                       "UPDATE meta SET value = '1' WHERE key = 'schema_version';")
+    conn.close()
+
+    upgraded = SQLiteStore(path)
+    expected = MemoryTree(receipt_leaf_hash("acme", r) for r in receipts)
+    assert upgraded.tree_root("acme", 5) == expected.root()
+    assert isinstance(upgraded.commit_batch([decision("acme", "e5")], 0)[0], Committed)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            conn.execute("UPDATE log SET receipt = '{}'")
+    upgraded.close()

@@ -1,6 +1,7 @@
 import hashlib
 
 import pytest
+import rfc8785
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -44,3 +45,34 @@ def test_key_order_never_matters(value: object) -> None:
         assert canonical_json(value) == canonical_json(reversed_value)
     else:
         assert canonical_json(value) == canonical_json(value)
+
+
+any_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**60), 2**60)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=4), children, max_size=4),
+    max_leaves=25,
+)
+
+
+@given(any_json)
+def test_fast_path_is_byte_identical_to_rfc8785(value: object) -> None:
+    """The orjson fast path must never change a single byte of what is hashed."""
+    try:
+        expected = rfc8785.dumps(value)
+    except rfc8785.CanonicalizationError:
+        with pytest.raises(CanonicalizationError):
+            canonical_json(value)
+        return
+    assert canonical_json(value) == expected
+
+
+@pytest.mark.parametrize("value", [
+    {"\U0001f600": 1, "\ue000": 2},           # UTF-16 order differs from code-point order
+    {"f": 1.0, "g": -0.0, "h": 1e-07, "i": 1e21},  # ECMAScript number formatting
+    {"big": 2**53 - 1, "neg": -(2**53 - 1)},
+    {"s": "\x00\x1f\u2028\U0001f600\"\\"},
+])
+def test_fast_path_edge_cases(value: object) -> None:
+    assert canonical_json(value) == rfc8785.dumps(value)
