@@ -56,6 +56,7 @@ class Gateway:
     api_key: str
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=Path)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -72,7 +73,8 @@ class Gateway:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "execguard", "serve", "--data", str(self.data),
-             "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT)
+             "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env})
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

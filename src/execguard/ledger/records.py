@@ -127,7 +127,10 @@ class PendingEntry:
     For ``kind == "decision"``: ``execution`` holds the row fields (without
     ``log_index``), ``response`` the reply without its receipt, and
     ``idempotency`` an optional claim. For ``kind == "outcome"``: the outcome
-    is recorded at most once per execution.
+    is recorded at most once per execution. For ``kind == "consume"``: at most
+    one ``consume`` entry per execution; a later one is appended as
+    ``consume-refused`` with ``seal_refused``. ``consume-refused`` entries are
+    appended as they are.
     """
 
     tenant: str
@@ -137,6 +140,9 @@ class PendingEntry:
     execution: Mapping[str, Any] | None = None
     response: Mapping[str, Any] | None = None
     idempotency: IdempotencyClaim | None = None
+    #: For ``kind == "consume"``: the receipt to record instead if the permit was
+    #: already consumed (the store decides, inside its write lock).
+    seal_refused: Sealer | None = None
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS log (
     tenant TEXT NOT NULL, idx INTEGER NOT NULL, kind TEXT NOT NULL, execution_id TEXT NOT NULL,
     receipt TEXT NOT NULL, receipt_hash TEXT NOT NULL, prev_hash TEXT, entry_hash TEXT NOT NULL,
     leaf_hash BLOB NOT NULL, PRIMARY KEY (tenant, idx)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS log_by_execution ON log (tenant, execution_id, kind);
 CREATE TABLE IF NOT EXISTS merkle_nodes (
     tenant TEXT NOT NULL, level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
     PRIMARY KEY (tenant, level, idx)) WITHOUT ROWID;
@@ -406,15 +407,24 @@ class SQLiteStore:
                 "SELECT 1 FROM outcomes WHERE execution_id = ?",
                 (entry.execution_id,)).fetchone() is not None:
             return Conflicted("outcome_exists")
+        kind, seal = entry.kind, entry.seal
+        if kind == "consume" and conn.execute(
+                "SELECT 1 FROM log WHERE tenant = ? AND execution_id = ? AND kind = 'consume'",
+                (entry.tenant, entry.execution_id)).fetchone() is not None:
+            # Single use is decided from the log itself, inside the write lock: the
+            # second attempt is recorded as refused, never as a second consumption.
+            if entry.seal_refused is None:  # pragma: no cover - the gateway always sets it
+                return Conflicted("already_consumed")
+            kind, seal = "consume-refused", entry.seal_refused
 
         head = self._head(conn, entry.tenant, heads)
         index = head.tree.size
-        receipt = entry.seal(index)
+        receipt = seal(index)
         digest = receipt["receiptHash"]
         chained = entry_hash(index, head.prev, digest)
         leaf = receipt_leaf_hash(entry.tenant, receipt)
         conn.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     (entry.tenant, index, entry.kind, entry.execution_id, _dumps(receipt),
+                     (entry.tenant, index, kind, entry.execution_id, _dumps(receipt),
                       digest, head.prev, chained, leaf))
         conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?)",
                          [(entry.tenant, *node) for node in head.tree.append(leaf)])
@@ -604,6 +614,16 @@ class SQLiteStore:
                 "SELECT tenant, size, root, note, key_id, created_at FROM checkpoints"
                 " WHERE tenant = ? ORDER BY size DESC LIMIT 1", (tenant,)).fetchone()
         return CheckpointRecord(row[0], row[1], bytes(row[2]), *row[3:]) if row else None
+
+    def execution_log(self, tenant: str, execution_id: str) -> list[LogEntry]:
+        """Every log entry of one execution (decision, consumes, refusals, outcome), in order."""
+        with translate_errors("reading the log"):
+            rows = self._conn.execute(
+                "SELECT tenant, idx, kind, execution_id, receipt, receipt_hash, prev_hash,"
+                " entry_hash, leaf_hash FROM log WHERE tenant = ? AND execution_id = ?"
+                " ORDER BY idx", (tenant, execution_id)).fetchall()
+        return [LogEntry(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], bytes(r[8]))
+                for r in rows]
 
     def log_size(self, tenant: str) -> int:
         """Number of entries in the tenant's log."""

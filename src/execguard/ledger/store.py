@@ -72,7 +72,9 @@ class LedgerStore(Protocol):
         ``Committed`` entry is on stable storage. An idempotency claim whose key
         is live with the same request hash and mode gives ``Replayed``; with
         another, ``Conflicted("idempotency_key_reuse")``. A second outcome for one
-        execution gives ``Conflicted("outcome_exists")``. If the transaction
+        execution gives ``Conflicted("outcome_exists")``. A ``consume`` entry for an
+        execution that already has one is appended as ``consume-refused``, sealed
+        with ``seal_refused``: single use is decided from the log. If the transaction
         fails, nothing of the batch is stored and ``StorageUnavailable`` is raised.
         """
 
@@ -96,6 +98,9 @@ class LedgerStore(Protocol):
 
     def log_size(self, tenant: str) -> int:
         """Number of entries in the tenant's log."""
+
+    def execution_log(self, tenant: str, execution_id: str) -> list[LogEntry]:
+        """Every log entry of one execution, in index order."""
 
     def tenants(self) -> list[str]:
         """Every tenant, by name."""

@@ -14,7 +14,9 @@ classes is ever used to say "no".
     │   ├── PayloadTooLarge           body over the configured limit
     │   ├── UnknownSurface            surface not in the active registry
     │   ├── IdempotencyKeyReuse       same key, different request
-    │   └── NotFound                  no such execution (for this tenant)
+    │   ├── NotFound                  no such execution (for this tenant)
+    │   └── Conflict                  conflicts with what is recorded
+    │       └── PermitRefused         a permit cannot be consumed (carries the refusal receipt)
     ├── AuthError                     no or wrong credentials
     │   └── Forbidden                 credentials valid, but not for this
     ├── CanonicalizationError         a value has no exact canonical JSON form
@@ -30,6 +32,8 @@ classes is ever used to say "no".
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class ExecGuardError(Exception):
@@ -110,6 +114,35 @@ class Conflict(RequestError):
     """The request conflicts with what is already recorded."""
 
     code = "conflict"
+
+
+class PermitRefused(Conflict):
+    """A permit was not consumed; the refusal itself is a signed receipt in the log."""
+
+    #: refusalReason -> error code
+    CODES: ClassVar[dict[str, str]] = {
+        "ALREADY_CONSUMED": "permit_already_consumed",
+        "EXPIRED": "permit_expired",
+        "REQUEST_MISMATCH": "request_mismatch",
+        "NOT_PERMITTED": "not_permitted",
+    }
+    MESSAGES: ClassVar[dict[str, str]] = {
+        "ALREADY_CONSUMED": "the permit for execution {id} was already used: a permit runs "
+                            "one execution, once",
+        "EXPIRED": "the permit for execution {id} expired before it was used",
+        "REQUEST_MISMATCH": "the request presented does not hash to the request execution {id} "
+                            "was permitted for",
+        "NOT_PERMITTED": "execution {id} was not permitted ({decision}): there is no permit",
+    }
+
+    def __init__(self, reason: str, execution_id: str, receipt: object = None,
+                 decision: str = "") -> None:
+        self.reason = reason
+        self.execution_id = execution_id
+        self.receipt = receipt
+        self.code = self.CODES.get(reason, "permit_refused")
+        template = self.MESSAGES.get(reason, "the permit for execution {id} was refused")
+        super().__init__(template.format(id=execution_id, decision=decision))
 
 
 class AuthError(ExecGuardError):

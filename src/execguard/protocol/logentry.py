@@ -17,7 +17,7 @@ from execguard.protocol.merkle import leaf_hash
 __all__ = ["leaf_data", "leaf_record", "receipt_leaf_hash"]
 
 #: The field holding each receipt type's verdict, named ``decision`` in the leaf.
-_VERDICT_FIELD = {"decision": "decision", "outcome": "outcome"}
+_VERDICT_FIELD = {"decision": "decision", "outcome": "outcome", "consume": "consumeResult"}
 
 
 def leaf_record(tenant: str, receipt: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from execguard.server.errors import install_error_handlers, request_id_of
 from execguard.server.gateway import Caller, Gateway, SigningKeys, explain_record
 from execguard.server.middleware import RequestIdMiddleware
 from execguard.server.openapi import EXECUTE_REQUEST_SCHEMA
+from execguard.server.permits import Permits
 from execguard.server.settings import Settings
 from execguard.server.transparency import Transparency
 
@@ -71,6 +72,7 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
     committer = committer or GroupCommitter(store)
     gateway = Gateway(settings, store, committer, signers)
     transparency = Transparency(settings, store, signers)
+    permits = Permits(settings, store, committer, signers)
 
     async def forget_expired_idempotency_keys() -> None:
         # Expired keys are already ignored by lookups; this only keeps the table small.
@@ -171,7 +173,18 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
     async def outcome(execution_id: str, request: Request) -> Response:
         caller = caller_of(request)
         body = await read_body(request, settings.max_body_bytes)
-        return _json(await gateway.record_outcome(caller, execution_id, body), request)
+        return _json(await permits.record_outcome(caller, execution_id, body), request)
+
+    @app.post("/v1/permits/{execution_id}/consume",
+              summary="Use a permit, once, for the request it was issued for")
+    async def consume(execution_id: str, request: Request) -> Response:
+        caller = caller_of(request)
+        body = await read_body(request, settings.max_body_bytes)
+        return _json(await permits.consume(caller, execution_id, body), request)
+
+    @app.get("/v1/surfaces/{surface}", summary="A surface as the active policy registers it")
+    def surface(surface: str, request: Request) -> Response:
+        return _json(gateway.surface(caller_of(request), surface), request)
 
     @app.get("/v1/log/checkpoint", summary="The latest signed checkpoint of the tenant's log")
     def log_checkpoint(request: Request) -> Response:

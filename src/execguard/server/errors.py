@@ -23,6 +23,7 @@ from execguard.protocol.errors import (
     MalformedRequest,
     NotFound,
     PayloadTooLarge,
+    PermitRefused,
     RequestError,
     ServiceUnavailable,
     UnknownSurface,
@@ -82,6 +83,9 @@ def install_error_handlers(app: FastAPI) -> None:
         extra: dict[str, object] = {}
         if isinstance(exc, MalformedRequest):
             extra = {"field": exc.field, "expected": exc.expected, "got": exc.got}
+        if isinstance(exc, PermitRefused):
+            extra = {"executionId": exc.execution_id, "refusalReason": exc.reason,
+                     "receipt": exc.receipt}
         if status >= 500:
             log.warning("failing closed: %s", exc)
         message = exc.diagnostics() if status < 500 else str(exc)

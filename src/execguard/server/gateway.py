@@ -20,7 +20,6 @@ from execguard.arbiter import CompiledBundle, PolicyBundle, compute_facts
 from execguard.arbiter.registry import SurfaceSpec
 from execguard.ledger import (
     Committed,
-    Conflicted,
     ExecutionRecord,
     GroupCommitter,
     IdempotencyClaim,
@@ -31,7 +30,6 @@ from execguard.ledger import (
 from execguard.protocol.checkpoint import verifier_key
 from execguard.protocol.errors import (
     AuthError,
-    Conflict,
     Forbidden,
     IdempotencyKeyReuse,
     MalformedRequest,
@@ -248,48 +246,6 @@ class Gateway:
             return dict(result.record.response)
         raise IdempotencyKeyReuse(request.idempotency_key or "")
 
-    # -- outcomes ----------------------------------------------------------------------
-
-    async def record_outcome(self, caller: Caller, execution_id: str,
-                             body: bytes) -> dict[str, Any]:
-        """Record SUCCESS/FAILURE of a permitted execution as a signed outcome receipt."""
-        data = parse_json_object(body)
-        result = data.get("result")
-        if result not in ("SUCCESS", "FAILURE"):
-            raise MalformedRequest("result", "'SUCCESS' or 'FAILURE'", describe(result))
-        latency = data.get("latencyMs")
-        if latency is not None and (isinstance(latency, bool) or not isinstance(latency, int)
-                                    or latency < 0):
-            raise MalformedRequest("latencyMs", "a whole number of milliseconds >= 0",
-                                   describe(latency))
-        record = self.store.get_execution(caller.tenant, execution_id)
-        if record is None:
-            raise NotFound(f"no execution {execution_id!r} for this tenant")
-        if record.decision != Outcome.PERMIT.value:
-            raise Conflict(f"execution {execution_id} was not permitted ({record.decision}): "
-                           "there is no execution to report an outcome for")
-        signer = self._signer()
-        fields = {
-            "receiptType": "outcome",
-            "executionId": execution_id,
-            "outcome": result,
-            "latencyMs": latency,
-            "decisionReceiptHash": record.receipt["receiptHash"],
-            "surface": record.surface,
-            "actorId": record.actor_id,
-            "timestamp": format_timestamp(datetime.fromtimestamp(self.clock(), UTC)),
-            "protocolVersion": PROTOCOL_VERSION,
-            "authorityId": self.settings.authority_id,
-        }
-        entry = PendingEntry(tenant=caller.tenant, kind="outcome", execution_id=execution_id,
-                             seal=lambda index: seal_receipt({**fields, "logIndex": index},
-                                                             signer))
-        committed = await self.committer.submit(entry)
-        if isinstance(committed, Conflicted):
-            raise Conflict(f"an outcome is already recorded for execution {execution_id}")
-        assert isinstance(committed, Committed)
-        return {"executionId": execution_id, "outcome": result, "receipt": committed.receipt}
-
     # -- reading -----------------------------------------------------------------------
 
     def explain(self, caller: Caller, execution_id: str) -> dict[str, Any]:
@@ -297,7 +253,22 @@ class Gateway:
         record = self.store.get_execution(caller.tenant, execution_id)
         if record is None:
             raise NotFound(f"no execution {execution_id!r} for this tenant")
-        return explain_record(record)
+        story = self.store.execution_log(caller.tenant, execution_id)
+        consumed = [e.receipt for e in story if e.kind == "consume"]
+        return {**explain_record(record),
+                "consumption": consumed[0] if consumed else None,
+                "refusedConsumptions": [e.receipt for e in story
+                                        if e.kind == "consume-refused"]}
+
+    def surface(self, caller: Caller, name: str) -> dict[str, Any]:
+        """What a gate needs to hash requests for a surface exactly as the gateway does."""
+        bundle, _ = self.active_bundle(caller.tenant)
+        spec = self._surface(bundle, name)
+        return {"surface": spec.name, "policyVersion": bundle.version, "risk": spec.risk,
+                "description": spec.description, "observeAllowed": spec.observe_allowed,
+                "sensitive": sorted(spec.sensitive),
+                "context": {f.name: {"type": f.type, "required": f.required}
+                            for f in spec.context.values()}}
 
     def coach(self, caller: Caller, body: bytes) -> dict[str, Any]:
         """Dry-run evaluation: what would happen, with no receipt and no log entry."""

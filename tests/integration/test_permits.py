@@ -1,0 +1,154 @@
+"""Permits over HTTP: consumed once, for exactly their request, before they expire."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from execguard.protocol.request import ExecutionRequest, normalized_request, request_hash
+from execguard.verify import KeySet, verify_receipt
+from tests.conftest import Gateway, free_port, run_cli
+
+PAY = {"amount": 250, "currency": "EUR", "beneficiary": "Acme Office Supplies"}
+
+
+def permit(client: httpx.Client, **context: Any) -> dict[str, Any]:
+    answer = client.post("/execute", json={"surface": "payment.execute",
+                                           "context": {**PAY, **context}}).json()
+    assert answer["decision"] == "PERMIT"
+    return answer
+
+
+def consume(client: httpx.Client, answer: dict[str, Any],
+            digest: str | None = None) -> httpx.Response:
+    return client.post(f"/v1/permits/{answer['execution_id']}/consume",
+                       json={"requestHash": digest or answer["receipt"]["requestHash"]})
+
+
+def test_a_permit_is_consumed_once_and_every_attempt_is_a_receipt(client: httpx.Client) -> None:
+    answer = permit(client)
+    keys = KeySet.from_document(client.get("/.well-known/trigguard/keys.json").json())
+    first = consume(client, answer)
+    assert first.status_code == 200
+    receipt = first.json()["receipt"]
+    verify_receipt(receipt, keys)
+    assert receipt["receiptType"] == "consume" and receipt["consumeResult"] == "CONSUMED"
+    assert receipt["decisionReceiptHash"] == answer["receipt"]["receiptHash"]
+
+    again = consume(client, answer)
+    assert again.status_code == 409
+    body = again.json()
+    assert body["error"] == "permit_already_consumed"
+    assert body["refusalReason"] == "ALREADY_CONSUMED"
+    verify_receipt(body["receipt"], keys)
+    assert body["receipt"]["consumeResult"] == "REFUSED"
+
+    detail = client.get(f"/verify/{answer['execution_id']}").json()
+    assert detail["consumption"] == receipt
+    assert [r["refusalReason"] for r in detail["refusedConsumptions"]] == ["ALREADY_CONSUMED"]
+
+
+def test_a_permit_for_one_request_does_not_run_another(client: httpx.Client) -> None:
+    answer = permit(client)
+    other = request_hash(normalized_request("demo", ExecutionRequest(
+        surface="payment.execute", context={**PAY, "amount": 9_999})))
+    refused = consume(client, answer, digest=other)
+    assert refused.status_code == 409 and refused.json()["error"] == "request_mismatch"
+    # The mismatch did not burn the permit for its own request.
+    assert consume(client, answer).status_code == 200
+
+
+def test_decisions_that_are_not_permits_cannot_be_consumed(client: httpx.Client) -> None:
+    escalated = client.post("/execute", json={"surface": "payment.execute",
+                                              "context": {**PAY, "amount": 50_000}}).json()
+    refused = consume(client, escalated)
+    assert refused.status_code == 409 and refused.json()["error"] == "not_permitted"
+    observed = client.post("/execute", json={
+        "surface": "data.export", "executionMode": "observe",
+        "context": {"row_count": 5_000_000, "destination": "partner",
+                    "contains_pii": False}}).json()
+    assert observed["decision"] == "PERMIT"
+    assert consume(client, observed).json()["error"] == "not_permitted"
+    assert client.post("/v1/permits/nope/consume",
+                       json={"requestHash": "0" * 64}).status_code == 404
+    bad = client.post(f"/v1/permits/{escalated['execution_id']}/consume",
+                      json={"requestHash": "xyz"})
+    assert bad.status_code == 422 and bad.json()["field"] == "requestHash"
+
+
+def test_an_expired_permit_is_refused(tmp_path: Any) -> None:
+    data = tmp_path / "data"
+    run_cli("init", data=data)
+    key = (data / "demo-api-key").read_text().strip()
+    gateway = Gateway(data=data, port=free_port(), api_key=key,
+                      env={"EXECGUARD_TOKEN_TTL_SECONDS": "1"})
+    gateway.start()
+    try:
+        with gateway.client() as client:
+            answer = permit(client)
+            time.sleep(1.2)
+            refused = consume(client, answer)
+            assert refused.status_code == 409
+            assert refused.json()["error"] == "permit_expired"
+    finally:
+        gateway.stop()
+
+
+def test_fifty_concurrent_consumes_one_success(fresh_gateway: Gateway) -> None:
+    with fresh_gateway.client() as client:
+        answer = permit(client)
+    codes: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(50)
+
+    def attempt() -> None:
+        with fresh_gateway.client() as c:
+            start.wait()
+            status = consume(c, answer).status_code
+            with lock:
+                codes.append(status)
+
+    threads = [threading.Thread(target=attempt) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [200] + [409] * 49
+    with fresh_gateway.client() as client:
+        detail = client.get(f"/verify/{answer['execution_id']}").json()
+    assert len(detail["refusedConsumptions"]) == 49
+
+
+def test_single_use_survives_editing_the_database(fresh_gateway: Gateway) -> None:
+    """There is no 'used' flag to reset: the consume record is a log entry."""
+    with fresh_gateway.client() as client:
+        answer = permit(client)
+        assert consume(client, answer).status_code == 200
+        permit(client, amount=1)  # the consume entry is now in the middle of the log
+        assert client.get("/v1/log/checkpoint").json()["size"] == 3
+    db = fresh_gateway.data / "execguard.db"
+    conn = sqlite3.connect(db)
+    # An operator with the file tries every place a "used" mark could live.
+    conn.execute("UPDATE executions SET response = json_remove(response, '$.consumed')")
+    conn.execute("DELETE FROM idempotency")
+    conn.commit()
+    conn.close()
+    with fresh_gateway.client() as client:
+        assert consume(client, answer).json()["error"] == "permit_already_consumed"
+    # Deleting the consume entry itself needs the log's guard removed, and the audit sees it.
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TRIGGER log_no_delete")
+    conn.execute("DELETE FROM log WHERE kind = 'consume' AND execution_id = ?",
+                 (answer["execution_id"],))
+    conn.commit()
+    conn.close()
+    fresh_gateway.stop()
+    result = run_cli("audit", "--db", str(db), "--no-state", "--json", check=False)
+    assert result.returncode == 1
+    report = json.loads(result.stdout)[0]
+    assert {"deleted", "rollback"} & {f["kind"] for f in report["findings"]}
