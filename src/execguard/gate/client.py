@@ -1,0 +1,353 @@
+"""The gate clients: ``Gate`` (sync) and ``AsyncGate``, on httpx.
+
+The steps of acquiring a permit are written once, as a generator that yields
+HTTP calls and receives their answers (httpx's ``auth_flow`` idea); each client
+only drives it with its own I/O. See :mod:`execguard.gate._core` for the rules.
+
+    gate = Gate("http://127.0.0.1:8080", api_key)
+
+    @gate.guard(surface="payment.execute",
+                context=lambda invoice: {"amount": invoice.total, "currency": "EUR",
+                                         "beneficiary": invoice.payee})
+    def pay(invoice): ...
+
+    with gate.authorize(surface="deploy.release", context={...}) as permit:
+        deploy()
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+
+from execguard.gate._core import (
+    ExecutionBlocked,
+    Permit,
+    PreparedRequest,
+    check_consumption,
+    check_decision,
+    digest_result,
+    prepare,
+)
+from execguard.protocol.errors import ConfigError, VerificationError
+from execguard.verify import KeySet
+
+__all__ = ["DEFAULT_TIMEOUT", "AsyncGate", "Gate"]
+
+log = logging.getLogger("execguard.gate")
+
+DEFAULT_TIMEOUT = 5.0
+KEYS_TTL_SECONDS = 300.0
+SURFACE_TTL_SECONDS = 60.0
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    path: str
+    body: Any = None
+    headers: Mapping[str, str] | None = None
+
+
+_Answer = tuple[int, Any]
+_Flow = Generator[_Call, _Answer, Any]
+
+
+class _GateBase:
+    """Configuration, caches and the I/O-free flows shared by both clients."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 timeout: float = DEFAULT_TIMEOUT, keys: KeySet | Mapping[str, Any] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.url = (url or os.environ.get("EXECGUARD_URL") or "").rstrip("/")
+        self.api_key = api_key or os.environ.get("EXECGUARD_API_KEY") or ""
+        if not self.url:
+            raise ConfigError("no gateway URL: pass url= or set EXECGUARD_URL")
+        if not self.api_key:
+            raise ConfigError("no API key: pass api_key= or set EXECGUARD_API_KEY")
+        if timeout <= 0:
+            raise ConfigError(f"timeout must be positive, got {timeout}")
+        self.timeout = timeout
+        self.clock = clock
+        self._pinned = keys if isinstance(keys, KeySet) else (
+            KeySet.from_document(keys) if keys is not None else None)
+        self._keys: tuple[float, KeySet] | None = None
+        self._surfaces: dict[str, tuple[float, frozenset[str]]] = {}
+
+    @property
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}", "Accept": "application/json"}
+
+    # -- flows (no I/O) ----------------------------------------------------------------
+
+    def _keys_flow(self, needed_key: str | None) -> Generator[_Call, _Answer, KeySet]:
+        if self._pinned is not None:
+            return self._pinned
+        now = self.clock()
+        if self._keys is not None and now - self._keys[0] < KEYS_TTL_SECONDS:
+            cached = self._keys[1]
+            if needed_key is None or needed_key in cached.keys:
+                return cached
+        status, document = yield _Call("GET", "/.well-known/trigguard/keys.json")
+        if status != 200:
+            raise ExecutionBlocked(f"the gateway's keys are unavailable (HTTP {status})")
+        try:
+            keyset = KeySet.from_document(document)
+        except VerificationError as exc:
+            raise ExecutionBlocked(f"the gateway's keys document is invalid: {exc}") from exc
+        self._keys = (now, keyset)
+        return keyset
+
+    def _sensitive_flow(self, surface: str) -> Generator[_Call, _Answer, frozenset[str]]:
+        now = self.clock()
+        cached = self._surfaces.get(surface)
+        if cached is not None and now - cached[0] < SURFACE_TTL_SECONDS:
+            return cached[1]
+        status, answer = yield _Call("GET", f"/v1/surfaces/{surface}")
+        sensitive = answer.get("sensitive") if isinstance(answer, Mapping) else None
+        if status != 200 or not isinstance(sensitive, list) or \
+                not all(isinstance(s, str) for s in sensitive):
+            raise ExecutionBlocked(f"surface {surface!r} could not be looked up (HTTP {status})")
+        fields = frozenset(sensitive)
+        self._surfaces[surface] = (now, fields)
+        return fields
+
+    def _acquire_flow(self, prepared: PreparedRequest) -> Generator[_Call, _Answer, Permit]:
+        status, answer = yield _Call("POST", "/execute", prepared.body,
+                                     {"Idempotency-Key": prepared.idempotency_key})
+        if status != 200:
+            message = answer.get("message") if isinstance(answer, Mapping) else None
+            raise ExecutionBlocked(f"the gateway gave no decision (HTTP {status}"
+                                   f"{': ' + str(message) if message else ''})")
+        receipt = answer.get("receipt") if isinstance(answer, Mapping) else None
+        key_id = receipt.get("authorityKeyId") if isinstance(receipt, Mapping) else None
+        keys = yield from self._keys_flow(key_id if isinstance(key_id, str) else None)
+        verified, _ = check_decision(answer, prepared, keys, now=self.clock(), sensitive=None)
+        sensitive = yield from self._sensitive_flow(prepared.request.surface)
+        verified, expected = check_decision(answer, prepared, keys, now=self.clock(),
+                                            sensitive=sensitive)
+        execution_id = verified.execution_id
+        status, consumed = yield _Call("POST", f"/v1/permits/{execution_id}/consume",
+                                       {"requestHash": expected})
+        consume_receipt = check_consumption(consumed, status, keys, execution_id)
+        return Permit(execution_id=execution_id, surface=prepared.request.surface,
+                      request_hash=expected, token=answer["execution_token"],
+                      claims=verified.claims, decision=answer, consume_receipt=consume_receipt)
+
+    @staticmethod
+    def _outcome_call(permit: Permit, ok: bool, latency_ms: int,
+                      result_digest: str | None) -> _Call:
+        body: dict[str, Any] = {"result": "SUCCESS" if ok else "FAILURE",
+                                "latencyMs": max(0, latency_ms)}
+        if result_digest is not None:
+            body["resultDigest"] = result_digest
+        return _Call("POST", f"/executions/{permit.execution_id}/outcome", body)
+
+    @staticmethod
+    def _answer(response: httpx.Response) -> _Answer:
+        try:
+            return response.status_code, response.json()
+        except ValueError:
+            return response.status_code, None
+
+    @staticmethod
+    def _unreachable(exc: Exception) -> ExecutionBlocked:
+        if isinstance(exc, httpx.TimeoutException):
+            return ExecutionBlocked("the gateway did not answer in time "
+                                    f"({exc.__class__.__name__})")
+        return ExecutionBlocked(f"the gateway could not be reached: {exc}")
+
+
+def _context_of(spec: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return spec(*args, **kwargs) if callable(spec) else spec
+
+
+class Gate(_GateBase):
+    """The synchronous gate. Every method that could run an action fails closed."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 timeout: float = DEFAULT_TIMEOUT, keys: KeySet | Mapping[str, Any] | None = None,
+                 transport: httpx.BaseTransport | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__(url, api_key, timeout=timeout, keys=keys, clock=clock)
+        self._client = httpx.Client(base_url=self.url, headers=self._headers,
+                                    timeout=timeout, transport=transport)
+
+    def _send(self, call: _Call) -> _Answer:
+        try:
+            response = self._client.request(call.method, call.path, json=call.body,
+                                            headers=call.headers)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+        return self._answer(response)
+
+    def _drive(self, flow: _Flow) -> Any:
+        try:
+            call = next(flow)
+            while True:
+                call = flow.send(self._send(call))
+        except StopIteration as done:
+            return done.value
+
+    def acquire(self, surface: str, context: Mapping[str, Any] | None = None,
+                **request: Any) -> Permit:
+        """Decide, verify and consume: return a permit, or raise :class:`ExecutionBlocked`."""
+        return self._drive(self._acquire_flow(prepare(surface, context, **request)))
+
+    def report(self, permit: Permit, ok: bool, latency_ms: int,
+               result_digest: str | None = None) -> Mapping[str, Any] | None:
+        """Record the outcome (best effort: the action already ran; a failure is logged)."""
+        try:
+            status, answer = self._send(self._outcome_call(permit, ok, latency_ms,
+                                                           result_digest))
+        except ExecutionBlocked as exc:
+            log.warning("outcome of %s not recorded: %s", permit.execution_id, exc)
+            return None
+        if status != 200:
+            log.warning("outcome of %s not recorded: HTTP %s", permit.execution_id, status)
+            return None
+        return answer.get("receipt") if isinstance(answer, Mapping) else None
+
+    @contextmanager
+    def authorize(self, surface: str, context: Mapping[str, Any] | None = None,
+                  **request: Any) -> Iterator[Permit]:
+        """``with gate.authorize(...) as permit:`` runs the block only with a consumed permit."""
+        permit = self.acquire(surface, context, **request)
+        started = time.monotonic()
+        try:
+            yield permit
+        except BaseException:
+            self.report(permit, False, int((time.monotonic() - started) * 1000))
+            raise
+        self.report(permit, True, int((time.monotonic() - started) * 1000),
+                    permit.extra.get("result_digest"))
+
+    def guard(self, surface: str, context: Any = None, **request: Any) -> Callable[[F], F]:
+        """Decorate a function so it runs only after PERMIT + consume; outcomes are recorded.
+
+        ``context``, ``actor`` and ``idempotency_key`` may be values or callables that
+        receive the function's arguments.
+        """
+        def decorate(function: F) -> F:
+            if inspect.iscoroutinefunction(function):
+                raise ConfigError(f"{function.__qualname__} is async: use AsyncGate.guard")
+
+            @functools.wraps(function)
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                resolved = {k: _context_of(v, args, kwargs) for k, v in request.items()}
+                with self.authorize(surface, _context_of(context, args, kwargs),
+                                    **resolved) as permit:
+                    result = function(*args, **kwargs)
+                    permit.extra["result_digest"] = digest_result(result)
+                return result
+            return guarded  # type: ignore[return-value]
+        return decorate
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self._client.close()
+
+    def __enter__(self) -> Gate:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class AsyncGate(_GateBase):
+    """The asyncio gate: the same rules, awaited."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 timeout: float = DEFAULT_TIMEOUT, keys: KeySet | Mapping[str, Any] | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__(url, api_key, timeout=timeout, keys=keys, clock=clock)
+        self._client = httpx.AsyncClient(base_url=self.url, headers=self._headers,
+                                         timeout=timeout, transport=transport)
+
+    async def _send(self, call: _Call) -> _Answer:
+        try:
+            response = await self._client.request(call.method, call.path, json=call.body,
+                                                  headers=call.headers)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+        return self._answer(response)
+
+    async def _drive(self, flow: _Flow) -> Any:
+        try:
+            call = next(flow)
+            while True:
+                call = flow.send(await self._send(call))
+        except StopIteration as done:
+            return done.value
+
+    async def acquire(self, surface: str, context: Mapping[str, Any] | None = None,
+                      **request: Any) -> Permit:
+        """Decide, verify and consume: return a permit, or raise :class:`ExecutionBlocked`."""
+        return await self._drive(self._acquire_flow(prepare(surface, context, **request)))
+
+    async def report(self, permit: Permit, ok: bool, latency_ms: int,
+                     result_digest: str | None = None) -> Mapping[str, Any] | None:
+        """Record the outcome (best effort: the action already ran; a failure is logged)."""
+        try:
+            status, answer = await self._send(self._outcome_call(permit, ok, latency_ms,
+                                                                 result_digest))
+        except ExecutionBlocked as exc:
+            log.warning("outcome of %s not recorded: %s", permit.execution_id, exc)
+            return None
+        if status != 200:
+            log.warning("outcome of %s not recorded: HTTP %s", permit.execution_id, status)
+            return None
+        return answer.get("receipt") if isinstance(answer, Mapping) else None
+
+    @asynccontextmanager
+    async def authorize(self, surface: str, context: Mapping[str, Any] | None = None,
+                        **request: Any) -> AsyncIterator[Permit]:
+        """``async with gate.authorize(...) as permit:``: the block runs only with a permit."""
+        permit = await self.acquire(surface, context, **request)
+        started = time.monotonic()
+        try:
+            yield permit
+        except BaseException:
+            await self.report(permit, False, int((time.monotonic() - started) * 1000))
+            raise
+        await self.report(permit, True, int((time.monotonic() - started) * 1000),
+                          permit.extra.get("result_digest"))
+
+    def guard(self, surface: str, context: Any = None, **request: Any) -> Callable[[F], F]:
+        """Decorate an ``async def`` so it runs only after PERMIT + consume."""
+        def decorate(function: F) -> F:
+            if not inspect.iscoroutinefunction(function):
+                raise ConfigError(f"{function.__qualname__} is not async: use Gate.guard")
+
+            @functools.wraps(function)
+            async def guarded(*args: Any, **kwargs: Any) -> Any:
+                resolved = {k: _context_of(v, args, kwargs) for k, v in request.items()}
+                async with self.authorize(surface, _context_of(context, args, kwargs),
+                                          **resolved) as permit:
+                    result = await function(*args, **kwargs)
+                    permit.extra["result_digest"] = digest_result(result)
+                return result
+            return guarded  # type: ignore[return-value]
+        return decorate
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncGate:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
