@@ -152,3 +152,17 @@ def test_single_use_survives_editing_the_database(fresh_gateway: Gateway) -> Non
     assert result.returncode == 1
     report = json.loads(result.stdout)[0]
     assert {"deleted", "rollback"} & {f["kind"] for f in report["findings"]}
+
+
+def test_an_acknowledged_consumption_survives_a_crash(fresh_gateway: Gateway) -> None:
+    """The gate runs the action once consume answers 200: that record must outlive a SIGKILL."""
+    import signal
+
+    with fresh_gateway.client() as client:
+        answer = permit(client)
+        assert consume(client, answer).status_code == 200
+    fresh_gateway.stop(signal.SIGKILL)
+    fresh_gateway.port = free_port()
+    fresh_gateway.start()
+    with fresh_gateway.client() as client:
+        assert consume(client, answer).json()["error"] == "permit_already_consumed"
