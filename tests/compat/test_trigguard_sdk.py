@@ -56,7 +56,7 @@ def test_explain_and_audit(tg: TrigGuard) -> None:
 
 
 def test_coach_is_advisory(tg: TrigGuard) -> None:
-    advice = tg.coach(intent={"surface": "payment.execute"}, context={**PAY, "amount": 99_999})
+    advice = tg.coach(intent={"surface": "payment.execute"}, context={**PAY, "amount": 25_000})
     assert advice["likelyOutcome"] == "ESCALATE"
     assert advice["confidence"] == 1.0
     assert advice["advisoryOnly"] is True

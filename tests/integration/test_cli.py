@@ -196,3 +196,18 @@ def test_receipt_verify_recomputes_the_hash(gateway: Gateway, tmp_path: Path) ->
     path.write_text(json.dumps({**answer["receipt"], "authoritySignature": flipped}))
     result = run_cli("receipt", "verify", str(path), "--keys", str(keys_file), check=False)
     assert result.returncode == 1 and "signature does not verify" in result.stdout
+
+
+def test_decide_takes_assumed_facts(tmp_path: Path) -> None:
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"surface": "payment.execute", "actorId": "a",
+                                   "context": {**PAY, "amount": 2_000}}))
+    fresh = json.loads(run_cli("decide", str(request), "--policy", str(demo_bundle_path()),
+                               "--json").stdout)
+    assert fresh["decision"] == "PERMIT"
+    busy = json.loads(run_cli("decide", str(request), "--policy", str(demo_bundle_path()),
+                              "--facts", '{"amount_sum_24h": "51000"}', "--json").stdout)
+    assert (busy["decision"], busy["reasonCode"]) == ("DENY", "SPEND_LIMIT")
+    bad = run_cli("decide", str(request), "--policy", str(demo_bundle_path()), "--facts", "[1]",
+                  check=False)
+    assert bad.returncode == 1 and "--facts" in bad.stderr

@@ -20,6 +20,8 @@ SANCTIONED = "Blackwater Lagoon Trading (fictional)"
 
 
 def execute(client: httpx.Client, surface: str = "payment.execute", **body: Any) -> httpx.Response:
+    # A fresh actor unless the test names one: each actor has a daily payment limit.
+    body.setdefault("actorId", f"agent-{uuid.uuid4()}")
     return client.post("/execute", json={"surface": surface, **body})
 
 

@@ -187,9 +187,11 @@ def _field_decl(spec: FieldSpec) -> str:
 
 def generate_schema(schema_text: str, registry: SurfaceRegistry) -> str:
     """The bundle's schema followed by one generated action declaration per surface."""
-    facts = ", ".join(f"{json.dumps(name)}: {types[1]}" for name, types in FACT_TYPES.items())
+    base_facts = [f"{json.dumps(name)}: {types[1]}" for name, types in FACT_TYPES.items()]
     actions = []
     for surface in registry:
+        facts = ", ".join(base_facts + [f"{json.dumps(f.name)}: {f.cedar_type}"
+                                        for f in surface.facts.values()])
         context = [_field_decl(spec) for spec in surface.context.values()]
         signals = ", ".join(_field_decl(spec) for spec in surface.signals.values())
         context += [

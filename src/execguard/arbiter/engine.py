@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 
@@ -34,10 +35,10 @@ import cedarpy
 from execguard.arbiter.bundle import PolicyBundle
 from execguard.arbiter.context import FieldProblem, convert_fields
 from execguard.arbiter.facts import FACT_TYPES
-from execguard.arbiter.registry import SurfaceRegistry, SurfaceSpec
+from execguard.arbiter.registry import DECIMAL_LIMIT, SurfaceRegistry, SurfaceSpec
 from execguard.protocol.errors import UnknownSurface
 from execguard.protocol.outcome import Outcome
-from execguard.protocol.request import ExecutionRequest
+from execguard.protocol.request import MAX_SAFE_INTEGER, ExecutionRequest
 
 __all__ = ["CompiledBundle", "Evaluation", "PolicyMeta"]
 
@@ -118,7 +119,7 @@ class CompiledBundle:
         if isinstance(signals, FieldProblem):
             code = "MISSING_SIGNALS" if signals.missing else "INVALID_SIGNALS"
             return self._silence(code, signals.reason)
-        computed = _checked_facts(facts)
+        computed = _checked_facts(facts, spec)
         if isinstance(computed, str):
             return self._silence("EVALUATION_ERROR", computed)
         action = request.action if request.action is not None else ""
@@ -191,8 +192,12 @@ class CompiledBundle:
         return Evaluation(Outcome.SILENCE, code, reason, (), self.version, errors)
 
 
-def _checked_facts(facts: Mapping[str, Any]) -> dict[str, Any] | str:
-    """The declared facts with the right types, or why they are unusable."""
+def _checked_facts(facts: Mapping[str, Any], spec: SurfaceSpec) -> dict[str, Any] | str:
+    """The facts the surface declares, with the right types, or why they are unusable.
+
+    A fact that is missing or malformed blocks (SILENCE): a limit that cannot be
+    computed must not read as "no spending yet".
+    """
     if not isinstance(facts, Mapping):
         return "The facts for this decision are not an object, so no decision can be made."
     checked: dict[str, Any] = {}
@@ -201,7 +206,26 @@ def _checked_facts(facts: Mapping[str, Any]) -> dict[str, Any] | str:
         if not isinstance(value, kind) or isinstance(value, bool):
             return f"The fact facts.{name} could not be computed, so no decision can be made."
         checked[name] = value
+    for name, fact in spec.facts.items():
+        value = _fact_value(facts.get(name), decimal=fact.cedar_type == "__cedar::decimal")
+        if value is None:
+            return f"The fact facts.{name} could not be computed, so no decision can be made."
+        checked[name] = value
     return checked
+
+
+def _fact_value(value: Any, *, decimal: bool) -> Any:
+    """A computed aggregate as Cedar reads it, or None if it is not a sound one."""
+    if isinstance(value, bool) or not isinstance(value, int | Decimal) or value < 0:
+        return None
+    if not decimal:
+        return value if isinstance(value, int) and value <= MAX_SAFE_INTEGER else None
+    exact = Decimal(value)
+    exponent = exact.as_tuple().exponent
+    if not isinstance(exponent, int) or exponent < -4 or exact > DECIMAL_LIMIT:
+        return None
+    text = format(exact, "f")
+    return {"__extn": {"fn": "decimal", "arg": text if "." in text else text + ".0"}}
 
 
 def _redact(errors: Iterable[str], context: Any, sensitive: frozenset[str]) -> list[str]:

@@ -24,6 +24,7 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 
+from execguard.arbiter.facts import FactSpec, parse_fact
 from execguard.protocol.errors import BundleInvalid
 from execguard.protocol.request import MAX_SAFE_INTEGER, describe
 
@@ -57,7 +58,8 @@ DECIMAL_LIMIT = Decimal("922337203685477.5807")
 MAX_RETENTION_DAYS = 36500
 
 _SURFACE_KEYS = frozenset(
-    {"description", "risk", "observe", "retention_days", "sensitive", "context", "signals"}
+    {"description", "risk", "observe", "retention_days", "sensitive", "context", "signals",
+     "facts"}
 )
 _FIELD_KEYS = frozenset({"type", "required", "min", "max", "enum", "max_length"})
 # Same alphabet as the request parser accepts for ``surface``.
@@ -96,6 +98,8 @@ class SurfaceSpec:
     sensitive: frozenset[str] = frozenset()
     context: Mapping[str, FieldSpec] = field(default_factory=dict)
     signals: Mapping[str, FieldSpec] = field(default_factory=dict)
+    #: Stateful facts computed from the ledger (``context.facts.<name>``).
+    facts: Mapping[str, FactSpec] = field(default_factory=dict)
 
 
 class SurfaceRegistry:
@@ -329,7 +333,15 @@ def _surface(reader: _Reader, name: str, raw: Any) -> SurfaceSpec:
                 f'sensitive field {item!r} is not declared under [surfaces."{name}".context]',
                 (*path, "sensitive"),
             )
+    facts_raw = spec.get("facts", {})
+    if not isinstance(facts_raw, dict):
+        raise reader.fail(f"expected a table of facts, got {describe_toml(facts_raw)}",
+                          (*path, "facts"))
+    types = {f.name: f.type for f in context.values()}
+    facts = MappingProxyType({fact: parse_fact(reader, fact, raw, (*path, "facts", fact), types)
+                              for fact, raw in facts_raw.items()})
     return SurfaceSpec(
+        facts=facts,
         name=name,
         risk=risk,
         description=description,

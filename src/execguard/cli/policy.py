@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -120,13 +119,20 @@ def decide(
     request_file: Annotated[Path, typer.Argument(metavar="REQUEST.json")],
     policy: Annotated[Path | None, typer.Option(help="Evaluate under this bundle "
                                                 "directory instead of the active one.")] = None,
+    facts: Annotated[str | None, typer.Option(
+        help="Stateful facts to assume, as JSON, e.g. '{\"amount_sum_24h\": \"49000\"}' "
+             "(default: no earlier permits).")] = None,
     tenant: TenantOption = "demo",
     data: DataOption = DEFAULT_DATA,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Evaluate a request locally (no receipt, nothing recorded): the policy author's tool."""
-    from execguard.arbiter import CompiledBundle, PolicyBundle, compute_facts
+    import time
+    from decimal import Decimal, InvalidOperation
+
+    from execguard.arbiter import CompiledBundle, PolicyBundle
     from execguard.protocol.request import parse_execution_request
+    from execguard.server.decisions import NoHistory, facts_for
     request = parse_execution_request(read_file(request_file))
     if policy is not None:
         bundle = PolicyBundle.from_directory(policy)
@@ -140,7 +146,16 @@ def decide(
         if record is None:
             raise ConfigError(f"tenant {tenant!r} has no active policy; pass --policy DIR")
         bundle = PolicyBundle.from_files(record.files)
-    evaluation = CompiledBundle(bundle).evaluate(request, compute_facts(datetime.now(UTC)))
+    spec = bundle.registry.get(request.surface)
+    assumed = facts_for(spec, request, time.time(), NoHistory()) if spec else {}
+    if facts is not None:
+        try:
+            given = json.loads(facts, parse_float=Decimal)
+            assumed.update({k: Decimal(v) if isinstance(v, str) else v
+                            for k, v in given.items()})
+        except (ValueError, AttributeError, InvalidOperation) as exc:
+            raise ConfigError(f"--facts is not a JSON object of facts: {exc}") from None
+    evaluation = CompiledBundle(bundle).evaluate(request, assumed)
     if as_json:
         print(json.dumps({"decision": evaluation.outcome.value,
                           "reasonCode": evaluation.reason_code, "reason": evaluation.reason,

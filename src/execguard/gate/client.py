@@ -17,12 +17,15 @@ only drives it with its own I/O. See :mod:`execguard.gate._core` for the rules.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import inspect
 import logging
 import os
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -50,6 +53,7 @@ KEYS_TTL_SECONDS = 300.0
 SURFACE_TTL_SECONDS = 60.0
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -200,17 +204,46 @@ class Gate(_GateBase):
         except StopIteration as done:
             return done.value
 
+    def _within_timeout(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (calls to the gateway) to its end within ``timeout`` seconds, or block.
+
+        httpx's timeout bounds each socket operation, not a whole answer: a gateway that
+        trickles its answer a byte at a time would hold the caller forever. The work runs in
+        a daemon thread that is abandoned when the deadline passes; whatever it still
+        obtains is never used.
+        """
+        done: list[tuple[bool, Any]] = []
+        context = contextvars.copy_context()
+
+        def run() -> None:
+            try:
+                done.append((True, context.run(work)))
+            except BaseException as exc:
+                done.append((False, exc))
+
+        worker = threading.Thread(target=run, name="execguard-gate", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if not done:
+            raise ExecutionBlocked(f"the gateway did not answer within {self.timeout:g} s")
+        ok, value = done[0]
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
     def acquire(self, surface: str, context: Mapping[str, Any] | None = None,
                 **request: Any) -> Permit:
-        """Decide, verify and consume: return a permit, or raise :class:`ExecutionBlocked`."""
-        return self._drive(self._acquire_flow(prepare(surface, context, **request)))
+        """Decide, verify and consume within ``timeout`` seconds: return a permit, or raise
+        :class:`ExecutionBlocked`."""
+        flow = self._acquire_flow(prepare(surface, context, **request))
+        return self._within_timeout(lambda: self._drive(flow))  # type: ignore[no-any-return]
 
     def report(self, permit: Permit, ok: bool, latency_ms: int,
                result_digest: str | None = None) -> Mapping[str, Any] | None:
         """Record the outcome (best effort: the action already ran; a failure is logged)."""
+        call = self._outcome_call(permit, ok, latency_ms, result_digest)
         try:
-            status, answer = self._send(self._outcome_call(permit, ok, latency_ms,
-                                                           result_digest))
+            status, answer = self._within_timeout(lambda: self._send(call))
         except ExecutionBlocked as exc:
             log.warning("outcome of %s not recorded: %s", permit.execution_id, exc)
             return None
@@ -292,17 +325,28 @@ class AsyncGate(_GateBase):
         except StopIteration as done:
             return done.value
 
+    async def _within_timeout(self, work: Awaitable[T]) -> T:
+        """Await ``work`` within ``timeout`` seconds in all (see ``Gate._within_timeout``)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await work
+        except TimeoutError:
+            raise ExecutionBlocked(f"the gateway did not answer within {self.timeout:g} s") \
+                from None
+
     async def acquire(self, surface: str, context: Mapping[str, Any] | None = None,
                       **request: Any) -> Permit:
-        """Decide, verify and consume: return a permit, or raise :class:`ExecutionBlocked`."""
-        return await self._drive(self._acquire_flow(prepare(surface, context, **request)))
+        """Decide, verify and consume within ``timeout`` seconds: return a permit, or raise
+        :class:`ExecutionBlocked`."""
+        flow = self._acquire_flow(prepare(surface, context, **request))
+        return await self._within_timeout(self._drive(flow))  # type: ignore[no-any-return]
 
     async def report(self, permit: Permit, ok: bool, latency_ms: int,
                      result_digest: str | None = None) -> Mapping[str, Any] | None:
         """Record the outcome (best effort: the action already ran; a failure is logged)."""
+        call = self._outcome_call(permit, ok, latency_ms, result_digest)
         try:
-            status, answer = await self._send(self._outcome_call(permit, ok, latency_ms,
-                                                                 result_digest))
+            status, answer = await self._within_timeout(self._send(call))
         except ExecutionBlocked as exc:
             log.warning("outcome of %s not recorded: %s", permit.execution_id, exc)
             return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 __all__ = [
     "ApiKeyRecord",
@@ -14,10 +14,13 @@ __all__ = [
     "Committed",
     "Conflicted",
     "ExecutionRecord",
+    "FactReader",
     "IdempotencyClaim",
     "LogEntry",
     "PendingEntry",
+    "PreparedDecision",
     "Replayed",
+    "Reservation",
     "SigningKeyRecord",
 ]
 
@@ -143,14 +146,62 @@ class PendingEntry:
     #: For ``kind == "consume"``: the receipt to record instead if the permit was
     #: already consumed (the store decides, inside its write lock).
     seal_refused: Sealer | None = None
+    #: For a PERMIT: what it reserves against stateful limits until it is released.
+    reservation: Reservation | None = None
+    #: For decisions that depend on the ledger's own state (stateful facts): called
+    #: inside the write lock with a reader of that state; its result replaces
+    #: ``seal``, ``execution``, ``response`` and ``reservation``.
+    decide: Callable[[FactReader], PreparedDecision] | None = None
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A PERMIT's claim on stateful limits: its numeric context fields, until released.
+
+    Amounts are integers in units of 10**-4 (Cedar's decimal scale), so sums are exact.
+    """
+
+    surface: str
+    actor: str
+    amounts: Mapping[str, int]
+    reserved_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class PreparedDecision:
+    """What a decision taken inside the write lock produced."""
+
+    seal: Sealer
+    execution: Mapping[str, Any]
+    response: Mapping[str, Any]
+    reservation: Reservation | None
+
+
+class FactReader(Protocol):
+    """The ledger's live state, as stateful facts read it (inside the write lock)."""
+
+    def count(self, surface: str, actor: str | None, since: float, now: float) -> int:
+        """Permits on ``surface`` (of ``actor``, or of everyone when None) reserved after
+        ``since`` and not released: not failed, and used or not yet expired."""
+        ...
+
+    def total(self, surface: str, actor: str | None, field: str, since: float,
+              now: float) -> int:
+        """The same permits' total of ``field``, in units of 10**-4."""
+        ...
 
 
 @dataclass(frozen=True)
 class Committed:
-    """The entry is durable at ``log_index`` with this sealed receipt."""
+    """The entry is durable at ``log_index`` with this sealed receipt.
+
+    For a decision, ``response`` is the stored answer, receipt included.
+    """
 
     log_index: int
     receipt: Mapping[str, Any]
+    response: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,11 @@ from execguard.ledger.records import (
     Committed,
     Conflicted,
     ExecutionRecord,
+    FactReader,
     LogEntry,
     PendingEntry,
     Replayed,
+    Reservation,
     SigningKeyRecord,
 )
 from execguard.protocol.chain import entry_hash
@@ -90,6 +92,16 @@ CREATE TABLE IF NOT EXISTS outcomes (
 CREATE TABLE IF NOT EXISTS idempotency (
     tenant TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL, mode TEXT NOT NULL,
     execution_id TEXT NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (tenant, key));
+CREATE TABLE IF NOT EXISTS reservations (
+    execution_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, surface TEXT NOT NULL,
+    actor TEXT NOT NULL, reserved_at REAL NOT NULL, expires_at REAL NOT NULL,
+    consumed INTEGER NOT NULL DEFAULT 0, released INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS reservations_by_actor
+    ON reservations (tenant, surface, actor, reserved_at);
+CREATE INDEX IF NOT EXISTS reservations_by_surface ON reservations (tenant, surface, reserved_at);
+CREATE TABLE IF NOT EXISTS reservation_amounts (
+    execution_id TEXT NOT NULL, field TEXT NOT NULL, units INTEGER NOT NULL,
+    PRIMARY KEY (execution_id, field)) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS log_no_update BEFORE UPDATE ON log
     BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS log_no_delete BEFORE DELETE ON log
@@ -142,6 +154,45 @@ def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
                          (leaf, tenant, index))
             conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?)",
                              [(tenant, *node) for node in tree.append(leaf)])
+
+
+def _reserve(conn: sqlite3.Connection, tenant: str, execution_id: str,
+             reservation: Reservation) -> None:
+    conn.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, 0, 0)",
+                 (execution_id, tenant, reservation.surface, reservation.actor,
+                  reservation.reserved_at, reservation.expires_at))
+    conn.executemany("INSERT INTO reservation_amounts VALUES (?, ?, ?)",
+                     [(execution_id, name, units) for name, units in reservation.amounts.items()])
+
+
+class _TxnFacts:
+    """Reads live reservations inside the current write transaction (a FactReader)."""
+
+    _LIVE = ("r.tenant = ? AND r.surface = ? AND r.reserved_at > ? AND r.released = 0"
+             " AND (r.consumed = 1 OR r.expires_at > ?)")
+
+    def __init__(self, conn: sqlite3.Connection, tenant: str) -> None:
+        self.conn = conn
+        self.tenant = tenant
+
+    def _where(self, surface: str, actor: str | None, since: float,
+               now: float) -> tuple[str, tuple[Any, ...]]:
+        if actor is None:
+            return self._LIVE, (self.tenant, surface, since, now)
+        return self._LIVE + " AND r.actor = ?", (self.tenant, surface, since, now, actor)
+
+    def count(self, surface: str, actor: str | None, since: float, now: float) -> int:
+        where, params = self._where(surface, actor, since, now)
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM reservations r WHERE {where}",
+                                     params).fetchone()[0])
+
+    def total(self, surface: str, actor: str | None, field: str, since: float,
+              now: float) -> int:
+        where, params = self._where(surface, actor, since, now)
+        return int(self.conn.execute(
+            "SELECT COALESCE(SUM(a.units), 0) FROM reservations r JOIN reservation_amounts a"
+            f" ON a.execution_id = r.execution_id AND a.field = ? WHERE {where}",
+            (field, *params)).fetchone()[0])
 
 
 def _dumps(value: Any) -> str:
@@ -417,6 +468,14 @@ class SQLiteStore:
                 return Conflicted("already_consumed")
             kind, seal = "consume-refused", entry.seal_refused
 
+        execution, response, reservation = entry.execution, entry.response, entry.reservation
+        if entry.decide is not None:
+            # A stateful decision: taken now, under the write lock, against the live
+            # reservations, so concurrent requests can never together pass a limit.
+            prepared = entry.decide(_TxnFacts(conn, entry.tenant))
+            seal, execution, response = prepared.seal, prepared.execution, prepared.response
+            reservation = prepared.reservation
+
         head = self._head(conn, entry.tenant, heads)
         index = head.tree.size
         receipt = seal(index)
@@ -431,14 +490,16 @@ class SQLiteStore:
         head.prev = chained
 
         if entry.kind == "decision":
-            row = entry.execution or {}
-            response = {**(entry.response or {}), "receipt": receipt}
+            row = execution or {}
+            response = {**(response or {}), "receipt": receipt}
             conn.execute(
                 "INSERT INTO executions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (entry.execution_id, entry.tenant, index, row["surface"], row["actor_id"],
                  row["decision"], row["reason_code"], row["policy_version"],
                  receipt["timestamp"], row["request_hash"], _dumps(row["request"]),
                  _dumps(response)))
+            if reservation is not None:
+                _reserve(conn, entry.tenant, entry.execution_id, reservation)
             if claim is not None:
                 conn.execute(
                     "INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT"
@@ -450,7 +511,13 @@ class SQLiteStore:
         elif entry.kind == "outcome":
             conn.execute("INSERT INTO outcomes VALUES (?, ?, ?, ?)",
                          (entry.execution_id, entry.tenant, index, _dumps(receipt)))
-        return Committed(index, receipt)
+            if receipt.get("outcome") == "FAILURE":  # a failed execution frees its share
+                conn.execute("UPDATE reservations SET released = 1 WHERE execution_id = ?",
+                             (entry.execution_id,))
+        elif kind == "consume":
+            conn.execute("UPDATE reservations SET consumed = 1 WHERE execution_id = ?",
+                         (entry.execution_id,))
+        return Committed(index, receipt, response if entry.kind == "decision" else None)
 
     def purge_idempotency(self, now_epoch: float) -> int:
         """Forget expired idempotency keys; return how many."""
@@ -543,6 +610,10 @@ class SQLiteStore:
                 return
             yield from rows
             start = rows[-1][0]
+
+    def fact_reader(self, tenant: str) -> FactReader:
+        """Live reservations read outside a write (for dry runs; decisions read them inside)."""
+        return _TxnFacts(self._conn, tenant)
 
     def tenants(self) -> list[str]:
         """Every tenant, by name."""

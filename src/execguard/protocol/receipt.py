@@ -45,6 +45,7 @@ DECISION_RECEIPT_FIELDS = (
     "determiningPolicies",
     "executionMode",
     "wouldDecision",
+    "factsDigest",
     "protocolVersion",
     "authorityId",
     "subjectDigest",

@@ -13,10 +13,9 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from execguard.arbiter import CompiledBundle, PolicyBundle, compute_facts
+from execguard.arbiter import CompiledBundle, PolicyBundle
 from execguard.arbiter.registry import SurfaceSpec
 from execguard.ledger import (
     Committed,
@@ -38,8 +37,7 @@ from execguard.protocol.errors import (
     ServiceUnavailable,
     UnknownSurface,
 )
-from execguard.protocol.outcome import PROTOCOL_VERSION, Outcome, format_timestamp
-from execguard.protocol.receipt import seal_receipt
+from execguard.protocol.outcome import PROTOCOL_VERSION
 from execguard.protocol.request import (
     ExecutionRequest,
     describe,
@@ -49,8 +47,8 @@ from execguard.protocol.request import (
     request_hash,
 )
 from execguard.protocol.signing import Signer, load_public_key_pem
-from execguard.protocol.token import execution_token_claims, issue_execution_token
 from execguard.server.datadir import hash_api_key
+from execguard.server.decisions import DecisionInput, facts_for, prepare_decision
 from execguard.server.settings import Settings
 
 __all__ = ["Caller", "Gateway", "SigningKeys", "explain_record"]
@@ -148,8 +146,8 @@ class Gateway:
 
         key = request.idempotency_key
         if key is None:
-            return await self._decide_once(tenant, request, compiled, normalized, digest,
-                                           mode, signer)
+            return await self._decide_once(tenant, request, compiled, spec, normalized,
+                                           digest, mode, signer)
         slot = (tenant, key)
         while True:
             replay = self._replay(tenant, key, digest, mode)
@@ -163,8 +161,8 @@ class Gateway:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight[slot] = done
         try:
-            return await self._decide_once(tenant, request, compiled, normalized, digest,
-                                           mode, signer)
+            return await self._decide_once(tenant, request, compiled, spec, normalized,
+                                           digest, mode, signer)
         finally:
             del self._inflight[slot]
             done.set_result(None)
@@ -179,69 +177,33 @@ class Gateway:
         return dict(record.response)
 
     async def _decide_once(self, tenant: str, request: ExecutionRequest,
-                           compiled: CompiledBundle, normalized: Mapping[str, Any],
-                           digest: str, mode: str, signer: Signer) -> dict[str, Any]:
+                           compiled: CompiledBundle, spec: SurfaceSpec,
+                           normalized: Mapping[str, Any], digest: str, mode: str,
+                           signer: Signer) -> dict[str, Any]:
         now = self.clock()
-        moment = datetime.fromtimestamp(now, UTC)
-        evaluation = compiled.evaluate(request, compute_facts(moment))
-        real = evaluation.outcome
-        decision = Outcome.PERMIT if mode == "observe" else real
-        execution_id = str(uuid.uuid4())
-        fields: dict[str, Any] = {
-            "receiptType": "decision",
-            "executionId": execution_id,
-            "decision": decision.value,
-            "surface": request.surface,
-            "actorId": request.actor_id,
-            "timestamp": format_timestamp(moment),
-            "requestHash": digest,
-            "policyVersion": evaluation.policy_version,
-            "reasonCode": evaluation.reason_code,
-            "determiningPolicies": list(evaluation.determining_policies),
-            "executionMode": mode,
-            "wouldDecision": real.value if mode == "observe" else None,
-            "protocolVersion": PROTOCOL_VERSION,
-            "authorityId": self.settings.authority_id,
-            "subjectDigest": request.subject_digest,
-        }
-        response: dict[str, Any] = {
-            "decision": decision.value,
-            "execution_id": execution_id,
-            "surface": request.surface,
-            "reason": evaluation.reason,
-            "reasonCode": evaluation.reason_code,
-            "summary": f"{decision.value} for {request.surface}: {evaluation.reason}",
-            "policyVersion": evaluation.policy_version,
-            "determiningPolicies": list(evaluation.determining_policies),
-            "executionMode": mode,
-        }
-        if mode == "observe":
-            response["would_decision"] = real.value
-        if decision is Outcome.PERMIT and mode == "enforce":
-            claims = execution_token_claims(
-                issuer=self.settings.authority_id, tenant=tenant, surface=request.surface,
-                request_hash=digest, execution_id=execution_id, actor_id=request.actor_id,
-                policy_version=evaluation.policy_version, issued_at=int(now),
-                ttl_seconds=self.settings.token_ttl_seconds)
-            response["execution_token"] = issue_execution_token(claims, signer)
-            response["token_expires_at"] = format_timestamp(
-                datetime.fromtimestamp(claims["exp"], UTC))
-
+        given = DecisionInput(tenant, request, spec, compiled, normalized, digest, mode,
+                              str(uuid.uuid4()), now, self.settings.authority_id,
+                              self.settings.token_ttl_seconds)
         claim = None
         if request.idempotency_key is not None:
             claim = IdempotencyClaim(request.idempotency_key, digest, mode,
                                      now + self.settings.idempotency_ttl_seconds)
-        entry = PendingEntry(
-            tenant=tenant, kind="decision", execution_id=execution_id,
-            seal=lambda index: seal_receipt({**fields, "logIndex": index}, signer),
-            execution={"surface": request.surface, "actor_id": request.actor_id,
-                       "decision": decision.value, "reason_code": evaluation.reason_code,
-                       "policy_version": evaluation.policy_version, "request_hash": digest,
-                       "request": {**normalized, "executionMode": mode}},
-            response=response, idempotency=claim)
+        if spec.facts:
+            # Stateful: decided by the ledger's writer, under its lock (see decisions.py).
+            entry = PendingEntry(tenant=tenant, kind="decision",
+                                 execution_id=given.execution_id, seal=_never,
+                                 idempotency=claim,
+                                 decide=lambda reader: prepare_decision(given, signer, reader))
+        else:
+            prepared = prepare_decision(given, signer, None)
+            entry = PendingEntry(tenant=tenant, kind="decision",
+                                 execution_id=given.execution_id, seal=prepared.seal,
+                                 execution=prepared.execution, response=prepared.response,
+                                 idempotency=claim, reservation=prepared.reservation)
         result = await self.committer.submit(entry)
         if isinstance(result, Committed):
-            return {**response, "receipt": result.receipt}
+            assert result.response is not None
+            return dict(result.response)
         if isinstance(result, Replayed):
             return dict(result.record.response)
         raise IdempotencyKeyReuse(request.idempotency_key or "")
@@ -295,9 +257,9 @@ class Gateway:
             "surface": surface, "context": {**intent_context, **context},
         }).encode("utf-8"))
         bundle, compiled = self.active_bundle(caller.tenant)
-        self._surface(bundle, surface)
-        evaluation = compiled.evaluate(request, compute_facts(
-            datetime.fromtimestamp(self.clock(), UTC)))
+        spec = self._surface(bundle, surface)
+        facts = facts_for(spec, request, self.clock(), self.store.fact_reader(caller.tenant))
+        evaluation = compiled.evaluate(request, facts)
         return {
             "likely_outcome": evaluation.outcome.value,
             "likelyOutcome": evaluation.outcome.value,
@@ -324,6 +286,10 @@ class Gateway:
                                                       load_public_key_pem(k.public_pem))}
                      for k in keys],
         }
+
+
+def _never(index: int) -> dict[str, Any]:  # pragma: no cover - replaced by ``decide``
+    raise AssertionError("a stateful decision is sealed by its decide callback")
 
 
 def explain_record(record: ExecutionRecord) -> dict[str, Any]:

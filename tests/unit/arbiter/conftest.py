@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,13 @@ import pytest
 
 from execguard.arbiter import CompiledBundle, PolicyBundle, compute_facts, demo_bundle_path
 
-#: Thursday 2026-11-26, 22:30 UTC.
-THURSDAY = compute_facts(datetime(2026, 11, 26, 22, 30, tzinfo=UTC))
+#: The demo's stateful payment facts for an actor with no other payments today.
+NO_HISTORY = {"amount_sum_24h": Decimal("0"), "payments_1h": 1}
+#: Thursday 2026-11-26, 22:30 UTC: the clock's facts alone, and with the stateful ones.
+THURSDAY_CLOCK = compute_facts(datetime(2026, 11, 26, 22, 30, tzinfo=UTC))
+THURSDAY = {**THURSDAY_CLOCK, **NO_HISTORY}
 #: Saturday 2026-11-28, 10:00 UTC.
-SATURDAY = compute_facts(datetime(2026, 11, 28, 10, 0, tzinfo=UTC))
+SATURDAY = {**compute_facts(datetime(2026, 11, 28, 10, 0, tzinfo=UTC)), **NO_HISTORY}
 
 SMALL_SCHEMA = "entity Actor;\nentity Subject;\n"
 SMALL_SURFACES = """\

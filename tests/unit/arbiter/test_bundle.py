@@ -41,7 +41,7 @@ def test_demo_bundle_loads_with_every_file(demo_bundle: PolicyBundle) -> None:
         "policies/sanctions.cedar",
     }
     assert demo_bundle_path().joinpath("surfaces.toml").is_file()
-    assert len({info.id for info in demo_bundle.policies}) == len(demo_bundle.policies) == 18
+    assert len({info.id for info in demo_bundle.policies}) == len(demo_bundle.policies) == 19
 
 
 def test_version_recomputed_by_hand(demo_bundle: PolicyBundle) -> None:

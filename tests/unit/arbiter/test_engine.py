@@ -273,3 +273,25 @@ def test_sensitive_values_are_redacted_from_cedar_errors(
     result = pay(demo_engine, beneficiary_account="ACCT-998877")
     assert result.reason_code == "EVALUATION_ERROR"
     assert result.errors == ('context `{beneficiary_account: "<redacted>"}` is not valid',)
+
+
+def test_the_daily_limit_reads_the_computed_facts(demo_engine: CompiledBundle) -> None:
+    from decimal import Decimal
+
+    from .conftest import THURSDAY_CLOCK
+    request = ExecutionRequest(surface="payment.execute", actor_id="agent-7",
+                               context={"amount": 500, "currency": "EUR", "beneficiary": "Acme"})
+    under = demo_engine.evaluate(request, {**THURSDAY_CLOCK, "amount_sum_24h": Decimal("50000"),
+                                           "payments_1h": 3})
+    assert under.outcome is Outcome.PERMIT
+    over = demo_engine.evaluate(request, {**THURSDAY_CLOCK,
+                                          "amount_sum_24h": Decimal("50000.0001"),
+                                          "payments_1h": 3})
+    assert (over.outcome, over.reason_code) == (Outcome.DENY, "SPEND_LIMIT")
+    assert over.determining_policies == ("payment-daily-limit",)
+    # A limit that cannot be computed blocks; it never reads as "nothing spent yet".
+    for broken in ({}, {"amount_sum_24h": "0", "payments_1h": 1},
+                   {"amount_sum_24h": Decimal("-1"), "payments_1h": 1},
+                   {"amount_sum_24h": Decimal("0.00001"), "payments_1h": 1}):
+        result = demo_engine.evaluate(request, {**THURSDAY_CLOCK, **broken})
+        assert (result.outcome, result.reason_code) == (Outcome.SILENCE, "EVALUATION_ERROR")

@@ -3,6 +3,8 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from execguard.arbiter import compute_facts
+from execguard.arbiter.registry import parse_registry
+from execguard.protocol.errors import BundleInvalid
 
 
 def test_facts_are_utc_to_the_second() -> None:
@@ -26,3 +28,37 @@ def test_weekday_is_iso(day: int, weekday: int) -> None:
 def test_naive_datetime_is_refused() -> None:
     with pytest.raises(ValueError, match="aware datetime"):
         compute_facts(datetime(2026, 11, 26, 22, 30))
+
+
+@pytest.mark.parametrize(("fact", "key"), [
+    ('spent = { aggregate = "avg", field = "n", window = "1h" }', "aggregate"),
+    ('spent = { aggregate = "sum", window = "1h" }', "field"),
+    ('spent = { aggregate = "sum", field = "label", window = "1h" }', "field"),
+    ('spent = { aggregate = "sum", field = "n", window = "1 hour" }', "window"),
+    ('spent = { aggregate = "sum", field = "n", window = "100d" }', "window"),
+    ('spent = { aggregate = "count", window = "1h", per = "planet" }', "per"),
+    ('spent = { aggregate = "count", window = "1h", colour = 1 }', "colour"),
+    ('hour = { aggregate = "count", window = "1h" }', "hour"),
+])
+def test_stateful_facts_are_checked_when_the_bundle_is_read(fact: str, key: str) -> None:
+    text = ('[surfaces."job.run"]\nrisk = "low"\n\n[surfaces."job.run".context]\n'
+            'n = { type = "decimal" }\nlabel = { type = "string" }\n\n'
+            f'[surfaces."job.run".facts]\n{fact}\n')
+    with pytest.raises(BundleInvalid) as info:
+        parse_registry(text)
+    assert info.value.key is not None and key in info.value.key
+    assert info.value.file == "surfaces.toml"
+
+
+def test_stateful_facts_are_typed_for_cedar() -> None:
+    registry = parse_registry(
+        '[surfaces."job.run"]\nrisk = "low"\n\n[surfaces."job.run".context]\n'
+        'n = { type = "decimal" }\nk = { type = "integer" }\n\n[surfaces."job.run".facts]\n'
+        'n_sum_1h = { aggregate = "sum", field = "n", window = "1h" }\n'
+        'k_sum_1d = { aggregate = "sum", field = "k", window = "1d", per = "tenant" }\n'
+        'runs_30m = { aggregate = "count", window = "30m" }\n')
+    facts = registry.get("job.run").facts
+    assert facts["n_sum_1h"].cedar_type == "__cedar::decimal"
+    assert facts["k_sum_1d"].cedar_type == "__cedar::Long"
+    assert facts["k_sum_1d"].window_seconds == 86400 and facts["k_sum_1d"].per == "tenant"
+    assert facts["runs_30m"].window_seconds == 1800 and facts["runs_30m"].per == "actor"

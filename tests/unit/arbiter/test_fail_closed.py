@@ -15,7 +15,7 @@ from execguard.protocol.errors import BundleInvalid
 from execguard.protocol.outcome import Outcome
 from execguard.protocol.request import ExecutionRequest
 
-from .conftest import THURSDAY, write_bundle
+from .conftest import THURSDAY, THURSDAY_CLOCK, write_bundle
 
 PERMIT_ALL = '@id("run-all")\n@reason("ALWAYS")\npermit (principal, action, resource);\n'
 # Validates (the schema says every Actor has a clearance) but errors when run: ExecGuard
@@ -39,7 +39,7 @@ def job(n: int = 1000, **fields: Any) -> ExecutionRequest:
 
 def raw_cedar(engine: CompiledBundle, n: int) -> cedarpy.AuthzResult:
     """What Cedar itself answers, to show the test exercises the dangerous case."""
-    context = {"n": n, "action": "", "facts": THURSDAY, "signals": {}}
+    context = {"n": n, "action": "", "facts": THURSDAY_CLOCK, "signals": {}}
     request = {"principal": {"type": "Actor", "id": "agent-1"},
                "action": {"type": "Action", "id": "job.run"},
                "resource": {"type": "Subject", "id": "none"}, "context": context}

@@ -1,0 +1,178 @@
+"""Turning an evaluation into what is signed, stored and answered, and computing facts.
+
+A decision is prepared by :func:`prepare_decision`; for a surface that declares
+stateful facts it runs inside the ledger's write lock (see
+``PendingEntry.decide``), with the facts read from live reservations, so that
+concurrent requests can never together exceed a limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from execguard.arbiter import CompiledBundle, compute_facts
+from execguard.arbiter.registry import SurfaceSpec
+from execguard.ledger import FactReader, PreparedDecision, Reservation
+from execguard.protocol.canonical import canonical_sha256
+from execguard.protocol.outcome import PROTOCOL_VERSION, Outcome, format_timestamp
+from execguard.protocol.receipt import seal_receipt
+from execguard.protocol.request import ExecutionRequest
+from execguard.protocol.signing import Signer
+from execguard.protocol.token import execution_token_claims, issue_execution_token
+
+__all__ = ["DecisionInput", "NoHistory", "facts_for", "jsonable_facts", "prepare_decision",
+           "units_of"]
+
+#: Reservations and sums are kept in units of 10**-4: Cedar decimal's scale, so exact.
+UNITS = 10_000
+
+
+@dataclass(frozen=True)
+class DecisionInput:
+    """Everything about one request that a decision needs, fixed before it is taken."""
+
+    tenant: str
+    request: ExecutionRequest
+    spec: SurfaceSpec
+    compiled: CompiledBundle
+    normalized: Mapping[str, Any]
+    request_hash: str
+    mode: str
+    execution_id: str
+    now: float
+    authority_id: str
+    token_ttl_seconds: int
+
+
+def units_of(value: Any) -> int | None:
+    """A JSON number as an exact count of 10**-4 units, or None if it has none."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        scaled = Decimal(repr(value) if isinstance(value, float) else value) * UNITS
+    except InvalidOperation:
+        return None
+    return int(scaled) if scaled == scaled.to_integral_value() else None
+
+
+def facts_for(spec: SurfaceSpec, request: ExecutionRequest, now: float,
+              reader: FactReader | None) -> dict[str, Any]:
+    """The facts of one decision: the clock's, plus the surface's stateful facts.
+
+    Stateful facts include the request itself: ``count`` is the number of live
+    permits in the window *with this one*, ``sum`` the total *with this amount*,
+    so a policy compares the projected total with its limit (Cedar decimals
+    compare but do not add).
+    """
+    facts: dict[str, Any] = compute_facts(datetime.fromtimestamp(now, UTC))
+    if not spec.facts:
+        return facts
+    if reader is None:
+        raise RuntimeError("stateful facts need the ledger's reader")
+    actor = request.actor_id or ""
+    for fact in spec.facts.values():
+        scope = actor if fact.per == "actor" else None
+        since = now - fact.window_seconds
+        if fact.aggregate == "count":
+            facts[fact.name] = reader.count(spec.name, scope, since, now) + 1
+            continue
+        assert fact.field is not None
+        current = units_of(request.context.get(fact.field)) or 0
+        total = reader.total(spec.name, scope, fact.field, since, now) + current
+        facts[fact.name] = Decimal(total) / UNITS if fact.field_type == "decimal" \
+            else total // UNITS
+    return facts
+
+
+def jsonable_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """Facts as stored with the decision (decimals as exact strings) for replay."""
+    return {k: format(v, "f") if isinstance(v, Decimal) else v for k, v in facts.items()}
+
+
+def _reservation(spec: SurfaceSpec, request: ExecutionRequest, now: float,
+                 expires: float) -> Reservation:
+    amounts = {name: units for name, field in spec.context.items()
+               if field.type in ("decimal", "integer")
+               and (units := units_of(request.context.get(name))) is not None}
+    return Reservation(spec.name, request.actor_id or "", amounts, now, expires)
+
+
+def prepare_decision(given: DecisionInput, signer: Signer,
+                     reader: FactReader | None) -> PreparedDecision:
+    """Evaluate, then build the receipt fields, the stored row and the answer."""
+    request, moment = given.request, datetime.fromtimestamp(given.now, UTC)
+    facts = facts_for(given.spec, request, given.now, reader)
+    evaluation = given.compiled.evaluate(request, facts)
+    real = evaluation.outcome
+    decision = Outcome.PERMIT if given.mode == "observe" else real
+    stored_facts = jsonable_facts(facts)
+    fields: dict[str, Any] = {
+        "receiptType": "decision",
+        "executionId": given.execution_id,
+        "decision": decision.value,
+        "surface": request.surface,
+        "actorId": request.actor_id,
+        "timestamp": format_timestamp(moment),
+        "requestHash": given.request_hash,
+        "policyVersion": evaluation.policy_version,
+        "reasonCode": evaluation.reason_code,
+        "determiningPolicies": list(evaluation.determining_policies),
+        "executionMode": given.mode,
+        "wouldDecision": real.value if given.mode == "observe" else None,
+        "factsDigest": canonical_sha256(stored_facts),
+        "protocolVersion": PROTOCOL_VERSION,
+        "authorityId": given.authority_id,
+        "subjectDigest": request.subject_digest,
+    }
+    response: dict[str, Any] = {
+        "decision": decision.value,
+        "execution_id": given.execution_id,
+        "surface": request.surface,
+        "reason": evaluation.reason,
+        "reasonCode": evaluation.reason_code,
+        "summary": f"{decision.value} for {request.surface}: {evaluation.reason}",
+        "policyVersion": evaluation.policy_version,
+        "determiningPolicies": list(evaluation.determining_policies),
+        "executionMode": given.mode,
+    }
+    if given.mode == "observe":
+        response["would_decision"] = real.value
+    reservation = None
+    if decision is Outcome.PERMIT and given.mode == "enforce":
+        claims = execution_token_claims(
+            issuer=given.authority_id, tenant=given.tenant, surface=request.surface,
+            request_hash=given.request_hash, execution_id=given.execution_id,
+            actor_id=request.actor_id, policy_version=evaluation.policy_version,
+            issued_at=int(given.now), ttl_seconds=given.token_ttl_seconds)
+        response["execution_token"] = issue_execution_token(claims, signer)
+        response["token_expires_at"] = format_timestamp(
+            datetime.fromtimestamp(claims["exp"], UTC))
+        reservation = _reservation(given.spec, request, given.now, float(claims["exp"]))
+
+    def seal(index: int) -> dict[str, Any]:
+        return seal_receipt({**fields, "logIndex": index}, signer)
+
+    execution = {"surface": request.surface, "actor_id": request.actor_id,
+                 "decision": decision.value, "reason_code": evaluation.reason_code,
+                 "policy_version": evaluation.policy_version,
+                 "request_hash": given.request_hash,
+                 "request": {**given.normalized, "executionMode": given.mode,
+                             "facts": stored_facts}}
+    return PreparedDecision(seal, execution, response, reservation)
+
+
+class NoHistory:
+    """A FactReader for an actor with no permits yet (local evaluation, what-if)."""
+
+    def count(self, surface: str, actor: str | None, since: float, now: float) -> int:
+        """No live permits."""
+        return 0
+
+    def total(self, surface: str, actor: str | None, field: str, since: float,
+              now: float) -> int:
+        """Nothing reserved."""
+        return 0
