@@ -24,8 +24,9 @@ forbidding. Any unexpected exception becomes SILENCE ``EVALUATION_ERROR``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
@@ -36,11 +37,11 @@ from execguard.arbiter.bundle import PolicyBundle
 from execguard.arbiter.context import FieldProblem, convert_fields
 from execguard.arbiter.facts import FACT_TYPES
 from execguard.arbiter.registry import DECIMAL_LIMIT, SurfaceRegistry, SurfaceSpec
-from execguard.protocol.errors import UnknownSurface
+from execguard.protocol.errors import BundleInvalid, UnknownSurface
 from execguard.protocol.outcome import Outcome
 from execguard.protocol.request import MAX_SAFE_INTEGER, ExecutionRequest
 
-__all__ = ["CompiledBundle", "Evaluation", "PolicyMeta"]
+__all__ = ["ApprovalRule", "CompiledBundle", "Evaluation", "PolicyMeta", "approval_rule"]
 
 ANONYMOUS_ACTOR = "anonymous"
 NO_SUBJECT = "none"
@@ -56,6 +57,34 @@ class Evaluation:
     determining_policies: tuple[str, ...]  # @ids of the policies that decided
     policy_version: str
     errors: tuple[str, ...] = ()  # Cedar diagnostics, for operators
+    #: For ESCALATE: who must approve, and how many of them.
+    approval: ApprovalRule | None = None
+
+
+@dataclass(frozen=True)
+class ApprovalRule:
+    """Who resolves an escalation: ``@approvers("group")`` and ``@quorum("n")``."""
+
+    approvers: str
+    quorum: int
+
+
+DEFAULT_APPROVERS = "approvers"
+_GROUP_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+def approval_rule(annotations: Mapping[str, Any], policy_id: str) -> ApprovalRule:
+    """The approval rule of an escalating policy; refuse values that would fail open."""
+    group = annotations.get("approvers") or DEFAULT_APPROVERS
+    quorum_text = annotations.get("quorum") or "1"
+    if not isinstance(group, str) or not _GROUP_RE.match(group):
+        raise BundleInvalid(f"@approvers({group!r}) is not a group name (lower-case letters, "
+                            "digits, - and _)", key=policy_id)
+    if not isinstance(quorum_text, str) or not quorum_text.isdigit() \
+            or not 1 <= int(quorum_text) <= 10:
+        raise BundleInvalid(f"@quorum({quorum_text!r}) must be a whole number from 1 to 10",
+                            key=policy_id)
+    return ApprovalRule(group, int(quorum_text))
 
 
 @dataclass(frozen=True)
@@ -66,6 +95,7 @@ class PolicyMeta:
     effect: str
     reason: str | None
     escalate: bool
+    approval: ApprovalRule | None = None
 
 
 class CompiledBundle:
@@ -82,25 +112,36 @@ class CompiledBundle:
         meta: dict[str, PolicyMeta] = {}
         for cedar_id, policy in parsed["staticPolicies"].items():
             annotations = policy.get("annotations", {})
+            escalate = "escalate" in annotations
             meta[cedar_id] = PolicyMeta(
                 id=annotations["id"],
                 effect=policy["effect"],
                 reason=annotations.get("reason"),
-                escalate="escalate" in annotations,
+                escalate=escalate,
+                approval=approval_rule(annotations, annotations["id"]) if escalate else None,
             )
         self._meta = MappingProxyType(meta)
+        # With an approval in hand, escalating forbids stop firing: the same policies
+        # without them (same ids), so hard forbids and permits still decide.
+        approved = {k: v for k, v in parsed["staticPolicies"].items() if not meta[k].escalate}
+        self._approved_policies = cedarpy.PolicySet.from_json_str(json.dumps(
+            {**parsed, "staticPolicies": approved}))
 
-    def evaluate(self, request: ExecutionRequest, facts: Mapping[str, Any]) -> Evaluation:
+    def evaluate(self, request: ExecutionRequest, facts: Mapping[str, Any], *,
+                 approved: bool = False) -> Evaluation:
         """Decide ``request`` given ``facts`` (from :func:`compute_facts`); never reads the clock.
 
-        Raises :class:`UnknownSurface` for a surface the registry does not
-        name; every other problem is a SILENCE, never an exception.
+        ``approved``: the request carries an approval that met its quorum, so
+        escalating forbids no longer fire; a hard forbid still denies, and
+        without a permit it is still SILENCE. Raises :class:`UnknownSurface`
+        for a surface the registry does not name; every other problem is a
+        SILENCE, never an exception.
         """
         spec = self.registry.get(request.surface)
         if spec is None:
             raise UnknownSurface(request.surface)
         try:
-            return self._evaluate(spec, request, facts)
+            return self._evaluate(spec, request, facts, approved)
         except Exception as exc:  # fail closed: whatever went wrong, no permit
             return self._silence(
                 "EVALUATION_ERROR",
@@ -109,7 +150,8 @@ class CompiledBundle:
             )
 
     def _evaluate(
-        self, spec: SurfaceSpec, request: ExecutionRequest, facts: Mapping[str, Any]
+        self, spec: SurfaceSpec, request: ExecutionRequest, facts: Mapping[str, Any],
+        approved: bool = False,
     ) -> Evaluation:
         context = convert_fields(spec.context, request.context, "context", spec.sensitive)
         if isinstance(context, FieldProblem):
@@ -131,15 +173,15 @@ class CompiledBundle:
             "resource": {"type": "Subject", "id": request.subject_digest or NO_SUBJECT},
             "context": {**context, "action": action, "facts": computed, "signals": signals},
         }
-        result = cedarpy.is_authorized(
-            cedar_request, self._policies, self._entities, schema=self._schema
-        )
+        policies = self._approved_policies if approved else self._policies
+        result = cedarpy.is_authorized(cedar_request, policies, self._entities, schema=self._schema)
         errors = tuple(_redact(result.diagnostics.errors, request.context, spec.sensitive))
-        return self._outcome(spec.name, result.decision, result.diagnostics.reasons, errors)
+        return self._outcome(spec.name, result.decision, result.diagnostics.reasons, errors,
+                             approved)
 
     def _outcome(
         self, surface: str, decision: cedarpy.Decision, fired_ids: Iterable[str],
-        errors: tuple[str, ...],
+        errors: tuple[str, ...], approved: bool = False,
     ) -> Evaluation:
         fired = sorted((self._meta[cedar_id] for cedar_id in fired_ids), key=lambda m: m.id)
         forbids = [m for m in fired if m.effect == "forbid" and not m.escalate]
@@ -154,13 +196,25 @@ class CompiledBundle:
                 "A policy could not be evaluated for this request, so no permit can be issued.",
                 errors=errors or (f"Cedar returned no decision ({decision.value})",),
             )
+        if approved:
+            # The quorum approved this exact request: no hard forbid fired and nothing
+            # errored, so it runs (the escalating forbids were left out of this evaluation).
+            permits = [m for m in fired if m.effect == "permit"]
+            return Evaluation(Outcome.PERMIT, "APPROVED",
+                              f"Approved by its approvers; no policy forbids this {surface} "
+                              "request.", tuple(m.id for m in permits), self.version, errors)
         escalations = [m for m in fired if m.escalate]
         if escalations:
-            return self._decide(
+            escalated = self._decide(
                 Outcome.ESCALATE, escalations, "APPROVAL_REQUIRED", errors,
                 f"Policy {escalations[0].id!r} requires a human approval for this "
                 f"{surface} request.",
             )
+            # Several escalations: the strictest quorum; the first policy's group decides.
+            rule = ApprovalRule(str(escalations[0].approval.approvers if escalations[0].approval
+                                    else DEFAULT_APPROVERS),
+                                max(m.approval.quorum if m.approval else 1 for m in escalations))
+            return replace(escalated, approval=rule)
         if decision == cedarpy.Decision.Allow:
             permits = [m for m in fired if m.effect == "permit"]
             if not permits or len(permits) != len(fired):

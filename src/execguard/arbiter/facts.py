@@ -16,7 +16,8 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["AGGREGATES", "FACT_TYPES", "SCOPES", "FactSpec", "compute_facts", "parse_fact"]
+__all__ = ["AGGREGATES", "FACT_TYPES", "SCOPES", "FactSpec", "compute_facts", "parse_fact",
+           "parse_window"]
 
 #: Every fact, with its Python type and its Cedar type in the generated schema.
 FACT_TYPES: Mapping[str, tuple[type, str]] = MappingProxyType({
@@ -52,8 +53,8 @@ AGGREGATES = ("count", "sum")
 SCOPES = ("actor", "tenant")
 _FACT_KEYS = frozenset({"aggregate", "field", "window", "per"})
 _FACT_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
-_WINDOW_RE = re.compile(r"^([1-9][0-9]{0,5})([mhd])$")
-_UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400}
+_WINDOW_RE = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_WINDOW_SECONDS = 90 * 86400
 
 
@@ -84,6 +85,16 @@ class FactSpec:
         return "__cedar::Long"
 
 
+def parse_window(reader: Any, value: Any, path: tuple[str, ...]) -> int:
+    """A duration like ``30m``, ``24h`` or ``7d`` (at most 90 days), in seconds."""
+    match = _WINDOW_RE.match(value) if isinstance(value, str) else None
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)] if match else 0
+    if not match or seconds > MAX_WINDOW_SECONDS:
+        raise reader.fail("expected a duration like '90s', '30m', '1h' or '24h' (at most 90d)",
+                          path)
+    return seconds
+
+
 def parse_fact(reader: Any, name: str, raw: Any, path: tuple[str, ...],
                context_types: Mapping[str, str]) -> FactSpec:
     """One ``[surfaces."x".facts]`` entry, checked against the surface's context fields."""
@@ -96,11 +107,7 @@ def parse_fact(reader: Any, name: str, raw: Any, path: tuple[str, ...],
         raise reader.fail(f"expected 'aggregate' to be one of {', '.join(AGGREGATES)}",
                           (*path, "aggregate"))
     window = spec.get("window")
-    match = _WINDOW_RE.match(window) if isinstance(window, str) else None
-    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)] if match else 0
-    if not match or seconds > MAX_WINDOW_SECONDS:
-        raise reader.fail("expected 'window' like '30m', '1h' or '24h' (at most 90d)",
-                          (*path, "window"))
+    seconds = parse_window(reader, window, (*path, "window"))
     per = spec.get("per", "actor")
     if per not in SCOPES:
         raise reader.fail(f"expected 'per' to be one of {', '.join(SCOPES)}", (*path, "per"))

@@ -24,7 +24,7 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 
-from execguard.arbiter.facts import FactSpec, parse_fact
+from execguard.arbiter.facts import FactSpec, parse_fact, parse_window
 from execguard.protocol.errors import BundleInvalid
 from execguard.protocol.request import MAX_SAFE_INTEGER, describe
 
@@ -59,7 +59,7 @@ MAX_RETENTION_DAYS = 36500
 
 _SURFACE_KEYS = frozenset(
     {"description", "risk", "observe", "retention_days", "sensitive", "context", "signals",
-     "facts"}
+     "facts", "approval_expiry"}
 )
 _FIELD_KEYS = frozenset({"type", "required", "min", "max", "enum", "max_length"})
 # Same alphabet as the request parser accepts for ``surface``.
@@ -100,6 +100,8 @@ class SurfaceSpec:
     signals: Mapping[str, FieldSpec] = field(default_factory=dict)
     #: Stateful facts computed from the ledger (``context.facts.<name>``).
     facts: Mapping[str, FactSpec] = field(default_factory=dict)
+    #: How long an escalation waits for its approvers before it resolves to SILENCE.
+    approval_expiry_seconds: int = 24 * 3600
 
 
 class SurfaceRegistry:
@@ -340,8 +342,10 @@ def _surface(reader: _Reader, name: str, raw: Any) -> SurfaceSpec:
     types = {f.name: f.type for f in context.values()}
     facts = MappingProxyType({fact: parse_fact(reader, fact, raw, (*path, "facts", fact), types)
                               for fact, raw in facts_raw.items()})
+    expiry = parse_window(reader, spec.get("approval_expiry", "24h"), (*path, "approval_expiry"))
     return SurfaceSpec(
         facts=facts,
+        approval_expiry_seconds=expiry,
         name=name,
         risk=risk,
         description=description,

@@ -71,7 +71,11 @@ def serve(
 def keys_create(
     tenant: TenantOption,
     role: Annotated[str, typer.Option(help="agent, approver or admin.")] = "agent",
-    label: Annotated[str | None, typer.Option(help="A note to recognise the key by.")] = None,
+    label: Annotated[str | None, typer.Option(
+        help="Who holds the key (an approver's name; it must differ from the actor of any "
+             "request the key votes on).")] = None,
+    group: Annotated[list[str] | None, typer.Option(
+        help="Approver group (repeatable), for --role approver.")] = None,
     data: DataOption = DEFAULT_DATA,
 ) -> None:
     """Create an API key for a tenant (creating the tenant if it is new)."""
@@ -82,7 +86,7 @@ def keys_create(
         if store.create_tenant(tenant, now_text()):
             out.print(f"Created tenant {tenant} (it has no active policy yet: "
                       "push and activate one)")
-        key = directory.create_api_key(store, tenant, role, label)
+        key = directory.create_api_key(store, tenant, role, label, tuple(group or ()))
     finally:
         store.close()
     out.print(f"API key for tenant {tenant}, role {role}. It is shown once; store it now.")

@@ -8,6 +8,8 @@
 from execguard.ledger.group_commit import GroupCommitter
 from execguard.ledger.records import (
     ApiKeyRecord,
+    ApprovalRecord,
+    ApprovalRequest,
     BundleRecord,
     CheckpointRecord,
     CommitResult,
@@ -22,12 +24,16 @@ from execguard.ledger.records import (
     Replayed,
     Reservation,
     SigningKeyRecord,
+    Vote,
+    VoteRecord,
 )
 from execguard.ledger.sqlite import SQLiteStore
 from execguard.ledger.store import LedgerStore
 
 __all__ = [
     "ApiKeyRecord",
+    "ApprovalRecord",
+    "ApprovalRequest",
     "BundleRecord",
     "CheckpointRecord",
     "CommitResult",
@@ -45,4 +51,6 @@ __all__ = [
     "Reservation",
     "SQLiteStore",
     "SigningKeyRecord",
+    "Vote",
+    "VoteRecord",
 ]

@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 __all__ = [
     "ApiKeyRecord",
+    "ApprovalRecord",
+    "ApprovalRequest",
     "BundleRecord",
     "CheckpointRecord",
     "CommitResult",
@@ -22,6 +24,8 @@ __all__ = [
     "Replayed",
     "Reservation",
     "SigningKeyRecord",
+    "Vote",
+    "VoteRecord",
 ]
 
 #: Builds the sealed receipt once the ledger knows the entry's log index.
@@ -37,6 +41,8 @@ class ApiKeyRecord:
     role: str
     label: str | None
     created_at: str
+    #: Approver groups this key votes for (role ``approver``).
+    groups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,64 @@ class PendingEntry:
     #: inside the write lock with a reader of that state; its result replaces
     #: ``seal``, ``execution``, ``response`` and ``reservation``.
     decide: Callable[[FactReader], PreparedDecision] | None = None
+    #: For an ESCALATE decision: the approval request it opens.
+    approval: ApprovalRequest | None = None
+    #: For ``kind == "approval-vote"``: the vote.
+    vote: Vote | None = None
+    #: For votes and ``kind == "approval-expire"``: how the escalation resolves, called
+    #: under the write lock with ``"approved"``, ``"denied"`` or ``"expired"``.
+    resolve: Callable[[FactReader, str], PreparedDecision] | None = None
+
+
+@dataclass(frozen=True)
+class ApprovalRequest:
+    """The approval an ESCALATE opens: bound to its execution (and so its request hash)."""
+
+    requester_key: str
+    approvers: str
+    quorum: int
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Vote:
+    """One approver's vote; ``seal`` signs its receipt once the log index is known."""
+
+    voter_key: str
+    voter: str | None
+    vote: str  # APPROVE | DENY
+    comment: str | None
+    seal: Sealer
+
+
+@dataclass(frozen=True)
+class VoteRecord:
+    """A stored vote."""
+
+    voter_key: str
+    voter: str | None
+    vote: str
+    comment: str | None
+    created_at: str
+    log_index: int
+
+
+@dataclass(frozen=True)
+class ApprovalRecord:
+    """An approval request and its votes. ``status``: pending, approved, denied or expired."""
+
+    execution_id: str
+    tenant: str
+    surface: str
+    actor_id: str | None
+    requester_key: str
+    approvers: str
+    quorum: int
+    status: str
+    created_at: str
+    expires_at: float
+    resolved_at: str | None
+    votes: tuple[VoteRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,6 +240,7 @@ class PreparedDecision:
     execution: Mapping[str, Any]
     response: Mapping[str, Any]
     reservation: Reservation | None
+    approval: ApprovalRequest | None = None
 
 
 class FactReader(Protocol):

@@ -19,14 +19,27 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from execguard.ledger._sqlite_approvals import (
+    approval_row,
+    close_approval,
+    count_votes,
+    has_voted,
+    list_approvals,
+    open_approval,
+    record_vote,
+    resolve_execution,
+)
+from execguard.ledger._sqlite_facts import TxnFacts, reserve
+from execguard.ledger._sqlite_schema import SCHEMA, SCHEMA_VERSION, upgrade
 from execguard.ledger.records import (
     ApiKeyRecord,
+    ApprovalRecord,
     BundleRecord,
     CheckpointRecord,
     CommitResult,
@@ -37,7 +50,6 @@ from execguard.ledger.records import (
     LogEntry,
     PendingEntry,
     Replayed,
-    Reservation,
     SigningKeyRecord,
 )
 from execguard.protocol.chain import entry_hash
@@ -52,69 +64,6 @@ from execguard.protocol.merkle import (
 )
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "translate_errors"]
-
-SCHEMA_VERSION = 2
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, created_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_hash TEXT PRIMARY KEY, tenant TEXT NOT NULL REFERENCES tenants(name),
-    role TEXT NOT NULL, label TEXT, created_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS signing_keys (
-    key_id TEXT PRIMARY KEY, public_pem TEXT NOT NULL, status TEXT NOT NULL,
-    created_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS bundles (
-    tenant TEXT NOT NULL, version TEXT NOT NULL, files TEXT NOT NULL, created_at TEXT NOT NULL,
-    PRIMARY KEY (tenant, version));
-CREATE TABLE IF NOT EXISTS active_bundles (
-    tenant TEXT PRIMARY KEY, version TEXT NOT NULL, activated_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS log (
-    tenant TEXT NOT NULL, idx INTEGER NOT NULL, kind TEXT NOT NULL, execution_id TEXT NOT NULL,
-    receipt TEXT NOT NULL, receipt_hash TEXT NOT NULL, prev_hash TEXT, entry_hash TEXT NOT NULL,
-    leaf_hash BLOB NOT NULL, PRIMARY KEY (tenant, idx)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS log_by_execution ON log (tenant, execution_id, kind);
-CREATE TABLE IF NOT EXISTS merkle_nodes (
-    tenant TEXT NOT NULL, level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
-    PRIMARY KEY (tenant, level, idx)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS checkpoints (
-    tenant TEXT NOT NULL, size INTEGER NOT NULL, root BLOB NOT NULL, note TEXT NOT NULL,
-    key_id TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (tenant, size)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS executions (
-    execution_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, log_index INTEGER NOT NULL,
-    surface TEXT NOT NULL, actor_id TEXT, decision TEXT NOT NULL, reason_code TEXT NOT NULL,
-    policy_version TEXT, created_at TEXT NOT NULL, request_hash TEXT NOT NULL,
-    request TEXT NOT NULL, response TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS executions_by_time ON executions (tenant, created_at);
-CREATE TABLE IF NOT EXISTS outcomes (
-    execution_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, log_index INTEGER NOT NULL,
-    receipt TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS idempotency (
-    tenant TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL, mode TEXT NOT NULL,
-    execution_id TEXT NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (tenant, key));
-CREATE TABLE IF NOT EXISTS reservations (
-    execution_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, surface TEXT NOT NULL,
-    actor TEXT NOT NULL, reserved_at REAL NOT NULL, expires_at REAL NOT NULL,
-    consumed INTEGER NOT NULL DEFAULT 0, released INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS reservations_by_actor
-    ON reservations (tenant, surface, actor, reserved_at);
-CREATE INDEX IF NOT EXISTS reservations_by_surface ON reservations (tenant, surface, reserved_at);
-CREATE TABLE IF NOT EXISTS reservation_amounts (
-    execution_id TEXT NOT NULL, field TEXT NOT NULL, units INTEGER NOT NULL,
-    PRIMARY KEY (execution_id, field)) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS log_no_update BEFORE UPDATE ON log
-    BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS log_no_delete BEFORE DELETE ON log
-    BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS merkle_nodes_no_update BEFORE UPDATE ON merkle_nodes
-    BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS merkle_nodes_no_delete BEFORE DELETE ON merkle_nodes
-    BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS checkpoints_no_update BEFORE UPDATE ON checkpoints
-    BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS checkpoints_no_delete BEFORE DELETE ON checkpoints
-    BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
-"""
 
 _BUSY_RETRY_SECONDS = 10.0
 
@@ -134,65 +83,6 @@ def translate_errors(what: str) -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         raise StorageUnavailable(f"{what} failed: {exc}") from exc
-
-
-def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
-    """Version 2 adds the Merkle tree: compute leaf and node hashes for the existing log."""
-    conn.execute("ALTER TABLE log ADD COLUMN leaf_hash BLOB NOT NULL DEFAULT x''")
-    conn.execute("DROP TRIGGER IF EXISTS log_no_update")
-    for statement in _SCHEMA.split(";\n"):
-        if statement.strip() and "merkle_nodes (" in statement:
-            conn.execute(statement)
-    tenants = [r[0] for r in conn.execute("SELECT DISTINCT tenant FROM log")]
-    for tenant in tenants:
-        tree = CompactRange()
-        rows = conn.execute("SELECT idx, receipt FROM log WHERE tenant = ? ORDER BY idx",
-                            (tenant,)).fetchall()
-        for index, receipt in rows:
-            leaf = receipt_leaf_hash(tenant, json.loads(receipt))
-            conn.execute("UPDATE log SET leaf_hash = ? WHERE tenant = ? AND idx = ?",
-                         (leaf, tenant, index))
-            conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?)",
-                             [(tenant, *node) for node in tree.append(leaf)])
-
-
-def _reserve(conn: sqlite3.Connection, tenant: str, execution_id: str,
-             reservation: Reservation) -> None:
-    conn.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, 0, 0)",
-                 (execution_id, tenant, reservation.surface, reservation.actor,
-                  reservation.reserved_at, reservation.expires_at))
-    conn.executemany("INSERT INTO reservation_amounts VALUES (?, ?, ?)",
-                     [(execution_id, name, units) for name, units in reservation.amounts.items()])
-
-
-class _TxnFacts:
-    """Reads live reservations inside the current write transaction (a FactReader)."""
-
-    _LIVE = ("r.tenant = ? AND r.surface = ? AND r.reserved_at > ? AND r.released = 0"
-             " AND (r.consumed = 1 OR r.expires_at > ?)")
-
-    def __init__(self, conn: sqlite3.Connection, tenant: str) -> None:
-        self.conn = conn
-        self.tenant = tenant
-
-    def _where(self, surface: str, actor: str | None, since: float,
-               now: float) -> tuple[str, tuple[Any, ...]]:
-        if actor is None:
-            return self._LIVE, (self.tenant, surface, since, now)
-        return self._LIVE + " AND r.actor = ?", (self.tenant, surface, since, now, actor)
-
-    def count(self, surface: str, actor: str | None, since: float, now: float) -> int:
-        where, params = self._where(surface, actor, since, now)
-        return int(self.conn.execute(f"SELECT COUNT(*) FROM reservations r WHERE {where}",
-                                     params).fetchone()[0])
-
-    def total(self, surface: str, actor: str | None, field: str, since: float,
-              now: float) -> int:
-        where, params = self._where(surface, actor, since, now)
-        return int(self.conn.execute(
-            "SELECT COALESCE(SUM(a.units), 0) FROM reservations r JOIN reservation_amounts a"
-            f" ON a.execution_id = r.execution_id AND a.field = ? WHERE {where}",
-            (field, *params)).fetchone()[0])
 
 
 def _dumps(value: Any) -> str:
@@ -285,9 +175,9 @@ class SQLiteStore:
         if version is not None and version > SCHEMA_VERSION:
             raise ConfigError(f"{self.path} has schema version {version}; this ExecGuard "
                               f"understands up to {SCHEMA_VERSION}: upgrade ExecGuard")
-        if version == 1:
-            _upgrade_1_to_2(conn)
-        for statement in _SCHEMA.split(";\n"):
+        if version is not None:
+            upgrade(conn, version)
+        for statement in SCHEMA.split(";\n"):
             if statement.strip():
                 conn.execute(statement)
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key)"
@@ -320,17 +210,20 @@ class SQLiteStore:
         if not self.tenant_exists(record.tenant):
             raise NotFound(f"tenant {record.tenant!r} does not exist")
         with self._write("storing an API key") as conn:
-            conn.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?)",
+            conn.execute("INSERT INTO api_keys (key_hash, tenant, role, label, created_at,"
+                         " groups) VALUES (?, ?, ?, ?, ?, ?)",
                          (record.key_hash, record.tenant, record.role, record.label,
-                          record.created_at))
+                          record.created_at, ",".join(record.groups)))
 
     def lookup_api_key(self, key_hash: str) -> ApiKeyRecord | None:
         """The API key with this hash, or None."""
         with translate_errors("reading API keys"):
             row = self._conn.execute(
-                "SELECT key_hash, tenant, role, label, created_at FROM api_keys"
+                "SELECT key_hash, tenant, role, label, created_at, groups FROM api_keys"
                 " WHERE key_hash = ?", (key_hash,)).fetchone()
-        return ApiKeyRecord(*row) if row else None
+        if row is None:
+            return None
+        return ApiKeyRecord(*row[:5], groups=tuple(g for g in row[5].split(",") if g))
 
     def add_signing_key(self, record: SigningKeyRecord) -> None:
         """Publish a public signing key."""
@@ -468,26 +361,20 @@ class SQLiteStore:
                 return Conflicted("already_consumed")
             kind, seal = "consume-refused", entry.seal_refused
 
+        if kind in ("approval-vote", "approval-expire"):
+            return self._approval_step(conn, entry, heads, now_epoch)
+
         execution, response, reservation = entry.execution, entry.response, entry.reservation
+        approval = entry.approval
         if entry.decide is not None:
             # A stateful decision: taken now, under the write lock, against the live
             # reservations, so concurrent requests can never together pass a limit.
-            prepared = entry.decide(_TxnFacts(conn, entry.tenant))
+            prepared = entry.decide(TxnFacts(conn, entry.tenant))
             seal, execution, response = prepared.seal, prepared.execution, prepared.response
-            reservation = prepared.reservation
+            reservation, approval = prepared.reservation, prepared.approval
 
-        head = self._head(conn, entry.tenant, heads)
-        index = head.tree.size
-        receipt = seal(index)
-        digest = receipt["receiptHash"]
-        chained = entry_hash(index, head.prev, digest)
-        leaf = receipt_leaf_hash(entry.tenant, receipt)
-        conn.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     (entry.tenant, index, kind, entry.execution_id, _dumps(receipt),
-                      digest, head.prev, chained, leaf))
-        conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?)",
-                         [(entry.tenant, *node) for node in head.tree.append(leaf)])
-        head.prev = chained
+        index, receipt = self._append_log(conn, heads, entry.tenant, kind, entry.execution_id,
+                                          seal)
 
         if entry.kind == "decision":
             row = execution or {}
@@ -499,7 +386,10 @@ class SQLiteStore:
                  receipt["timestamp"], row["request_hash"], _dumps(row["request"]),
                  _dumps(response)))
             if reservation is not None:
-                _reserve(conn, entry.tenant, entry.execution_id, reservation)
+                reserve(conn, entry.tenant, entry.execution_id, reservation)
+            if approval is not None:
+                open_approval(conn, entry.tenant, entry.execution_id, row, approval,
+                              receipt["timestamp"])
             if claim is not None:
                 conn.execute(
                     "INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT"
@@ -518,6 +408,91 @@ class SQLiteStore:
             conn.execute("UPDATE reservations SET consumed = 1 WHERE execution_id = ?",
                          (entry.execution_id,))
         return Committed(index, receipt, response if entry.kind == "decision" else None)
+
+    def _append_log(self, conn: sqlite3.Connection, heads: dict[str, _Head], tenant: str,
+                    kind: str, execution_id: str,
+                    seal: Callable[[int], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+        """Seal a receipt at the next index and append it, its leaf and its tree nodes."""
+        head = self._head(conn, tenant, heads)
+        index = head.tree.size
+        receipt = seal(index)
+        digest = receipt["receiptHash"]
+        chained = entry_hash(index, head.prev, digest)
+        leaf = receipt_leaf_hash(tenant, receipt)
+        conn.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     (tenant, index, kind, execution_id, _dumps(receipt), digest, head.prev,
+                      chained, leaf))
+        conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?)",
+                         [(tenant, *node) for node in head.tree.append(leaf)])
+        head.prev = chained
+        return index, receipt
+
+    def _approval_step(self, conn: sqlite3.Connection, entry: PendingEntry,
+                       heads: dict[str, _Head], now_epoch: float) -> CommitResult:
+        """A vote or an expiry check, and the resolution it may bring (one transaction)."""
+        approval = approval_row(conn, entry.tenant, entry.execution_id)
+        if approval is None:
+            return Conflicted("no_approval")
+        status, quorum, expires_at = approval
+        assert entry.resolve is not None
+        resolution: str | None = None
+        committed: Committed | None = None
+        if status != "pending":
+            return Conflicted(f"approval_{status}")
+        if now_epoch >= expires_at:
+            resolution = "expired"
+        elif entry.kind == "approval-expire":
+            return Conflicted("approval_pending")
+        else:
+            vote = entry.vote
+            assert vote is not None
+            if has_voted(conn, entry.execution_id, vote.voter_key):
+                return Conflicted("already_voted")
+            index, receipt = self._append_log(conn, heads, entry.tenant, "approval-vote",
+                                              entry.execution_id, vote.seal)
+            record_vote(conn, entry.execution_id, vote, receipt["timestamp"], index)
+            committed = Committed(index, receipt)
+            approvals, denials = count_votes(conn, entry.execution_id)
+            if denials:
+                resolution = "denied"
+            elif approvals >= quorum:
+                resolution = "approved"
+        if resolution is not None:
+            prepared = entry.resolve(TxnFacts(conn, entry.tenant), resolution)
+            index, receipt = self._append_log(conn, heads, entry.tenant, "decision",
+                                              entry.execution_id, prepared.seal)
+            response = {**prepared.response, "receipt": receipt}
+            resolve_execution(conn, entry.execution_id, prepared.execution, response)
+            if prepared.reservation is not None:
+                reserve(conn, entry.tenant, entry.execution_id, prepared.reservation)
+            final = "approved" if resolution == "approved" and \
+                prepared.execution["decision"] == "PERMIT" else (
+                    "expired" if resolution == "expired" else "denied")
+            close_approval(conn, entry.execution_id, final, receipt["timestamp"])
+            if committed is None:
+                return Conflicted("approval_expired")
+            return Committed(committed.log_index, committed.receipt, response)
+        assert committed is not None
+        return committed
+
+    def approvals(self, tenant: str, status: str | None = None,
+                  limit: int = 100) -> list[ApprovalRecord]:
+        """The tenant's approval requests (newest first), optionally of one status."""
+        with translate_errors("reading approvals"):
+            return list_approvals(self._conn, tenant, status, limit)
+
+    def approval(self, tenant: str, execution_id: str) -> ApprovalRecord | None:
+        """One approval request with its votes, or None."""
+        with translate_errors("reading an approval"):
+            found = list_approvals(self._conn, tenant, None, 1, execution_id)
+        return found[0] if found else None
+
+    def due_approvals(self, now_epoch: float) -> list[tuple[str, str]]:
+        """(tenant, execution id) of pending approvals past their expiry."""
+        with translate_errors("reading approvals"):
+            return [(r[0], r[1]) for r in self._conn.execute(
+                "SELECT tenant, execution_id FROM approvals WHERE status = 'pending'"
+                " AND expires_at <= ?", (now_epoch,))]
 
     def purge_idempotency(self, now_epoch: float) -> int:
         """Forget expired idempotency keys; return how many."""
@@ -613,7 +588,7 @@ class SQLiteStore:
 
     def fact_reader(self, tenant: str) -> FactReader:
         """Live reservations read outside a write (for dry runs; decisions read them inside)."""
-        return _TxnFacts(self._conn, tenant)
+        return TxnFacts(self._conn, tenant)
 
     def tenants(self) -> list[str]:
         """Every tenant, by name."""

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from execguard.ledger.records import (
     ApiKeyRecord,
+    ApprovalRecord,
     BundleRecord,
     CheckpointRecord,
     CommitResult,
@@ -81,6 +82,16 @@ class LedgerStore(Protocol):
     def find_idempotent(self, tenant: str, key: str,
                         now_epoch: float) -> tuple[str, str, ExecutionRecord] | None:
         """For a live key: (its request hash, its execution mode, its execution), else None."""
+
+    def approvals(self, tenant: str, status: str | None = None,
+                  limit: int = 100) -> list[ApprovalRecord]:
+        """The tenant's approval requests, newest first."""
+
+    def approval(self, tenant: str, execution_id: str) -> ApprovalRecord | None:
+        """One approval request with its votes, or None."""
+
+    def due_approvals(self, now_epoch: float) -> list[tuple[str, str]]:
+        """(tenant, execution id) of pending approvals past their expiry."""
 
     def purge_idempotency(self, now_epoch: float) -> int:
         """Forget idempotency keys that expired at or before ``now_epoch``; return how many."""

@@ -26,6 +26,7 @@ from execguard.protocol.errors import (
 )
 from execguard.protocol.outcome import format_timestamp, parse_timestamp
 from execguard.protocol.request import parse_execution_request
+from execguard.server.approvals import Approvals
 from execguard.server.errors import install_error_handlers, request_id_of
 from execguard.server.gateway import Caller, Gateway, SigningKeys, explain_record
 from execguard.server.middleware import RequestIdMiddleware
@@ -39,6 +40,7 @@ __all__ = ["create_app"]
 log = logging.getLogger("execguard.server")
 
 IDEMPOTENCY_PURGE_INTERVAL_SECONDS = 600
+APPROVAL_SWEEP_SECONDS = 2.0
 
 
 def _json(body: dict[str, Any], request: Request, status: int = 200,
@@ -73,6 +75,7 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
     gateway = Gateway(settings, store, committer, signers)
     transparency = Transparency(settings, store, signers)
     permits = Permits(settings, store, committer, signers)
+    approvals = Approvals(settings, store, committer, signers, gateway)
 
     async def forget_expired_idempotency_keys() -> None:
         # Expired keys are already ignored by lookups; this only keeps the table small.
@@ -90,6 +93,14 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
             except ServiceUnavailable as exc:
                 log.warning("no checkpoint for tenant %s this time: %s", tenant, exc)
 
+    async def expire_approvals() -> None:
+        while True:
+            await asyncio.sleep(APPROVAL_SWEEP_SECONDS)
+            try:
+                await approvals.expire_due()
+            except ServiceUnavailable as exc:
+                log.warning("could not expire overdue approvals: %s", exc)
+
     async def checkpoint_on_schedule() -> None:
         # Entries are durable before they are checkpointed: this runs after their commit.
         while True:
@@ -100,7 +111,8 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         committer.start()
         background = [asyncio.create_task(forget_expired_idempotency_keys()),
-                      asyncio.create_task(checkpoint_on_schedule())]
+                      asyncio.create_task(checkpoint_on_schedule()),
+                      asyncio.create_task(expire_approvals())]
         try:
             yield
         finally:
@@ -181,6 +193,28 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
         caller = caller_of(request)
         body = await read_body(request, settings.max_body_bytes)
         return _json(await permits.consume(caller, execution_id, body), request)
+
+    @app.get("/v1/approvals", summary="Approval requests, newest first")
+    async def list_approvals(request: Request, status: str | None = Query(
+            None, pattern="^(pending|approved|denied|expired)$"),
+            limit: int = Query(100, ge=1, le=1000)) -> Response:
+        return _json(await approvals.list(caller_of(request), status, limit), request)
+
+    @app.get("/v1/approvals/{execution_id}", summary="One approval request and its votes")
+    async def show_approval(execution_id: str, request: Request) -> Response:
+        return _json(await approvals.show(caller_of(request), execution_id), request)
+
+    @app.post("/v1/approvals/{execution_id}/approve", summary="Vote to approve (approvers)")
+    async def approve(execution_id: str, request: Request) -> Response:
+        caller = caller_of(request)
+        body = await read_body(request, settings.max_body_bytes)
+        return _json(await approvals.vote(caller, execution_id, "approve", body), request)
+
+    @app.post("/v1/approvals/{execution_id}/deny", summary="Vote to deny (approvers)")
+    async def deny(execution_id: str, request: Request) -> Response:
+        caller = caller_of(request)
+        body = await read_body(request, settings.max_body_bytes)
+        return _json(await approvals.vote(caller, execution_id, "deny", body), request)
 
     @app.get("/v1/surfaces/{surface}", summary="A surface as the active policy registers it")
     def surface(surface: str, request: Request) -> Response:

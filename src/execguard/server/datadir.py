@@ -181,14 +181,20 @@ class DataDir:
         return SignerSource(self, store, recheck_seconds)
 
     def create_api_key(self, store: SQLiteStore, tenant: str, role: str = "agent",
-                       label: str | None = None) -> str:
+                       label: str | None = None, groups: tuple[str, ...] = ()) -> str:
         """Create and store (hashed) a new API key for an existing tenant; return its text."""
         if role not in ROLES:
             raise ConfigError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        if groups and role != "approver":
+            raise ConfigError("only approver keys belong to approver groups (--role approver)")
+        for group in groups:
+            if not group or not all(c.isalnum() or c in "-_" for c in group):
+                raise ConfigError(f"group {group!r} is not a group name")
         if not store.tenant_exists(tenant):
             raise ConfigError(f"tenant {tenant!r} does not exist")
         key = new_api_key()
-        store.add_api_key(ApiKeyRecord(hash_api_key(key), tenant, role, label, now_text()))
+        store.add_api_key(ApiKeyRecord(hash_api_key(key), tenant, role, label, now_text(),
+                                       tuple(groups)))
         return key
 
     def initialise(self) -> InitResult:

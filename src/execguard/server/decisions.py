@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from execguard.arbiter import CompiledBundle, compute_facts
+from execguard.arbiter import CompiledBundle, Evaluation, compute_facts
 from execguard.arbiter.registry import SurfaceSpec
-from execguard.ledger import FactReader, PreparedDecision, Reservation
+from execguard.ledger import ApprovalRequest, FactReader, PreparedDecision, Reservation
 from execguard.protocol.canonical import canonical_sha256
 from execguard.protocol.outcome import PROTOCOL_VERSION, Outcome, format_timestamp
 from execguard.protocol.receipt import seal_receipt
@@ -24,8 +24,8 @@ from execguard.protocol.request import ExecutionRequest
 from execguard.protocol.signing import Signer
 from execguard.protocol.token import execution_token_claims, issue_execution_token
 
-__all__ = ["DecisionInput", "NoHistory", "facts_for", "jsonable_facts", "prepare_decision",
-           "units_of"]
+__all__ = ["DecisionInput", "NoHistory", "build_decision", "facts_for", "jsonable_facts",
+           "prepare_decision", "units_of"]
 
 #: Reservations and sums are kept in units of 10**-4: Cedar decimal's scale, so exact.
 UNITS = 10_000
@@ -46,6 +46,12 @@ class DecisionInput:
     now: float
     authority_id: str
     token_ttl_seconds: int
+    #: Who asked (an API key hash): an ESCALATE opens an approval that it cannot vote on.
+    requester_key: str = ""
+    #: Set when this decision resolves an escalation: its quorum approved.
+    approved: bool = False
+    #: The receipt hash of the ESCALATE this decision resolves, if it does.
+    resolves: str | None = None
 
 
 def units_of(value: Any) -> int | None:
@@ -104,9 +110,15 @@ def _reservation(spec: SurfaceSpec, request: ExecutionRequest, now: float,
 def prepare_decision(given: DecisionInput, signer: Signer,
                      reader: FactReader | None) -> PreparedDecision:
     """Evaluate, then build the receipt fields, the stored row and the answer."""
+    facts = facts_for(given.spec, given.request, given.now, reader)
+    evaluation = given.compiled.evaluate(given.request, facts, approved=given.approved)
+    return build_decision(given, evaluation, facts, signer)
+
+
+def build_decision(given: DecisionInput, evaluation: Evaluation, facts: Mapping[str, Any],
+                   signer: Signer) -> PreparedDecision:
+    """The receipt fields, stored row and answer of an evaluation (no evaluating here)."""
     request, moment = given.request, datetime.fromtimestamp(given.now, UTC)
-    facts = facts_for(given.spec, request, given.now, reader)
-    evaluation = given.compiled.evaluate(request, facts)
     real = evaluation.outcome
     decision = Outcome.PERMIT if given.mode == "observe" else real
     stored_facts = jsonable_facts(facts)
@@ -124,6 +136,7 @@ def prepare_decision(given: DecisionInput, signer: Signer,
         "executionMode": given.mode,
         "wouldDecision": real.value if given.mode == "observe" else None,
         "factsDigest": canonical_sha256(stored_facts),
+        "resolves": given.resolves,
         "protocolVersion": PROTOCOL_VERSION,
         "authorityId": given.authority_id,
         "subjectDigest": request.subject_digest,
@@ -141,6 +154,17 @@ def prepare_decision(given: DecisionInput, signer: Signer,
     }
     if given.mode == "observe":
         response["would_decision"] = real.value
+    approval = None
+    if real is Outcome.ESCALATE and given.mode == "enforce" and evaluation.approval:
+        expires = given.now + given.spec.approval_expiry_seconds
+        approval = ApprovalRequest(given.requester_key, evaluation.approval.approvers,
+                                   evaluation.approval.quorum, expires)
+        response["approval"] = {
+            "id": given.execution_id, "status": "pending",
+            "approvers": approval.approvers, "quorum": approval.quorum,
+            "expiresAt": format_timestamp(datetime.fromtimestamp(expires, UTC))}
+    if given.resolves is not None:
+        response["resolves"] = given.resolves
     reservation = None
     if decision is Outcome.PERMIT and given.mode == "enforce":
         claims = execution_token_claims(
@@ -162,7 +186,7 @@ def prepare_decision(given: DecisionInput, signer: Signer,
                  "request_hash": given.request_hash,
                  "request": {**given.normalized, "executionMode": given.mode,
                              "facts": stored_facts}}
-    return PreparedDecision(seal, execution, response, reservation)
+    return PreparedDecision(seal, execution, response, reservation, approval)
 
 
 class NoHistory:

@@ -69,6 +69,8 @@ class Caller:
     tenant: str
     role: str
     key_hash: str
+    label: str | None = None
+    groups: tuple[str, ...] = ()
 
 
 class Gateway:
@@ -99,7 +101,7 @@ class Gateway:
             raise AuthError("the API key is not valid")
         if consumer is not None and consumer.strip() and consumer.strip() != record.tenant:
             raise Forbidden("X-Consumer names a different tenant than the API key")
-        return Caller(record.tenant, record.role, record.key_hash)
+        return Caller(record.tenant, record.role, record.key_hash, record.label, record.groups)
 
     # -- policy ------------------------------------------------------------------------
 
@@ -147,7 +149,7 @@ class Gateway:
         key = request.idempotency_key
         if key is None:
             return await self._decide_once(tenant, request, compiled, spec, normalized,
-                                           digest, mode, signer)
+                                           digest, mode, signer, caller.key_hash)
         slot = (tenant, key)
         while True:
             replay = self._replay(tenant, key, digest, mode)
@@ -162,7 +164,7 @@ class Gateway:
         self._inflight[slot] = done
         try:
             return await self._decide_once(tenant, request, compiled, spec, normalized,
-                                           digest, mode, signer)
+                                           digest, mode, signer, caller.key_hash)
         finally:
             del self._inflight[slot]
             done.set_result(None)
@@ -179,11 +181,11 @@ class Gateway:
     async def _decide_once(self, tenant: str, request: ExecutionRequest,
                            compiled: CompiledBundle, spec: SurfaceSpec,
                            normalized: Mapping[str, Any], digest: str, mode: str,
-                           signer: Signer) -> dict[str, Any]:
+                           signer: Signer, requester_key: str) -> dict[str, Any]:
         now = self.clock()
         given = DecisionInput(tenant, request, spec, compiled, normalized, digest, mode,
                               str(uuid.uuid4()), now, self.settings.authority_id,
-                              self.settings.token_ttl_seconds)
+                              self.settings.token_ttl_seconds, requester_key=requester_key)
         claim = None
         if request.idempotency_key is not None:
             claim = IdempotencyClaim(request.idempotency_key, digest, mode,
@@ -199,7 +201,8 @@ class Gateway:
             entry = PendingEntry(tenant=tenant, kind="decision",
                                  execution_id=given.execution_id, seal=prepared.seal,
                                  execution=prepared.execution, response=prepared.response,
-                                 idempotency=claim, reservation=prepared.reservation)
+                                 idempotency=claim, reservation=prepared.reservation,
+                                 approval=prepared.approval)
         result = await self.committer.submit(entry)
         if isinstance(result, Committed):
             assert result.response is not None
@@ -217,7 +220,11 @@ class Gateway:
             raise NotFound(f"no execution {execution_id!r} for this tenant")
         story = self.store.execution_log(caller.tenant, execution_id)
         consumed = [e.receipt for e in story if e.kind == "consume"]
+        approval = self.store.approval(caller.tenant, execution_id)
         return {**explain_record(record),
+                "decisions": [e.receipt for e in story if e.kind == "decision"],
+                "approvalVotes": [e.receipt for e in story if e.kind == "approval-vote"],
+                "approvalStatus": approval.status if approval else None,
                 "consumption": consumed[0] if consumed else None,
                 "refusedConsumptions": [e.receipt for e in story
                                         if e.kind == "consume-refused"]}

@@ -1,0 +1,95 @@
+"""Approval requests and votes in the SQLite ledger (the SQL; the rules live in sqlite.py).
+
+Votes and resolutions are also signed receipts in the log: these rows are the
+index the API reads, the log is the evidence.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Mapping
+from typing import Any
+
+from execguard.ledger.records import ApprovalRecord, ApprovalRequest, Vote, VoteRecord
+
+__all__ = [
+    "approval_row",
+    "close_approval",
+    "count_votes",
+    "has_voted",
+    "list_approvals",
+    "open_approval",
+    "record_vote",
+    "resolve_execution",
+]
+
+
+def open_approval(conn: sqlite3.Connection, tenant: str, execution_id: str,
+                  execution: Mapping[str, Any], request: ApprovalRequest, now: str) -> None:
+    conn.execute("INSERT INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, NULL)",
+                 (execution_id, tenant, execution["surface"], execution["actor_id"],
+                  request.requester_key, request.approvers, request.quorum, now,
+                  request.expires_at))
+
+
+def approval_row(conn: sqlite3.Connection, tenant: str,
+                 execution_id: str) -> tuple[str, int, float] | None:
+    row = conn.execute("SELECT status, quorum, expires_at FROM approvals WHERE tenant = ?"
+                       " AND execution_id = ?", (tenant, execution_id)).fetchone()
+    return (row[0], int(row[1]), float(row[2])) if row else None
+
+
+def has_voted(conn: sqlite3.Connection, execution_id: str, voter_key: str) -> bool:
+    return conn.execute("SELECT 1 FROM approval_votes WHERE execution_id = ? AND voter_key = ?",
+                        (execution_id, voter_key)).fetchone() is not None
+
+
+def record_vote(conn: sqlite3.Connection, execution_id: str, vote: Vote, now: str,
+                log_index: int) -> None:
+    conn.execute("INSERT INTO approval_votes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (execution_id, vote.voter_key, vote.voter, vote.vote, vote.comment, now,
+                  log_index))
+
+
+def count_votes(conn: sqlite3.Connection, execution_id: str) -> tuple[int, int]:
+    row = conn.execute("SELECT SUM(vote = 'APPROVE'), SUM(vote = 'DENY') FROM approval_votes"
+                       " WHERE execution_id = ?", (execution_id,)).fetchone()
+    return int(row[0] or 0), int(row[1] or 0)
+
+
+def resolve_execution(conn: sqlite3.Connection, execution_id: str,
+                      execution: Mapping[str, Any], response: Mapping[str, Any]) -> None:
+    """The execution's current state becomes its resolution (both receipts stay in the log)."""
+    conn.execute("UPDATE executions SET decision = ?, reason_code = ?, policy_version = ?,"
+                 " response = ? WHERE execution_id = ?",
+                 (execution["decision"], execution["reason_code"], execution["policy_version"],
+                  json.dumps(response, ensure_ascii=False, separators=(",", ":")),
+                  execution_id))
+
+
+def close_approval(conn: sqlite3.Connection, execution_id: str, status: str, now: str) -> None:
+    conn.execute("UPDATE approvals SET status = ?, resolved_at = ? WHERE execution_id = ?",
+                 (status, now, execution_id))
+
+
+def list_approvals(conn: sqlite3.Connection, tenant: str, status: str | None, limit: int,
+                   execution_id: str | None = None) -> list[ApprovalRecord]:
+    where, params = ["tenant = ?"], [tenant]
+    if status is not None:
+        where.append("status = ?")
+        params.append(status)
+    if execution_id is not None:
+        where.append("execution_id = ?")
+        params.append(execution_id)
+    rows = conn.execute(
+        "SELECT execution_id, tenant, surface, actor_id, requester_key, approvers, quorum,"
+        f" status, created_at, expires_at, resolved_at FROM approvals WHERE {' AND '.join(where)}"
+        " ORDER BY created_at DESC, execution_id LIMIT ?", (*params, limit)).fetchall()
+    records = []
+    for row in rows:
+        votes = tuple(VoteRecord(*v) for v in conn.execute(
+            "SELECT voter_key, voter, vote, comment, created_at, log_index FROM approval_votes"
+            " WHERE execution_id = ? ORDER BY log_index", (row[0],)))
+        records.append(ApprovalRecord(*row, votes=votes))
+    return records

@@ -1,0 +1,123 @@
+"""The SQLite ledger's schema and its upgrades (applied at open, inside a write transaction)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from execguard.protocol.logentry import receipt_leaf_hash
+from execguard.protocol.merkle import CompactRange
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "upgrade"]
+
+SCHEMA_VERSION = 3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_hash TEXT PRIMARY KEY, tenant TEXT NOT NULL REFERENCES tenants(name),
+    role TEXT NOT NULL, label TEXT, created_at TEXT NOT NULL, groups TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS signing_keys (
+    key_id TEXT PRIMARY KEY, public_pem TEXT NOT NULL, status TEXT NOT NULL,
+    created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS bundles (
+    tenant TEXT NOT NULL, version TEXT NOT NULL, files TEXT NOT NULL, created_at TEXT NOT NULL,
+    PRIMARY KEY (tenant, version));
+CREATE TABLE IF NOT EXISTS active_bundles (
+    tenant TEXT PRIMARY KEY, version TEXT NOT NULL, activated_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS log (
+    tenant TEXT NOT NULL, idx INTEGER NOT NULL, kind TEXT NOT NULL, execution_id TEXT NOT NULL,
+    receipt TEXT NOT NULL, receipt_hash TEXT NOT NULL, prev_hash TEXT, entry_hash TEXT NOT NULL,
+    leaf_hash BLOB NOT NULL, PRIMARY KEY (tenant, idx)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS log_by_execution ON log (tenant, execution_id, kind);
+CREATE TABLE IF NOT EXISTS merkle_nodes (
+    tenant TEXT NOT NULL, level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
+    PRIMARY KEY (tenant, level, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    tenant TEXT NOT NULL, size INTEGER NOT NULL, root BLOB NOT NULL, note TEXT NOT NULL,
+    key_id TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (tenant, size)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS executions (
+    execution_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, log_index INTEGER NOT NULL,
+    surface TEXT NOT NULL, actor_id TEXT, decision TEXT NOT NULL, reason_code TEXT NOT NULL,
+    policy_version TEXT, created_at TEXT NOT NULL, request_hash TEXT NOT NULL,
+    request TEXT NOT NULL, response TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS executions_by_time ON executions (tenant, created_at);
+CREATE TABLE IF NOT EXISTS outcomes (
+    execution_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, log_index INTEGER NOT NULL,
+    receipt TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL, mode TEXT NOT NULL,
+    execution_id TEXT NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (tenant, key));
+CREATE TABLE IF NOT EXISTS reservations (
+    execution_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, surface TEXT NOT NULL,
+    actor TEXT NOT NULL, reserved_at REAL NOT NULL, expires_at REAL NOT NULL,
+    consumed INTEGER NOT NULL DEFAULT 0, released INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS reservations_by_actor
+    ON reservations (tenant, surface, actor, reserved_at);
+CREATE INDEX IF NOT EXISTS reservations_by_surface ON reservations (tenant, surface, reserved_at);
+CREATE TABLE IF NOT EXISTS reservation_amounts (
+    execution_id TEXT NOT NULL, field TEXT NOT NULL, units INTEGER NOT NULL,
+    PRIMARY KEY (execution_id, field)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS approvals (
+    execution_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, surface TEXT NOT NULL, actor_id TEXT,
+    requester_key TEXT NOT NULL, approvers TEXT NOT NULL, quorum INTEGER NOT NULL,
+    status TEXT NOT NULL, created_at TEXT NOT NULL, expires_at REAL NOT NULL,
+    resolved_at TEXT);
+CREATE INDEX IF NOT EXISTS approvals_by_status ON approvals (tenant, status, expires_at);
+CREATE TABLE IF NOT EXISTS approval_votes (
+    execution_id TEXT NOT NULL, voter_key TEXT NOT NULL, voter TEXT, vote TEXT NOT NULL,
+    comment TEXT, created_at TEXT NOT NULL, log_index INTEGER NOT NULL,
+    PRIMARY KEY (execution_id, voter_key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS webhooks (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, url TEXT NOT NULL, secret TEXT NOT NULL,
+    format TEXT NOT NULL, events TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS log_no_update BEFORE UPDATE ON log
+    BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS log_no_delete BEFORE DELETE ON log
+    BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS merkle_nodes_no_update BEFORE UPDATE ON merkle_nodes
+    BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS merkle_nodes_no_delete BEFORE DELETE ON merkle_nodes
+    BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS checkpoints_no_update BEFORE UPDATE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS checkpoints_no_delete BEFORE DELETE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
+"""
+
+
+def upgrade(conn: sqlite3.Connection, version: int) -> None:
+    """Bring a database of ``version`` up to :data:`SCHEMA_VERSION` (before SCHEMA runs)."""
+    if version < 2:
+        _upgrade_1_to_2(conn)
+    if version < 3:
+        _upgrade_2_to_3(conn)
+
+
+def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
+    """Version 2 adds the Merkle tree: compute leaf and node hashes for the existing log."""
+    conn.execute("ALTER TABLE log ADD COLUMN leaf_hash BLOB NOT NULL DEFAULT x''")
+    conn.execute("DROP TRIGGER IF EXISTS log_no_update")
+    for statement in SCHEMA.split(";\n"):
+        if statement.strip() and "merkle_nodes (" in statement:
+            conn.execute(statement)
+    tenants = [r[0] for r in conn.execute("SELECT DISTINCT tenant FROM log")]
+    for tenant in tenants:
+        tree = CompactRange()
+        rows = conn.execute("SELECT idx, receipt FROM log WHERE tenant = ? ORDER BY idx",
+                            (tenant,)).fetchall()
+        for index, receipt in rows:
+            leaf = receipt_leaf_hash(tenant, json.loads(receipt))
+            conn.execute("UPDATE log SET leaf_hash = ? WHERE tenant = ? AND idx = ?",
+                         (leaf, tenant, index))
+            conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?)",
+                             [(tenant, *node) for node in tree.append(leaf)])
+
+
+
+def _upgrade_2_to_3(conn: sqlite3.Connection) -> None:
+    """Version 3 gives API keys their approver groups."""
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(api_keys)")]
+    if "groups" not in columns:
+        conn.execute("ALTER TABLE api_keys ADD COLUMN groups TEXT NOT NULL DEFAULT ''")

@@ -1,0 +1,202 @@
+"""Escalations resolved by people: votes, quorum, and the re-evaluation that follows.
+
+An ESCALATE opens an approval bound to its execution, and so to the exact
+request (its hash). Approvers vote with their own API keys (role ``approver``,
+member of the policy's ``@approvers`` group); the requester, by key or by
+actor, never votes on its own request. Every vote is a signed receipt. When
+the quorum approves, the stored request is evaluated again under the policy
+active then, with the escalation satisfied: a hard forbid that fires
+meanwhile still denies; otherwise it becomes a PERMIT of the same execution,
+with a token, consumed once like any other. A DENY vote resolves to DENY; an
+expired approval to SILENCE. All of this happens inside the ledger's write
+lock, with stateful limits read from live reservations.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from execguard.arbiter import Evaluation
+from execguard.ledger import (
+    ApprovalRecord,
+    Committed,
+    Conflicted,
+    ExecutionRecord,
+    FactReader,
+    GroupCommitter,
+    PendingEntry,
+    PreparedDecision,
+    SQLiteStore,
+    Vote,
+)
+from execguard.protocol.canonical import sha256_hex
+from execguard.protocol.errors import Conflict, Forbidden, MalformedRequest, NotFound
+from execguard.protocol.outcome import PROTOCOL_VERSION, Outcome, format_timestamp
+from execguard.protocol.receipt import seal_receipt
+from execguard.protocol.request import ExecutionRequest, describe, parse_json_object
+from execguard.server.decisions import DecisionInput, build_decision, prepare_decision
+from execguard.server.gateway import Caller, Gateway, SigningKeys
+from execguard.server.settings import Settings
+
+__all__ = ["Approvals", "approval_json"]
+
+VOTES = {"approve": "APPROVE", "deny": "DENY"}
+
+
+def _when(epoch: float) -> str:
+    return format_timestamp(datetime.fromtimestamp(epoch, UTC))
+
+
+def approval_json(record: ApprovalRecord) -> dict[str, Any]:
+    """An approval as the API shows it (comments included; receipts hold only digests)."""
+    return {
+        "id": record.execution_id, "executionId": record.execution_id,
+        "surface": record.surface, "actorId": record.actor_id, "status": record.status,
+        "approvers": record.approvers, "quorum": record.quorum,
+        "createdAt": record.created_at, "expiresAt": _when(record.expires_at),
+        "resolvedAt": record.resolved_at,
+        "votes": [{"voter": v.voter, "vote": v.vote, "comment": v.comment,
+                   "at": v.created_at, "logIndex": v.log_index} for v in record.votes],
+    }
+
+
+class Approvals:
+    """The approval API's logic; votes and resolutions go through the group commit."""
+
+    def __init__(self, settings: Settings, store: SQLiteStore, committer: GroupCommitter,
+                 signers: SigningKeys, gateway: Gateway, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.committer = committer
+        self.signers = signers
+        self.gateway = gateway
+        self.clock = clock
+
+    def _record(self, tenant: str, execution_id: str) -> tuple[ApprovalRecord, ExecutionRecord]:
+        approval = self.store.approval(tenant, execution_id)
+        execution = self.store.get_execution(tenant, execution_id)
+        if approval is None or execution is None:
+            raise NotFound(f"no approval {execution_id!r} for this tenant")
+        return approval, execution
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def list(self, caller: Caller, status: str | None, limit: int) -> dict[str, Any]:
+        """The tenant's approvals, expiring the overdue ones first."""
+        await self.expire_due(caller.tenant)
+        return {"approvals": [approval_json(r) for r in
+                              self.store.approvals(caller.tenant, status, limit)]}
+
+    async def show(self, caller: Caller, execution_id: str) -> dict[str, Any]:
+        """One approval and where its execution stands now."""
+        await self.expire_due(caller.tenant, execution_id)
+        approval, execution = self._record(caller.tenant, execution_id)
+        return {**approval_json(approval), "decision": execution.decision,
+                "reasonCode": execution.reason_code}
+
+    # -- voting ------------------------------------------------------------------------
+
+    async def vote(self, caller: Caller, execution_id: str, choice: str,
+                   body: bytes) -> dict[str, Any]:
+        """Record an approver's vote; the quorum or a DENY resolves the escalation."""
+        data = parse_json_object(body) if body.strip() else {}
+        comment = data.get("comment")
+        if comment is not None and (not isinstance(comment, str) or len(comment) > 2000):
+            raise MalformedRequest("comment", "a string of at most 2,000 characters",
+                                   describe(comment))
+        approval, execution = self._record(caller.tenant, execution_id)
+        if caller.role != "approver" or approval.approvers not in caller.groups:
+            raise Forbidden(f"this API key is not an approver for group {approval.approvers!r}"
+                            " (create one with 'execguard keys create --role approver "
+                            f"--group {approval.approvers}')")
+        if caller.key_hash == approval.requester_key or \
+                (caller.label is not None and caller.label == approval.actor_id):
+            raise Forbidden("the requester cannot approve its own request")
+        signer = self.signers.current()
+        fields = {
+            "receiptType": "approval", "executionId": execution_id,
+            "vote": VOTES[choice], "approvers": approval.approvers,
+            "voter": caller.label, "voterKey": caller.key_hash[:16],
+            "commentDigest": sha256_hex(comment.encode()) if comment else None,
+            "decisionReceiptHash": execution.receipt["receiptHash"],
+            "surface": execution.surface, "actorId": execution.actor_id,
+            "timestamp": _when(self.clock()), "protocolVersion": PROTOCOL_VERSION,
+            "authorityId": self.settings.authority_id,
+        }
+        vote = Vote(caller.key_hash, caller.label, VOTES[choice], comment,
+                    lambda index: seal_receipt({**fields, "logIndex": index}, signer))
+        result = await self.committer.submit(PendingEntry(
+            tenant=caller.tenant, kind="approval-vote", execution_id=execution_id,
+            seal=_unused, vote=vote, resolve=self._resolver(caller.tenant, execution)))
+        if isinstance(result, Conflicted):
+            raise Conflict(_CONFLICTS.get(result.code, result.code).format(id=execution_id))
+        assert isinstance(result, Committed)
+        approval, execution = self._record(caller.tenant, execution_id)
+        return {"approval": approval_json(approval), "receipt": result.receipt,
+                "decision": execution.decision,
+                "resolution": dict(result.response) if result.response else None}
+
+    async def expire_due(self, tenant: str | None = None,
+                         execution_id: str | None = None) -> int:
+        """Resolve overdue approvals to SILENCE; return how many."""
+        count = 0
+        for due_tenant, due_id in self.store.due_approvals(self.clock()):
+            if (tenant and due_tenant != tenant) or (execution_id and due_id != execution_id):
+                continue
+            execution = self.store.get_execution(due_tenant, due_id)
+            if execution is None:  # pragma: no cover - written together
+                continue
+            result = await self.committer.submit(PendingEntry(
+                tenant=due_tenant, kind="approval-expire", execution_id=due_id, seal=_unused,
+                resolve=self._resolver(due_tenant, execution)))
+            count += isinstance(result, Conflicted) and result.code == "approval_expired"
+        return count
+
+    # -- resolution (runs inside the ledger's write lock) --------------------------------
+
+    def _resolver(self, tenant: str, execution: ExecutionRecord
+                  ) -> Callable[[FactReader, str], PreparedDecision]:
+        signer = self.signers.current()
+        stored = execution.request
+        request = ExecutionRequest(
+            surface=execution.surface, action=stored.get("action"),
+            actor_id=stored.get("actorId"), context=stored.get("context") or {},
+            signals=stored.get("signals") or {}, subject_digest=stored.get("subjectDigest"))
+        bundle, compiled = self.gateway.active_bundle(tenant)
+        spec = bundle.registry.get(execution.surface)
+        normalized = {k: v for k, v in stored.items() if k not in ("executionMode", "facts")}
+
+        def resolve(reader: FactReader, how: str) -> PreparedDecision:
+            given = DecisionInput(
+                tenant, request, spec, compiled, normalized, execution.request_hash,
+                "enforce", execution.execution_id, self.clock(), self.settings.authority_id,
+                self.settings.token_ttl_seconds, approved=True,
+                resolves=execution.receipt["receiptHash"])
+            if how == "approved" and spec is not None:
+                return prepare_decision(given, signer, reader)
+            code, outcome, reason = {
+                "denied": ("APPROVAL_DENIED", Outcome.DENY, "An approver denied this request."),
+                "expired": ("APPROVAL_EXPIRED", Outcome.SILENCE,
+                            "No approval came before the escalation expired."),
+            }.get(how, ("EVALUATION_ERROR", Outcome.SILENCE,
+                        "The surface is no longer in the active policy."))
+            evaluation = Evaluation(outcome, code, reason, (), compiled.version)
+            return build_decision(given, evaluation, {}, signer)
+        return resolve
+
+
+_CONFLICTS = {
+    "already_voted": "this API key already voted on approval {id}",
+    "approval_approved": "approval {id} is already resolved (approved)",
+    "approval_denied": "approval {id} is already resolved (denied)",
+    "approval_expired": "approval {id} expired before this vote; it resolved to SILENCE",
+    "no_approval": "execution {id} has no approval request",
+}
+
+
+def _unused(index: int) -> dict[str, Any]:  # pragma: no cover - votes seal their own receipt
+    raise AssertionError("an approval step seals its receipts itself")

@@ -1,0 +1,178 @@
+"""ESCALATE with approvals, through the real HTTP API with separate API keys."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from execguard.arbiter import demo_bundle_path
+from execguard.verify import KeySet, verify_receipt
+from tests.conftest import Gateway, api_key_from, run_cli
+
+PAY = {"currency": "EUR", "beneficiary": "Acme Office Supplies"}
+EXPORT = {"row_count": 500, "destination": "partner", "contains_pii": True}
+
+
+def approver(gateway: Gateway, group: str, label: str) -> str:
+    return api_key_from(run_cli("keys", "create", "--tenant", "demo", "--role", "approver",
+                                "--group", group, "--label", label, data=gateway.data).stdout)
+
+
+def escalate(client: httpx.Client, actor: str = "bob", amount: int = 20_000,
+             key: str | None = None) -> dict[str, Any]:
+    headers = {"Idempotency-Key": key} if key else {}
+    answer = client.post("/execute", headers=headers, json={
+        "surface": "payment.execute", "actorId": actor,
+        "context": {**PAY, "amount": amount}}).json()
+    assert answer["decision"] == "ESCALATE", answer
+    return answer
+
+
+def vote(gateway: Gateway, key: str, execution_id: str, choice: str = "approve",
+         comment: str = "checked") -> httpx.Response:
+    with gateway.client(api_key=key) as client:
+        return client.post(f"/v1/approvals/{execution_id}/{choice}", json={"comment": comment})
+
+
+def test_an_approval_turns_the_escalation_into_a_single_use_permit(
+        fresh_gateway: Gateway) -> None:
+    alice = approver(fresh_gateway, "finance", "alice")
+    key = f"pay-{uuid.uuid4()}"
+    with fresh_gateway.client() as client:
+        answer = escalate(client, key=key)
+        approval = answer["approval"]
+        assert (approval["status"], approval["approvers"], approval["quorum"]) == \
+            ("pending", "finance", 1)
+        assert "execution_token" not in answer
+        listed = client.get("/v1/approvals", params={"status": "pending"}).json()["approvals"]
+        assert [a["id"] for a in listed] == [answer["execution_id"]]
+
+        voted = vote(fresh_gateway, alice, answer["execution_id"])
+        assert voted.status_code == 200
+        body = voted.json()
+        keys = KeySet.from_document(client.get("/.well-known/trigguard/keys.json").json())
+        verify_receipt(body["receipt"], keys)
+        assert body["receipt"]["receiptType"] == "approval"
+        assert body["receipt"]["vote"] == "APPROVE" and body["receipt"]["voter"] == "alice"
+        assert body["approval"]["status"] == "approved"
+        resolution = body["resolution"]
+        assert (resolution["decision"], resolution["reasonCode"]) == ("PERMIT", "APPROVED")
+        verify_receipt(resolution["receipt"], keys)
+        assert resolution["receipt"]["resolves"] == answer["receipt"]["receiptHash"]
+        assert resolution["receipt"]["requestHash"] == answer["receipt"]["requestHash"]
+
+        # Polling the execution, or re-sending with the same key, gives the resolution.
+        polled = client.get(f"/v1/executions/{answer['execution_id']}").json()
+        assert polled["decision"] == "PERMIT" and polled["approvalStatus"] == "approved"
+        assert [d["decision"] for d in polled["decisions"]] == ["ESCALATE", "PERMIT"]
+        again = client.post("/execute", headers={"Idempotency-Key": key}, json={
+            "surface": "payment.execute", "actorId": "bob",
+            "context": {**PAY, "amount": 20_000}}).json()
+        assert again["decision"] == "PERMIT" and again["execution_token"]
+
+        # The approval authorizes exactly one execution of exactly that request.
+        digest = answer["receipt"]["requestHash"]
+        consume = f"/v1/permits/{answer['execution_id']}/consume"
+        assert client.post(consume, json={"requestHash": "0" * 64}).json()["error"] == \
+            "request_mismatch"
+        assert client.post(consume, json={"requestHash": digest}).status_code == 200
+        assert client.post(consume, json={"requestHash": digest}).json()["error"] == \
+            "permit_already_consumed"
+        # A second, identical request is a new execution and needs its own approval.
+        assert escalate(client)["execution_id"] != answer["execution_id"]
+        assert vote(fresh_gateway, alice, answer["execution_id"]).status_code == 409
+
+
+def test_who_may_vote(fresh_gateway: Gateway) -> None:
+    bob_the_approver = approver(fresh_gateway, "finance", "bob")
+    outsider = approver(fresh_gateway, "privacy", "carol")
+    with fresh_gateway.client() as client:
+        answer = escalate(client, actor="bob")
+    execution_id = answer["execution_id"]
+    # The requester's own key, an approver of another group, the requester as approver.
+    own = vote(fresh_gateway, fresh_gateway.api_key, execution_id)
+    assert own.status_code == 403
+    assert vote(fresh_gateway, outsider, execution_id).status_code == 403
+    self_approval = vote(fresh_gateway, bob_the_approver, execution_id)
+    assert self_approval.status_code == 403
+    assert "own request" in self_approval.json()["message"]
+    with fresh_gateway.client() as client:
+        assert client.get(f"/v1/approvals/{execution_id}").json()["votes"] == []
+        assert client.get("/v1/approvals/nope").status_code == 404
+
+
+def test_a_quorum_of_two(fresh_gateway: Gateway) -> None:
+    first, second = approver(fresh_gateway, "privacy", "dana"), approver(
+        fresh_gateway, "privacy", "erin")
+    with fresh_gateway.client() as client:
+        answer = client.post("/execute", json={"surface": "data.export", "actorId": "bot",
+                                               "context": EXPORT}).json()
+    assert answer["decision"] == "ESCALATE" and answer["approval"]["quorum"] == 2
+    one = vote(fresh_gateway, first, answer["execution_id"]).json()
+    assert one["approval"]["status"] == "pending" and one["resolution"] is None
+    assert vote(fresh_gateway, first, answer["execution_id"]).status_code == 409  # no 2nd vote
+    two = vote(fresh_gateway, second, answer["execution_id"]).json()
+    assert two["approval"]["status"] == "approved"
+    assert two["resolution"]["decision"] == "PERMIT"
+
+
+def test_a_deny_vote_resolves_to_deny(fresh_gateway: Gateway) -> None:
+    alice = approver(fresh_gateway, "finance", "alice")
+    with fresh_gateway.client() as client:
+        answer = escalate(client)
+    denied = vote(fresh_gateway, alice, answer["execution_id"], "deny", "not budgeted").json()
+    assert denied["approval"]["status"] == "denied"
+    assert (denied["resolution"]["decision"], denied["resolution"]["reasonCode"]) == \
+        ("DENY", "APPROVAL_DENIED")
+
+
+def test_a_hard_deny_that_fires_meanwhile_stays_deny(fresh_gateway: Gateway,
+                                                     tmp_path: Path) -> None:
+    alice = approver(fresh_gateway, "finance", "alice")
+    with fresh_gateway.client() as client:
+        answer = escalate(client)
+    # While the request waits, the beneficiary lands on the sanctions list.
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle_path(), bundle)
+    sanctions = bundle / "policies" / "sanctions.cedar"
+    sanctions.write_text(sanctions.read_text().replace(
+        '"Count Olaf Imports (fictional)"', '"Count Olaf Imports (fictional)",\n    '
+        '"Acme Office Supplies"'))
+    version = run_cli("policy", "push", str(bundle), "--activate",
+                      data=fresh_gateway.data).stdout.strip().splitlines()[-1]
+    resolved = vote(fresh_gateway, alice, answer["execution_id"]).json()["resolution"]
+    assert (resolved["decision"], resolved["reasonCode"]) == ("DENY", "SANCTIONED_BENEFICIARY")
+    assert resolved["policyVersion"] == version
+
+
+@pytest.fixture
+def quick_expiry(tmp_path: Path) -> Any:
+    bundle = tmp_path / "quick"
+    shutil.copytree(demo_bundle_path(), bundle)
+    surfaces = bundle / "surfaces.toml"
+    surfaces.write_text(surfaces.read_text().replace('approval_expiry = "24h"',
+                                                     'approval_expiry = "2s"'))
+    return bundle
+
+
+def test_an_expired_approval_resolves_to_silence(fresh_gateway: Gateway,
+                                                 quick_expiry: Path) -> None:
+    run_cli("policy", "push", str(quick_expiry), "--activate", data=fresh_gateway.data)
+    alice = approver(fresh_gateway, "finance", "alice")
+    with fresh_gateway.client() as client:
+        answer = escalate(client)
+        time.sleep(2.5)
+        late = vote(fresh_gateway, alice, answer["execution_id"])
+        assert late.status_code == 409 and "expired" in late.json()["message"]
+        polled = client.get(f"/v1/executions/{answer['execution_id']}").json()
+        assert (polled["decision"], polled["reasonCode"]) == ("SILENCE", "APPROVAL_EXPIRED")
+        assert polled["approvalStatus"] == "expired"
+        consume = client.post(f"/v1/permits/{answer['execution_id']}/consume",
+                              json={"requestHash": answer["receipt"]["requestHash"]})
+        assert consume.json()["error"] == "not_permitted"
