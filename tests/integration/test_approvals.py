@@ -176,3 +176,79 @@ def test_an_expired_approval_resolves_to_silence(fresh_gateway: Gateway,
         consume = client.post(f"/v1/permits/{answer['execution_id']}/consume",
                               json={"requestHash": answer["receipt"]["requestHash"]})
         assert consume.json()["error"] == "not_permitted"
+
+
+class Receiver:
+    """A real local HTTP server that records the webhook deliveries it gets."""
+
+    def __init__(self, status: int = 200) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.deliveries: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.deliveries.append((dict(self.headers), body))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(self.deliveries) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.deliveries) >= count, self.deliveries
+
+
+def test_webhooks_are_signed_and_a_failing_one_blocks_nothing(fresh_gateway: Gateway) -> None:
+    import json as jsonlib
+
+    from execguard.server.webhooks import sign_payload
+
+    good, slack, broken = Receiver(), Receiver(), Receiver(status=500)
+    try:
+        run_cli("webhooks", "add", good.url, "--secret", "s3cret", data=fresh_gateway.data)
+        run_cli("webhooks", "add", slack.url, "--format", "slack", "--event",
+                "approval.requested", data=fresh_gateway.data)
+        run_cli("webhooks", "add", broken.url, data=fresh_gateway.data)
+        run_cli("webhooks", "add", "http://127.0.0.1:9/nowhere", data=fresh_gateway.data)
+        alice = approver(fresh_gateway, "finance", "alice")
+        with fresh_gateway.client() as client:
+            started = time.monotonic()
+            answer = escalate(client)
+            assert time.monotonic() - started < 5  # nobody waited for the receivers
+        good.wait_for(1)
+        headers, body = good.deliveries[0]
+        assert headers["X-ExecGuard-Event"] == "approval.requested"
+        assert headers["X-ExecGuard-Signature"] == sign_payload(
+            "s3cret", headers["X-ExecGuard-Timestamp"], body)
+        event = jsonlib.loads(body)
+        assert event["approval"]["id"] == answer["execution_id"]
+        assert event["approval"]["approvers"] == "finance"
+
+        env = {"EXECGUARD_URL": fresh_gateway.url, "EXECGUARD_API_KEY": alice}
+        listed = run_cli("approvals", "list", "--json", env=env).stdout
+        assert answer["execution_id"] in listed
+        run_cli("approvals", "approve", answer["execution_id"], "--comment", "ok", env=env)
+        shown = jsonlib.loads(run_cli("approvals", "show", answer["execution_id"], "--json",
+                                      env=env).stdout)
+        assert shown["status"] == "approved" and shown["decision"] == "PERMIT"
+        good.wait_for(2)
+        resolved = jsonlib.loads(good.deliveries[1][1])
+        assert resolved["event"] == "approval.resolved" and resolved["decision"] == "PERMIT"
+        slack.wait_for(1)
+        assert "finance" in jsonlib.loads(slack.deliveries[0][1])["text"]
+        assert len(slack.deliveries) == 1  # it asked for approval.requested only
+        broken.wait_for(2)  # retried, and nothing waited for it
+    finally:
+        for receiver in (good, slack, broken):
+            receiver.server.shutdown()

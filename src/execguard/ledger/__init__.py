@@ -26,6 +26,7 @@ from execguard.ledger.records import (
     SigningKeyRecord,
     Vote,
     VoteRecord,
+    WebhookRecord,
 )
 from execguard.ledger.sqlite import SQLiteStore
 from execguard.ledger.store import LedgerStore
@@ -53,4 +54,5 @@ __all__ = [
     "SigningKeyRecord",
     "Vote",
     "VoteRecord",
+    "WebhookRecord",
 ]

@@ -14,11 +14,13 @@ from typing import Any
 from execguard.ledger.records import ApprovalRecord, ApprovalRequest, Vote, VoteRecord
 
 __all__ = [
+    "add_webhook",
     "approval_row",
     "close_approval",
     "count_votes",
     "has_voted",
     "list_approvals",
+    "list_webhooks",
     "open_approval",
     "record_vote",
     "resolve_execution",
@@ -93,3 +95,15 @@ def list_approvals(conn: sqlite3.Connection, tenant: str, status: str | None, li
             " WHERE execution_id = ? ORDER BY log_index", (row[0],)))
         records.append(ApprovalRecord(*row, votes=votes))
     return records
+
+
+def add_webhook(conn: sqlite3.Connection, target: Any) -> None:
+    conn.execute("INSERT INTO webhooks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (target.id, target.tenant, target.url, target.secret, target.format,
+                  ",".join(target.events), target.created_at))
+
+
+def list_webhooks(conn: sqlite3.Connection, tenant: str) -> list[tuple[Any, ...]]:
+    return conn.execute("SELECT id, tenant, url, secret, format, events, created_at FROM"
+                        " webhooks WHERE tenant = ? ORDER BY created_at, id",
+                        (tenant,)).fetchall()

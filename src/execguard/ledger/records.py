@@ -26,6 +26,7 @@ __all__ = [
     "SigningKeyRecord",
     "Vote",
     "VoteRecord",
+    "WebhookRecord",
 ]
 
 #: Builds the sealed receipt once the ledger knows the entry's log index.
@@ -165,6 +166,19 @@ class PendingEntry:
     #: For votes and ``kind == "approval-expire"``: how the escalation resolves, called
     #: under the write lock with ``"approved"``, ``"denied"`` or ``"expired"``.
     resolve: Callable[[FactReader, str], PreparedDecision] | None = None
+
+
+@dataclass(frozen=True)
+class WebhookRecord:
+    """A receiver of a tenant's approval events (``format``: json or slack)."""
+
+    id: str
+    tenant: str
+    url: str
+    secret: str
+    format: str
+    events: tuple[str, ...]
+    created_at: str
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from execguard.ledger._sqlite_approvals import (
+    add_webhook,
     approval_row,
     close_approval,
     count_votes,
     has_voted,
     list_approvals,
+    list_webhooks,
     open_approval,
     record_vote,
     resolve_execution,
@@ -51,6 +53,7 @@ from execguard.ledger.records import (
     PendingEntry,
     Replayed,
     SigningKeyRecord,
+    WebhookRecord,
 )
 from execguard.protocol.chain import entry_hash
 from execguard.protocol.errors import ConfigError, NotFound, StorageUnavailable
@@ -486,6 +489,24 @@ class SQLiteStore:
         with translate_errors("reading an approval"):
             found = list_approvals(self._conn, tenant, None, 1, execution_id)
         return found[0] if found else None
+
+    def add_webhook(self, record: WebhookRecord) -> None:
+        """Register a receiver of the tenant's approval events."""
+        with self._write("storing a webhook") as conn:
+            add_webhook(conn, record)
+
+    def remove_webhook(self, tenant: str, webhook_id: str) -> bool:
+        """Forget a webhook; False if the tenant has none with this id."""
+        with self._write("removing a webhook") as conn:
+            return conn.execute("DELETE FROM webhooks WHERE tenant = ? AND id = ?",
+                                (tenant, webhook_id)).rowcount == 1
+
+    def webhooks(self, tenant: str) -> list[WebhookRecord]:
+        """The tenant's webhooks."""
+        with translate_errors("reading webhooks"):
+            rows = list_webhooks(self._conn, tenant)
+        return [WebhookRecord(r[0], r[1], r[2], r[3], r[4], tuple(r[5].split(",")), r[6])
+                for r in rows]
 
     def due_approvals(self, now_epoch: float) -> list[tuple[str, str]]:
         """(tenant, execution id) of pending approvals past their expiry."""

@@ -34,6 +34,7 @@ from execguard.server.openapi import EXECUTE_REQUEST_SCHEMA
 from execguard.server.permits import Permits
 from execguard.server.settings import Settings
 from execguard.server.transparency import Transparency
+from execguard.server.webhooks import Notifier
 
 __all__ = ["create_app"]
 
@@ -76,6 +77,8 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
     transparency = Transparency(settings, store, signers)
     permits = Permits(settings, store, committer, signers)
     approvals = Approvals(settings, store, committer, signers, gateway)
+    notifier = Notifier(store.webhooks)
+    gateway.notify = notifier.notify
 
     async def forget_expired_idempotency_keys() -> None:
         # Expired keys are already ignored by lookups; this only keeps the table small.
@@ -118,6 +121,7 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
         finally:
             for task in background:
                 task.cancel()
+            await notifier.drain()
             # In-flight requests have finished when uvicorn runs this: drain and stop,
             # then checkpoint what was committed last.
             committer.stop()

@@ -136,6 +136,8 @@ class Approvals:
             raise Conflict(_CONFLICTS.get(result.code, result.code).format(id=execution_id))
         assert isinstance(result, Committed)
         approval, execution = self._record(caller.tenant, execution_id)
+        if result.response:
+            self._resolved(caller.tenant, approval, execution)
         return {"approval": approval_json(approval), "receipt": result.receipt,
                 "decision": execution.decision,
                 "resolution": dict(result.response) if result.response else None}
@@ -153,8 +155,17 @@ class Approvals:
             result = await self.committer.submit(PendingEntry(
                 tenant=due_tenant, kind="approval-expire", execution_id=due_id, seal=_unused,
                 resolve=self._resolver(due_tenant, execution)))
-            count += isinstance(result, Conflicted) and result.code == "approval_expired"
+            if isinstance(result, Conflicted) and result.code == "approval_expired":
+                count += 1
+                approval, execution = self._record(due_tenant, due_id)
+                self._resolved(due_tenant, approval, execution)
         return count
+
+    def _resolved(self, tenant: str, approval: ApprovalRecord,
+                  execution: ExecutionRecord) -> None:
+        self.gateway.notify(tenant, "approval.resolved", {
+            "executionId": execution.execution_id, "decision": execution.decision,
+            "reasonCode": execution.reason_code, "approval": approval_json(approval)})
 
     # -- resolution (runs inside the ledger's write lock) --------------------------------
 

@@ -86,6 +86,8 @@ class Gateway:
         self._bundles: dict[tuple[str, str], tuple[PolicyBundle, CompiledBundle]] = {}
         self._bundles_lock = threading.Lock()
         self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
+        #: ``notify(tenant, event, payload)``: approval events for webhooks (never raises).
+        self.notify: Callable[[str, str, Mapping[str, Any]], None] = lambda *_: None
 
     # -- authentication ----------------------------------------------------------------
 
@@ -206,7 +208,14 @@ class Gateway:
         result = await self.committer.submit(entry)
         if isinstance(result, Committed):
             assert result.response is not None
-            return dict(result.response)
+            answer = dict(result.response)
+            if "approval" in answer:
+                self.notify(tenant, "approval.requested", {
+                    "executionId": given.execution_id, "decision": answer["decision"],
+                    "reason": answer["reason"],
+                    "approval": {**answer["approval"], "surface": request.surface,
+                                 "actorId": request.actor_id}})
+            return answer
         if isinstance(result, Replayed):
             return dict(result.record.response)
         raise IdempotencyKeyReuse(request.idempotency_key or "")

@@ -1,0 +1,108 @@
+"""Webhooks: approvers hear about new and resolved approvals. They never decide anything.
+
+Deliveries run in background tasks after the fact: a slow or failing receiver
+never blocks or unblocks a request, and its failures are retried with
+backoff, then logged. Each delivery is signed so the receiver can tell it came
+from this gateway and was not replayed:
+
+    X-ExecGuard-Timestamp: <unix seconds>
+    X-ExecGuard-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>
+
+``format = "slack"`` sends a Slack-compatible ``{"text": ...}`` message instead of
+the JSON event (same signature headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from execguard.ledger import WebhookRecord
+
+__all__ = ["EVENTS", "Notifier", "sign_payload"]
+
+log = logging.getLogger("execguard.webhooks")
+
+EVENTS = ("approval.requested", "approval.resolved")
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def sign_payload(secret: str, timestamp: str, body: bytes) -> str:
+    """The signature header value for a delivery."""
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+def _slack_text(event: str, payload: Mapping[str, Any]) -> str:
+    approval = payload.get("approval", {})
+    who = approval.get("actorId") or "an anonymous actor"
+    if event == "approval.requested":
+        return (f":raised_hand: {approval.get('surface')} by {who} needs {approval.get('quorum')}"
+                f" approval(s) from *{approval.get('approvers')}* "
+                f"(id `{approval.get('id')}`, expires {approval.get('expiresAt')}).")
+    return (f":white_check_mark: approval `{approval.get('id')}` for {approval.get('surface')} "
+            f"resolved: *{approval.get('status')}* -> {payload.get('decision')}.")
+
+
+class Notifier:
+    """Sends events to the tenant's webhooks in the background, with retries."""
+
+    def __init__(self, targets: Any, *, timeout: float = 5.0,
+                 delays: tuple[float, ...] = RETRY_DELAYS) -> None:
+        #: ``targets(tenant) -> list[WebhookRecord]`` (read when an event happens).
+        self._targets = targets
+        self._timeout = timeout
+        self._delays = delays
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def notify(self, tenant: str, event: str, payload: Mapping[str, Any]) -> None:
+        """Schedule deliveries and return at once; never raises."""
+        try:
+            targets = [t for t in self._targets(tenant) if event in t.events]
+        except Exception as exc:  # a webhook problem must never affect a decision
+            log.warning("webhooks of tenant %s unavailable: %s", tenant, exc)
+            return
+        for target in targets:
+            task = asyncio.get_running_loop().create_task(self._deliver(target, event, payload))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, target: WebhookRecord, event: str,
+                       payload: Mapping[str, Any]) -> None:
+        document: Any = {"event": event, **payload}
+        if target.format == "slack":
+            document = {"text": _slack_text(event, payload)}
+        body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+        async with httpx.AsyncClient(timeout=self._timeout) as client:
+            for attempt, delay in enumerate((0.0, *self._delays)):
+                await asyncio.sleep(delay)
+                stamp = str(int(time.time()))
+                headers = {"Content-Type": "application/json", "X-ExecGuard-Event": event,
+                           "X-ExecGuard-Timestamp": stamp,
+                           "X-ExecGuard-Signature": sign_payload(target.secret, stamp, body)}
+                try:
+                    response = await client.post(target.url, content=body, headers=headers)
+                    if response.status_code < 300:
+                        return
+                    problem = f"HTTP {response.status_code}"
+                except httpx.HTTPError as exc:
+                    problem = str(exc) or exc.__class__.__name__
+                log.warning("webhook %s to %s failed (attempt %d): %s", event, target.url,
+                            attempt + 1, problem)
+        log.error("webhook %s to %s gave up after %d attempts", event, target.url,
+                  len(self._delays) + 1)
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """At shutdown: let deliveries in flight finish for a moment, then give up on them."""
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
