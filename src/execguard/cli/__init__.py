@@ -11,14 +11,14 @@ import sys
 
 import typer
 
-from execguard.cli import approvals, evidence, policy, proxy, run, setup
+from execguard.cli import approvals, evidence, policy, proxy, run, setup, shadow
 from execguard.cli._common import app
 from execguard.protocol.errors import ExecGuardError
 
 __all__ = ["app", "main"]
 
 # Imported for their commands, which register themselves on ``app``.
-_COMMAND_MODULES = (setup, policy, evidence, run, proxy, approvals)
+_COMMAND_MODULES = (setup, policy, evidence, run, proxy, approvals, shadow)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,6 +69,15 @@ CREATE TABLE IF NOT EXISTS approval_votes (
     execution_id TEXT NOT NULL, voter_key TEXT NOT NULL, voter TEXT, vote TEXT NOT NULL,
     comment TEXT, created_at TEXT NOT NULL, log_index INTEGER NOT NULL,
     PRIMARY KEY (execution_id, voter_key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS shadow_bundles (
+    tenant TEXT PRIMARY KEY, version TEXT NOT NULL, started_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shadow_disagreements (
+    execution_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, surface TEXT NOT NULL,
+    active_version TEXT, shadow_version TEXT NOT NULL, active_decision TEXT NOT NULL,
+    active_reason TEXT NOT NULL, shadow_decision TEXT NOT NULL, shadow_reason TEXT NOT NULL,
+    created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS shadow_by_version
+    ON shadow_disagreements (tenant, shadow_version, created_at);
 CREATE TABLE IF NOT EXISTS webhooks (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, url TEXT NOT NULL, secret TEXT NOT NULL,
     format TEXT NOT NULL, events TEXT NOT NULL, created_at TEXT NOT NULL);

@@ -393,6 +393,15 @@ class SQLiteStore:
             if approval is not None:
                 open_approval(conn, entry.tenant, entry.execution_id, row, approval,
                               receipt["timestamp"])
+            shadow = row.get("shadow")
+            if shadow and (shadow["decision"], shadow["reason"]) != \
+                    (row["decision"], row["reason_code"]):
+                conn.execute("INSERT INTO shadow_disagreements VALUES"
+                             " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (entry.execution_id, entry.tenant, row["surface"],
+                              row["policy_version"], shadow["version"], row["decision"],
+                              row["reason_code"], shadow["decision"], shadow["reason"],
+                              receipt["timestamp"]))
             if claim is not None:
                 conn.execute(
                     "INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT"
@@ -489,6 +498,43 @@ class SQLiteStore:
         with translate_errors("reading an approval"):
             found = list_approvals(self._conn, tenant, None, 1, execution_id)
         return found[0] if found else None
+
+    def set_shadow(self, tenant: str, version: str | None, now: str) -> None:
+        """Evaluate ``version`` beside the active policy on live traffic (None: stop)."""
+        with self._write("setting the shadow policy") as conn:
+            if version is None:
+                conn.execute("DELETE FROM shadow_bundles WHERE tenant = ?", (tenant,))
+                return
+            if conn.execute("SELECT 1 FROM bundles WHERE tenant = ? AND version = ?",
+                            (tenant, version)).fetchone() is None:
+                raise NotFound(f"policy version {version} is not stored for tenant {tenant!r}")
+            conn.execute("INSERT INTO shadow_bundles VALUES (?, ?, ?) ON CONFLICT (tenant)"
+                         " DO UPDATE SET version = excluded.version,"
+                         " started_at = excluded.started_at", (tenant, version, now))
+
+    def shadow_version(self, tenant: str) -> str | None:
+        """The tenant's shadow policy version, or None."""
+        with translate_errors("reading the shadow policy"):
+            row = self._conn.execute("SELECT version FROM shadow_bundles WHERE tenant = ?",
+                                     (tenant,)).fetchone()
+        return row[0] if row else None
+
+    def shadow_disagreements(self, tenant: str, version: str | None = None,
+                             limit: int = 10000) -> list[dict[str, Any]]:
+        """Decisions where the shadow policy would have decided differently, newest first."""
+        sql = ("SELECT execution_id, surface, active_version, shadow_version, active_decision,"
+               " active_reason, shadow_decision, shadow_reason, created_at FROM"
+               " shadow_disagreements WHERE tenant = ?")
+        params: tuple[Any, ...] = (tenant,)
+        if version is not None:
+            sql += " AND shadow_version = ?"
+            params += (version,)
+        keys = ("executionId", "surface", "activeVersion", "shadowVersion", "activeDecision",
+                "activeReason", "shadowDecision", "shadowReason", "timestamp")
+        with translate_errors("reading shadow disagreements"):
+            rows = self._conn.execute(sql + " ORDER BY created_at DESC LIMIT ?",
+                                      (*params, limit)).fetchall()
+        return [dict(zip(keys, row, strict=True)) for row in rows]
 
     def add_webhook(self, record: WebhookRecord) -> None:
         """Register a receiver of the tenant's approval events."""

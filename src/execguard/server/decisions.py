@@ -52,6 +52,8 @@ class DecisionInput:
     approved: bool = False
     #: The receipt hash of the ESCALATE this decision resolves, if it does.
     resolves: str | None = None
+    #: A candidate policy evaluated beside the active one; it never changes the outcome.
+    shadow: CompiledBundle | None = None
 
 
 def units_of(value: Any) -> int | None:
@@ -112,7 +114,21 @@ def prepare_decision(given: DecisionInput, signer: Signer,
     """Evaluate, then build the receipt fields, the stored row and the answer."""
     facts = facts_for(given.spec, given.request, given.now, reader)
     evaluation = given.compiled.evaluate(given.request, facts, approved=given.approved)
-    return build_decision(given, evaluation, facts, signer)
+    prepared = build_decision(given, evaluation, facts, signer)
+    if given.shadow is not None:
+        prepared.execution["shadow"] = _shadow(given, facts)
+    return prepared
+
+
+def _shadow(given: DecisionInput, facts: Mapping[str, Any]) -> dict[str, Any]:
+    """What the candidate would decide; a candidate that cannot evaluate says so."""
+    assert given.shadow is not None
+    try:
+        other = given.shadow.evaluate(given.request, facts, approved=given.approved)
+        decision, reason = other.outcome.value, other.reason_code
+    except Exception as exc:  # the shadow policy must never affect a decision
+        decision, reason = Outcome.SILENCE.value, f"SHADOW_ERROR: {type(exc).__name__}"
+    return {"version": given.shadow.version, "decision": decision, "reason": reason}
 
 
 def build_decision(given: DecisionInput, evaluation: Evaluation, facts: Mapping[str, Any],
@@ -180,7 +196,7 @@ def build_decision(given: DecisionInput, evaluation: Evaluation, facts: Mapping[
     def seal(index: int) -> dict[str, Any]:
         return seal_receipt({**fields, "logIndex": index}, signer)
 
-    execution = {"surface": request.surface, "actor_id": request.actor_id,
+    execution: dict[str, Any] = {"surface": request.surface, "actor_id": request.actor_id,
                  "decision": decision.value, "reason_code": evaluation.reason_code,
                  "policy_version": evaluation.policy_version,
                  "request_hash": given.request_hash,

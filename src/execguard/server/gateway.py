@@ -114,6 +114,9 @@ class Gateway:
             raise ServiceUnavailable(
                 f"tenant {tenant!r} has no active policy bundle: push and activate one "
                 "with 'execguard policy push' and 'execguard policy activate'")
+        return self._compiled(tenant, version)
+
+    def _compiled(self, tenant: str, version: str) -> tuple[PolicyBundle, CompiledBundle]:
         cached = self._bundles.get((tenant, version))
         if cached is not None:
             return cached
@@ -125,6 +128,17 @@ class Gateway:
             compiled = (bundle, CompiledBundle(bundle))
             self._bundles[(tenant, version)] = compiled
             return compiled
+
+    def _shadow_bundle(self, tenant: str, surface: str) -> CompiledBundle | None:
+        """The tenant's shadow candidate, if it has one that knows the surface."""
+        version = self.store.shadow_version(tenant)
+        if version is None:
+            return None
+        try:
+            _, compiled = self._compiled(tenant, version)
+        except ServiceUnavailable:
+            return None
+        return compiled if compiled.registry.get(surface) is not None else None
 
     def _surface(self, bundle: PolicyBundle, surface: str) -> SurfaceSpec:
         spec = bundle.registry.get(surface)
@@ -187,7 +201,8 @@ class Gateway:
         now = self.clock()
         given = DecisionInput(tenant, request, spec, compiled, normalized, digest, mode,
                               str(uuid.uuid4()), now, self.settings.authority_id,
-                              self.settings.token_ttl_seconds, requester_key=requester_key)
+                              self.settings.token_ttl_seconds, requester_key=requester_key,
+                              shadow=self._shadow_bundle(tenant, spec.name))
         claim = None
         if request.idempotency_key is not None:
             claim = IdempotencyClaim(request.idempotency_key, digest, mode,

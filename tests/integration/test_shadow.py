@@ -1,0 +1,50 @@
+"""Shadow mode: a candidate policy on live traffic, recorded but never in effect."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from execguard.arbiter import demo_bundle_path
+from tests.conftest import Gateway, run_cli
+
+PAY = {"currency": "EUR", "beneficiary": "Acme Office Supplies"}
+
+
+def test_shadow_disagreements_are_recorded_without_changing_decisions(
+        fresh_gateway: Gateway, tmp_path: Path) -> None:
+    candidate = tmp_path / "candidate"
+    shutil.copytree(demo_bundle_path(), candidate)
+    payments = candidate / "policies" / "payments.cedar"
+    payments.write_text(payments.read_text().replace('decimal("10000.0")', 'decimal("1000.0")'))
+    version = run_cli("policy", "push", str(candidate),
+                      data=fresh_gateway.data).stdout.strip().splitlines()[-1]
+    run_cli("policy", "shadow", version, data=fresh_gateway.data)
+    amounts = [100, 500, 2_000, 5_000, 9_000, 20_000]
+    with fresh_gateway.client() as client:
+        answers = [client.post("/execute", json={
+            "surface": "payment.execute", "actorId": f"a{i}",
+            "context": {**PAY, "amount": amount}}).json()
+            for i, amount in enumerate(amounts)]
+    # The active policy decided, as if no shadow existed.
+    assert [a["decision"] for a in answers] == ["PERMIT"] * 5 + ["ESCALATE"]
+    report = json.loads(run_cli("policy", "shadow-report", "--json",
+                                data=fresh_gateway.data).stdout)
+    assert report["disagreements"] == 3
+    (group,) = report["groups"]
+    assert group["from"] == "PERMIT (WITHIN_LIMIT)"
+    assert group["to"] == "ESCALATE (HIGH_VALUE_PAYMENT)"
+    assert set(group["examples"]) <= {a["execution_id"] for a in answers[2:5]}
+    table = run_cli("policy", "shadow-report", data=fresh_gateway.data).stdout
+    assert "3 disagreement(s)" in table
+
+    run_cli("policy", "shadow", "--off", data=fresh_gateway.data)
+    with fresh_gateway.client() as client:
+        client.post("/execute", json={"surface": "payment.execute", "actorId": "later",
+                                      "context": {**PAY, "amount": 3_000}})
+    again = json.loads(run_cli("policy", "shadow-report", "--json",
+                               data=fresh_gateway.data).stdout)
+    assert again["disagreements"] == 3
+    missing = run_cli("policy", "shadow", "0" * 64, data=fresh_gateway.data, check=False)
+    assert missing.returncode == 1 and "not stored" in missing.stderr
