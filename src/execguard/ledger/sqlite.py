@@ -14,35 +14,32 @@ sleeps (SQLite's own busy handler sleeps in millisecond steps and doubles p99).
 
 from __future__ import annotations
 
-import base64
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from execguard.ledger._sqlite_admin import AdminMixin
 from execguard.ledger._sqlite_approvals import (
-    add_webhook,
     approval_row,
     close_approval,
     count_votes,
     has_voted,
     list_approvals,
-    list_webhooks,
     open_approval,
     record_vote,
     resolve_execution,
 )
 from execguard.ledger._sqlite_facts import TxnFacts, reserve
 from execguard.ledger._sqlite_schema import SCHEMA, SCHEMA_VERSION, upgrade
+from execguard.ledger._sqlite_util import dumps, translate_errors
 from execguard.ledger.records import (
-    ApiKeyRecord,
     ApprovalRecord,
-    BundleRecord,
     CheckpointRecord,
     CommitResult,
     Committed,
@@ -52,11 +49,9 @@ from execguard.ledger.records import (
     LogEntry,
     PendingEntry,
     Replayed,
-    SigningKeyRecord,
-    WebhookRecord,
 )
 from execguard.protocol.chain import entry_hash
-from execguard.protocol.errors import ConfigError, NotFound, StorageUnavailable
+from execguard.protocol.errors import ConfigError, StorageUnavailable
 from execguard.protocol.logentry import receipt_leaf_hash
 from execguard.protocol.merkle import (
     CompactRange,
@@ -79,20 +74,7 @@ class _Head:
     tree: CompactRange
 
 
-@contextmanager
-def translate_errors(what: str) -> Iterator[None]:
-    """Turn every ``sqlite3`` error into :class:`StorageUnavailable` (one seam)."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        raise StorageUnavailable(f"{what} failed: {exc}") from exc
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-class SQLiteStore:
+class SQLiteStore(AdminMixin):
     """The ledger in one SQLite file. Thread-safe; usable by several processes."""
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
@@ -194,115 +176,6 @@ class SQLiteStore:
             self._connections.clear()
         self._local = threading.local()
 
-    # -- tenants and keys --------------------------------------------------------------
-
-    def create_tenant(self, name: str, now: str) -> bool:
-        """Create a tenant; False if it already exists."""
-        with self._write("creating a tenant") as conn:
-            cur = conn.execute("INSERT OR IGNORE INTO tenants VALUES (?, ?)", (name, now))
-            return cur.rowcount == 1
-
-    def tenant_exists(self, name: str) -> bool:
-        """Whether the tenant exists."""
-        with translate_errors("reading tenants"):
-            row = self._conn.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone()
-        return row is not None
-
-    def add_api_key(self, record: ApiKeyRecord) -> None:
-        """Store an API key by its hash."""
-        if not self.tenant_exists(record.tenant):
-            raise NotFound(f"tenant {record.tenant!r} does not exist")
-        with self._write("storing an API key") as conn:
-            conn.execute("INSERT INTO api_keys (key_hash, tenant, role, label, created_at,"
-                         " groups) VALUES (?, ?, ?, ?, ?, ?)",
-                         (record.key_hash, record.tenant, record.role, record.label,
-                          record.created_at, ",".join(record.groups)))
-
-    def lookup_api_key(self, key_hash: str) -> ApiKeyRecord | None:
-        """The API key with this hash, or None."""
-        with translate_errors("reading API keys"):
-            row = self._conn.execute(
-                "SELECT key_hash, tenant, role, label, created_at, groups FROM api_keys"
-                " WHERE key_hash = ?", (key_hash,)).fetchone()
-        if row is None:
-            return None
-        return ApiKeyRecord(*row[:5], groups=tuple(g for g in row[5].split(",") if g))
-
-    def add_signing_key(self, record: SigningKeyRecord) -> None:
-        """Publish a public signing key."""
-        with self._write("storing a signing key") as conn:
-            conn.execute("INSERT INTO signing_keys VALUES (?, ?, ?, ?)",
-                         (record.key_id, record.public_pem, record.status, record.created_at))
-
-    def rotate_signing_key(self, record: SigningKeyRecord) -> list[str]:
-        """Publish ``record`` as the only active key; return the ids of the keys it retires."""
-        with self._write("rotating the signing key") as conn:
-            retired = [r[0] for r in conn.execute(
-                "SELECT key_id FROM signing_keys WHERE status = 'active'")]
-            conn.execute("UPDATE signing_keys SET status = 'retired' WHERE status = 'active'")
-            conn.execute("INSERT INTO signing_keys VALUES (?, ?, ?, ?)",
-                         (record.key_id, record.public_pem, "active", record.created_at))
-        return retired
-
-    def signing_keys(self) -> list[SigningKeyRecord]:
-        """Every published key, oldest first."""
-        with translate_errors("reading signing keys"):
-            rows = self._conn.execute(
-                "SELECT key_id, public_pem, status, created_at FROM signing_keys"
-                " ORDER BY created_at, key_id").fetchall()
-        return [SigningKeyRecord(*row) for row in rows]
-
-    # -- policy bundles ----------------------------------------------------------------
-
-    def put_bundle(self, tenant: str, version: str, files: Mapping[str, bytes],
-                   now: str) -> bool:
-        """Store an immutable bundle; False if the version is already stored."""
-        encoded = _dumps({path: base64.b64encode(data).decode("ascii")
-                          for path, data in sorted(files.items())})
-        with self._write("storing a policy bundle") as conn:
-            cur = conn.execute("INSERT OR IGNORE INTO bundles VALUES (?, ?, ?, ?)",
-                               (tenant, version, encoded, now))
-            return cur.rowcount == 1
-
-    def get_bundle(self, tenant: str, version: str) -> BundleRecord | None:
-        """The bundle with its files, or None."""
-        with translate_errors("reading a policy bundle"):
-            row = self._conn.execute(
-                "SELECT b.files, b.created_at, a.version IS NOT NULL FROM bundles b"
-                " LEFT JOIN active_bundles a ON a.tenant = b.tenant AND a.version = b.version"
-                " WHERE b.tenant = ? AND b.version = ?", (tenant, version)).fetchone()
-        if row is None:
-            return None
-        files = {path: base64.b64decode(data) for path, data in json.loads(row[0]).items()}
-        return BundleRecord(tenant, version, row[1], bool(row[2]), files)
-
-    def list_bundles(self, tenant: str) -> list[BundleRecord]:
-        """The tenant's bundles, oldest first."""
-        with translate_errors("listing policy bundles"):
-            rows = self._conn.execute(
-                "SELECT b.version, b.created_at, a.version IS NOT NULL FROM bundles b"
-                " LEFT JOIN active_bundles a ON a.tenant = b.tenant AND a.version = b.version"
-                " WHERE b.tenant = ? ORDER BY b.created_at, b.version", (tenant,)).fetchall()
-        return [BundleRecord(tenant, version, created, bool(active))
-                for version, created, active in rows]
-
-    def activate_bundle(self, tenant: str, version: str, now: str) -> None:
-        """Make a stored version the tenant's active one."""
-        with self._write("activating a policy bundle") as conn:
-            if conn.execute("SELECT 1 FROM bundles WHERE tenant = ? AND version = ?",
-                            (tenant, version)).fetchone() is None:
-                raise NotFound(f"policy version {version} is not stored for tenant {tenant!r}")
-            conn.execute("INSERT INTO active_bundles VALUES (?, ?, ?) ON CONFLICT (tenant)"
-                         " DO UPDATE SET version = excluded.version,"
-                         " activated_at = excluded.activated_at", (tenant, version, now))
-
-    def active_bundle_version(self, tenant: str) -> str | None:
-        """The tenant's active policy version, or None."""
-        with translate_errors("reading the active policy"):
-            row = self._conn.execute("SELECT version FROM active_bundles WHERE tenant = ?",
-                                     (tenant,)).fetchone()
-        return row[0] if row else None
-
     # -- the log -----------------------------------------------------------------------
 
     def commit_batch(self, entries: Sequence[PendingEntry],
@@ -386,8 +259,8 @@ class SQLiteStore:
                 "INSERT INTO executions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (entry.execution_id, entry.tenant, index, row["surface"], row["actor_id"],
                  row["decision"], row["reason_code"], row["policy_version"],
-                 receipt["timestamp"], row["request_hash"], _dumps(row["request"]),
-                 _dumps(response)))
+                 receipt["timestamp"], row["request_hash"], dumps(row["request"]),
+                 dumps(response)))
             if reservation is not None:
                 reserve(conn, entry.tenant, entry.execution_id, reservation)
             if approval is not None:
@@ -412,7 +285,7 @@ class SQLiteStore:
                      entry.execution_id, claim.expires_at))
         elif entry.kind == "outcome":
             conn.execute("INSERT INTO outcomes VALUES (?, ?, ?, ?)",
-                         (entry.execution_id, entry.tenant, index, _dumps(receipt)))
+                         (entry.execution_id, entry.tenant, index, dumps(receipt)))
             if receipt.get("outcome") == "FAILURE":  # a failed execution frees its share
                 conn.execute("UPDATE reservations SET released = 1 WHERE execution_id = ?",
                              (entry.execution_id,))
@@ -432,7 +305,7 @@ class SQLiteStore:
         chained = entry_hash(index, head.prev, digest)
         leaf = receipt_leaf_hash(tenant, receipt)
         conn.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     (tenant, index, kind, execution_id, _dumps(receipt), digest, head.prev,
+                     (tenant, index, kind, execution_id, dumps(receipt), digest, head.prev,
                       chained, leaf))
         conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?)",
                          [(tenant, *node) for node in head.tree.append(leaf)])
@@ -498,61 +371,6 @@ class SQLiteStore:
         with translate_errors("reading an approval"):
             found = list_approvals(self._conn, tenant, None, 1, execution_id)
         return found[0] if found else None
-
-    def set_shadow(self, tenant: str, version: str | None, now: str) -> None:
-        """Evaluate ``version`` beside the active policy on live traffic (None: stop)."""
-        with self._write("setting the shadow policy") as conn:
-            if version is None:
-                conn.execute("DELETE FROM shadow_bundles WHERE tenant = ?", (tenant,))
-                return
-            if conn.execute("SELECT 1 FROM bundles WHERE tenant = ? AND version = ?",
-                            (tenant, version)).fetchone() is None:
-                raise NotFound(f"policy version {version} is not stored for tenant {tenant!r}")
-            conn.execute("INSERT INTO shadow_bundles VALUES (?, ?, ?) ON CONFLICT (tenant)"
-                         " DO UPDATE SET version = excluded.version,"
-                         " started_at = excluded.started_at", (tenant, version, now))
-
-    def shadow_version(self, tenant: str) -> str | None:
-        """The tenant's shadow policy version, or None."""
-        with translate_errors("reading the shadow policy"):
-            row = self._conn.execute("SELECT version FROM shadow_bundles WHERE tenant = ?",
-                                     (tenant,)).fetchone()
-        return row[0] if row else None
-
-    def shadow_disagreements(self, tenant: str, version: str | None = None,
-                             limit: int = 10000) -> list[dict[str, Any]]:
-        """Decisions where the shadow policy would have decided differently, newest first."""
-        sql = ("SELECT execution_id, surface, active_version, shadow_version, active_decision,"
-               " active_reason, shadow_decision, shadow_reason, created_at FROM"
-               " shadow_disagreements WHERE tenant = ?")
-        params: tuple[Any, ...] = (tenant,)
-        if version is not None:
-            sql += " AND shadow_version = ?"
-            params += (version,)
-        keys = ("executionId", "surface", "activeVersion", "shadowVersion", "activeDecision",
-                "activeReason", "shadowDecision", "shadowReason", "timestamp")
-        with translate_errors("reading shadow disagreements"):
-            rows = self._conn.execute(sql + " ORDER BY created_at DESC LIMIT ?",
-                                      (*params, limit)).fetchall()
-        return [dict(zip(keys, row, strict=True)) for row in rows]
-
-    def add_webhook(self, record: WebhookRecord) -> None:
-        """Register a receiver of the tenant's approval events."""
-        with self._write("storing a webhook") as conn:
-            add_webhook(conn, record)
-
-    def remove_webhook(self, tenant: str, webhook_id: str) -> bool:
-        """Forget a webhook; False if the tenant has none with this id."""
-        with self._write("removing a webhook") as conn:
-            return conn.execute("DELETE FROM webhooks WHERE tenant = ? AND id = ?",
-                                (tenant, webhook_id)).rowcount == 1
-
-    def webhooks(self, tenant: str) -> list[WebhookRecord]:
-        """The tenant's webhooks."""
-        with translate_errors("reading webhooks"):
-            rows = list_webhooks(self._conn, tenant)
-        return [WebhookRecord(r[0], r[1], r[2], r[3], r[4], tuple(r[5].split(",")), r[6])
-                for r in rows]
 
     def due_approvals(self, now_epoch: float) -> list[tuple[str, str]]:
         """(tenant, execution id) of pending approvals past their expiry."""

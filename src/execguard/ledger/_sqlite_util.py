@@ -1,0 +1,26 @@
+"""Shared by the SQLite ledger's modules: the one seam for driver errors, and JSON text."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from execguard.protocol.errors import StorageUnavailable
+
+__all__ = ["dumps", "translate_errors"]
+
+
+@contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Turn every ``sqlite3`` error into :class:`StorageUnavailable` (one seam)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StorageUnavailable(f"{what} failed: {exc}") from exc
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
