@@ -213,8 +213,13 @@ def _blocker(decision: str, execution_id: str) -> Any:
 
 def digest_result(value: Any) -> str:
     """``sha256:`` + hex of the result's canonical JSON (or of its ``repr`` if it has none)."""
+    # Called after the action ran: it must not fail, or a success would be reported as a
+    # failure and the caller would get an exception instead of the result.
     try:
         data = canonical_json(value)
-    except (CanonicalizationError, TypeError):
-        data = repr(value).encode("utf-8", errors="replace")
+    except (CanonicalizationError, TypeError, ValueError, RecursionError):
+        try:
+            data = repr(value).encode("utf-8", errors="replace")
+        except Exception:  # a broken __repr__
+            data = f"<{type(value).__qualname__} without a repr>".encode()
     return "sha256:" + hashlib.sha256(data).hexdigest()
