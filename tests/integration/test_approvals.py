@@ -252,3 +252,46 @@ def test_webhooks_are_signed_and_a_failing_one_blocks_nothing(fresh_gateway: Gat
     finally:
         for receiver in (good, slack, broken):
             receiver.server.shutdown()
+
+
+def test_the_sdk_waits_for_the_approvers_then_runs_once(fresh_gateway: Gateway) -> None:
+    import threading
+
+    from execguard.gate import ExecutionBlocked, Gate
+
+    alice = approver(fresh_gateway, "finance", "alice")
+    gate = Gate(fresh_gateway.url, fresh_gateway.api_key, timeout=5)
+    runs: list[int] = []
+
+    @gate.guard(surface="payment.execute", actor="bob", wait_for_approval=20,
+                context=lambda amount: {**PAY, "amount": amount})
+    def pay(amount: int) -> str:
+        runs.append(amount)
+        return "paid"
+
+    def approve_when_asked() -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with fresh_gateway.client(api_key=alice) as client:
+                pending = client.get("/v1/approvals", params={"status": "pending"}).json()
+            if pending["approvals"]:
+                vote(fresh_gateway, alice, pending["approvals"][0]["id"])
+                return
+            time.sleep(0.2)
+
+    voter = threading.Thread(target=approve_when_asked)
+    voter.start()
+    try:
+        assert pay(30_000) == "paid"
+    finally:
+        voter.join()
+    assert runs == [30_000]
+
+    impatient = Gate(fresh_gateway.url, fresh_gateway.api_key, timeout=5)
+    with pytest.raises(ExecutionBlocked) as blocked:
+        impatient.acquire("payment.execute", {**PAY, "amount": 31_000}, actor="carl",
+                          wait_for_approval=1)
+    assert blocked.value.decision == "ESCALATE"
+    assert runs == [30_000]
+    gate.close()
+    impatient.close()

@@ -64,8 +64,13 @@ class _Call:
     headers: Mapping[str, str] | None = None
 
 
+@dataclass(frozen=True)
+class _Sleep:
+    seconds: float
+
+
 _Answer = tuple[int, Any]
-_Flow = Generator[_Call, _Answer, Any]
+_Flow = Generator[Any, Any, Any]
 
 
 class _GateBase:
@@ -127,9 +132,23 @@ class _GateBase:
         self._surfaces[surface] = (now, fields)
         return fields
 
-    def _acquire_flow(self, prepared: PreparedRequest) -> Generator[_Call, _Answer, Permit]:
-        status, answer = yield _Call("POST", "/execute", prepared.body,
-                                     {"Idempotency-Key": prepared.idempotency_key})
+    def _acquire_flow(self, prepared: PreparedRequest,
+                      wait_for_approval: float = 0.0) -> Generator[Any, Any, Permit]:
+        execute = _Call("POST", "/execute", prepared.body,
+                        {"Idempotency-Key": prepared.idempotency_key})
+        status, answer = yield execute
+        if wait_for_approval > 0 and status == 200 and isinstance(answer, Mapping) \
+                and answer.get("decision") == "ESCALATE" and answer.get("approval"):
+            # Re-sending the same request with the same key returns its current state:
+            # the resolution once the approvers have voted (or the escalation expired).
+            deadline = time.monotonic() + wait_for_approval
+            delay = 0.25
+            while answer.get("decision") == "ESCALATE" and time.monotonic() < deadline:
+                yield _Sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 5.0)
+                status, answer = yield execute
+                if status != 200 or not isinstance(answer, Mapping):
+                    break
         if status != 200:
             message = answer.get("message") if isinstance(answer, Mapping) else None
             raise ExecutionBlocked(f"the gateway gave no decision (HTTP {status}"
@@ -198,13 +217,17 @@ class Gate(_GateBase):
 
     def _drive(self, flow: _Flow) -> Any:
         try:
-            call = next(flow)
+            step = next(flow)
             while True:
-                call = flow.send(self._send(call))
+                if isinstance(step, _Sleep):
+                    time.sleep(step.seconds)
+                    step = flow.send(None)
+                else:
+                    step = flow.send(self._send(step))
         except StopIteration as done:
             return done.value
 
-    def _within_timeout(self, work: Callable[[], T]) -> T:
+    def _within_timeout(self, work: Callable[[], T], extra: float = 0.0) -> T:
         """Run ``work`` (calls to the gateway) to its end within ``timeout`` seconds, or block.
 
         httpx's timeout bounds each socket operation, not a whole answer: a gateway that
@@ -223,20 +246,26 @@ class Gate(_GateBase):
 
         worker = threading.Thread(target=run, name="execguard-gate", daemon=True)
         worker.start()
-        worker.join(self.timeout)
+        worker.join(self.timeout + extra)
         if not done:
-            raise ExecutionBlocked(f"the gateway did not answer within {self.timeout:g} s")
+            raise ExecutionBlocked("the gateway did not answer within "
+                                   f"{self.timeout + extra:g} s")
         ok, value = done[0]
         if not ok:
             raise value
         return value  # type: ignore[no-any-return]
 
-    def acquire(self, surface: str, context: Mapping[str, Any] | None = None,
-                **request: Any) -> Permit:
+    def acquire(self, surface: str, context: Mapping[str, Any] | None = None, *,
+                wait_for_approval: float = 0.0, **request: Any) -> Permit:
         """Decide, verify and consume within ``timeout`` seconds: return a permit, or raise
-        :class:`ExecutionBlocked`."""
-        flow = self._acquire_flow(prepare(surface, context, **request))
-        return self._within_timeout(lambda: self._drive(flow))  # type: ignore[no-any-return]
+        :class:`ExecutionBlocked`.
+
+        ``wait_for_approval``: on ESCALATE, wait up to this many more seconds for the
+        approvers; an approved request then runs, anything else blocks.
+        """
+        flow = self._acquire_flow(prepare(surface, context, **request), wait_for_approval)
+        return self._within_timeout(  # type: ignore[no-any-return]
+            lambda: self._drive(flow), extra=wait_for_approval)
 
     def report(self, permit: Permit, ok: bool, latency_ms: int,
                result_digest: str | None = None) -> Mapping[str, Any] | None:
@@ -319,27 +348,36 @@ class AsyncGate(_GateBase):
 
     async def _drive(self, flow: _Flow) -> Any:
         try:
-            call = next(flow)
+            step = next(flow)
             while True:
-                call = flow.send(await self._send(call))
+                if isinstance(step, _Sleep):
+                    await asyncio.sleep(step.seconds)
+                    step = flow.send(None)
+                else:
+                    step = flow.send(await self._send(step))
         except StopIteration as done:
             return done.value
 
-    async def _within_timeout(self, work: Awaitable[T]) -> T:
+    async def _within_timeout(self, work: Awaitable[T], extra: float = 0.0) -> T:
         """Await ``work`` within ``timeout`` seconds in all (see ``Gate._within_timeout``)."""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout + extra):
                 return await work
         except TimeoutError:
-            raise ExecutionBlocked(f"the gateway did not answer within {self.timeout:g} s") \
-                from None
+            raise ExecutionBlocked("the gateway did not answer within "
+                                   f"{self.timeout + extra:g} s") from None
 
-    async def acquire(self, surface: str, context: Mapping[str, Any] | None = None,
-                      **request: Any) -> Permit:
+    async def acquire(self, surface: str, context: Mapping[str, Any] | None = None, *,
+                      wait_for_approval: float = 0.0, **request: Any) -> Permit:
         """Decide, verify and consume within ``timeout`` seconds: return a permit, or raise
-        :class:`ExecutionBlocked`."""
-        flow = self._acquire_flow(prepare(surface, context, **request))
-        return await self._within_timeout(self._drive(flow))  # type: ignore[no-any-return]
+        :class:`ExecutionBlocked`.
+
+        ``wait_for_approval``: on ESCALATE, wait up to this many more seconds for the
+        approvers; an approved request then runs, anything else blocks.
+        """
+        flow = self._acquire_flow(prepare(surface, context, **request), wait_for_approval)
+        return await self._within_timeout(  # type: ignore[no-any-return]
+            self._drive(flow), extra=wait_for_approval)
 
     async def report(self, permit: Permit, ok: bool, latency_ms: int,
                      result_digest: str | None = None) -> Mapping[str, Any] | None:
