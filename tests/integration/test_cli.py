@@ -56,7 +56,10 @@ def test_commands_without_a_data_dir_fail_with_one_clear_line(tmp_path: Path) ->
 @pytest.mark.parametrize("command", [
     [], ["init"], ["serve"], ["keys", "create"], ["policy"], ["policy", "push"],
     ["policy", "list"], ["policy", "activate"], ["policy", "show"], ["decide"],
-    ["receipt", "verify"],
+    ["receipt", "verify"], ["verify"], ["audit"], ["export"], ["run"], ["proxy"], ["replay"],
+    ["keys", "rotate"], ["policy", "test"], ["policy", "impact"], ["policy", "shadow"],
+    ["policy", "shadow-report"], ["approvals", "list"], ["approvals", "approve"],
+    ["webhooks", "add"],
 ])
 def test_every_command_has_help(command: list[str]) -> None:
     result = run_cli(*command, "--help")

@@ -7,6 +7,8 @@ A bundle is a directory (or a mapping of relative paths to bytes) holding::
                            and common types, but no actions
     surfaces.toml          the surface registry (see execguard.arbiter.registry)
     README.md              optional; part of the content, otherwise ignored
+    tests/*.toml           optional policy test cases (see execguard.arbiter.testing);
+                           part of the content and the version, checked for shape only
 
 Hidden files and directories (names starting with ``.``) are ignored; any
 other file is refused. ExecGuard generates one Cedar action per surface from
@@ -40,6 +42,7 @@ import cedarpy
 from execguard.arbiter.facts import FACT_TYPES
 from execguard.arbiter.locate import Statement, blank_comments, locate_error, split_statements
 from execguard.arbiter.registry import FieldSpec, SurfaceRegistry, parse_registry
+from execguard.arbiter.testing import TESTS_DIR, is_case_file, parse_case_file
 from execguard.protocol.errors import BundleInvalid, ConfigError
 from execguard.protocol.policyversion import bundle_version
 
@@ -121,6 +124,8 @@ class PolicyBundle:
         _check_unique_ids(policies)
         policy_text = "\n".join(texts[path] for path in policy_paths)
         _check_against_schema(policy_text, schema, policies)
+        for path in sorted(path for path in texts if is_case_file(path)):
+            parse_case_file(path, texts[path])  # a malformed case refuses the bundle
         return cls(
             files=contents,
             version=bundle_version(contents),
@@ -153,10 +158,12 @@ def _select_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
                 or PurePosixPath(*parts).as_posix() != path):
             raise BundleInvalid("is not a plain relative POSIX path", file=path)
         is_policy = len(parts) == 2 and parts[0] == POLICY_DIR and parts[1].endswith(".cedar")
-        if not is_policy and path not in (SCHEMA_FILE, REGISTRY_FILE, README_FILE):
+        if (not is_policy and not is_case_file(path)
+                and path not in (SCHEMA_FILE, REGISTRY_FILE, README_FILE)):
             raise BundleInvalid(
                 f"is not part of a policy bundle (allowed: {POLICY_DIR}/*.cedar, "
-                f"{SCHEMA_FILE}, {REGISTRY_FILE}, {README_FILE}); remove it",
+                f"{SCHEMA_FILE}, {REGISTRY_FILE}, {README_FILE}, {TESTS_DIR}/*.toml); "
+                "remove it",
                 file=path,
             )
         if not isinstance(data, bytes):

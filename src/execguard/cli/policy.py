@@ -1,4 +1,4 @@
-"""``execguard policy`` and ``decide``: the policy author's commands."""
+"""``execguard policy``, ``decide`` and ``replay``: the policy author's commands."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from execguard.cli._common import (
     DEFAULT_DATA,
     DataOption,
+    JsonOption,
     TenantOption,
     VersionArgument,
     app,
     datadir,
+    err,
     out,
     policy_app,
     read_file,
@@ -113,7 +116,6 @@ def policy_show(version: VersionArgument, tenant: TenantOption = "demo",
         out.print(f"  {path}  ({len(record.files[path])} bytes)")
 
 
-
 @app.command()
 def decide(
     request_file: Annotated[Path, typer.Argument(metavar="REQUEST.json")],
@@ -171,3 +173,140 @@ def decide(
         out.print(f"evaluation error      {error}")
 
 
+@policy_app.command("test")
+def policy_test(directory: Annotated[Path, typer.Argument(help="The bundle directory.")],
+                as_json: JsonOption = False) -> None:
+    """Run the bundle's test cases (tests/*.toml); exit 1 if any case fails."""
+    from execguard.arbiter import CompiledBundle, PolicyBundle
+    from execguard.arbiter.testing import load_cases, run_cases
+    bundle = PolicyBundle.from_directory(directory)  # refuses malformed case files
+    results = run_cases(CompiledBundle(bundle), load_cases(bundle))
+    failed = [r for r in results if not r.ok]
+    decided = {p for r in results if r.ok and r.evaluation for p in r.evaluation
+               .determining_policies}
+    untested = sorted(p.id for p in bundle.policies if p.id not in decided)
+    if as_json:
+        print(json.dumps({"version": bundle.version, "passed": len(results) - len(failed),
+                          "failed": len(failed), "untestedPolicies": untested,
+                          "cases": [r.to_json() for r in results]}, indent=2))
+    else:
+        table = Table("file", "case", "expected", "got", "ok")
+        for r in results:
+            table.add_row(escape(r.case.file), escape(r.case.name),
+                          escape(r.case.expect.describe()), escape(r.got()),
+                          "ok" if r.ok else "[red]FAIL[/red]")
+        out.print(table)
+        for r in failed:
+            where = f"{r.case.file}:{r.case.line}" if r.case.line else r.case.file
+            out.print(escape(f"FAIL {where} [case {r.case.name!r}]: " + "; ".join(r.problems)))
+        if untested:
+            out.print(escape(f"note: no passing case is decided by {', '.join(untested)}"))
+        out.print(f"{len(results) - len(failed)} passed, {len(failed)} failed "
+                  f"(policy version {bundle.version})")
+    if not results:
+        err.print(f"error: {directory} has no test cases; add [[case]] tables in tests/*.toml")
+    if failed or not results:
+        raise typer.Exit(1)
+
+
+@app.command()
+def replay(
+    execution_id: Annotated[str, typer.Argument(metavar="EXECUTION_ID")],
+    policy: Annotated[str | None, typer.Option(
+        metavar="VERSION", help="What this stored policy version would decide instead "
+        "(default: check that the recorded version reproduces the decision).")] = None,
+    tenant: TenantOption = "demo",
+    data: DataOption = DEFAULT_DATA,
+    as_json: JsonOption = False,
+) -> None:
+    """Re-evaluate a recorded decision with its stored request and facts.
+
+    Exit 0 when the recorded policy version reproduces the decision and reason (or, with
+    --policy, when the other version could be evaluated); 1 otherwise, including when the
+    stored request or facts no longer match the signed receipt.
+    """
+    from execguard.replay import ReplayStatus, replay_stored
+    store = datadir(data).open_store()
+    try:
+        result = replay_stored(store, tenant, execution_id, policy)
+    finally:
+        store.close()
+    what_if = result.replayed_version != result.recorded_version
+    ok = result.status is ReplayStatus.REPRODUCED or (
+        what_if and result.status is ReplayStatus.CHANGED)
+    ev = result.evaluation
+    if as_json:
+        print(json.dumps({
+            "executionId": result.execution_id, "surface": result.surface,
+            "executionMode": result.mode, "status": result.status.value, "whatIf": what_if,
+            "reproduced": result.reproduced, "problem": result.problem, "note": result.note,
+            "recorded": {"policyVersion": result.recorded_version,
+                         "decision": result.recorded_decision,
+                         "reasonCode": result.recorded_reason},
+            "replayed": None if ev is None else {
+                "policyVersion": result.replayed_version, "decision": ev.outcome.value,
+                "reasonCode": ev.reason_code, "reason": ev.reason,
+                "determiningPolicies": list(ev.determining_policies),
+                "errors": list(ev.errors)}}, indent=2))
+    else:
+        out.print(f"execution  {result.execution_id} ({result.surface}, {result.mode})")
+        out.print(f"recorded   {result.recorded_outcome}  under {result.recorded_version}")
+        if ev is not None:
+            policies = ", ".join(ev.determining_policies) or "-"
+            out.print(escape(f"replayed   {result.replayed_outcome}  under "
+                             f"{result.replayed_version}  [{policies}]"))
+        if result.note:
+            out.print(escape(f"note       {result.note}"))
+        verdict = {ReplayStatus.REPRODUCED: "the same decision and reason",
+                   ReplayStatus.CHANGED: "a different outcome" if what_if else
+                   "NOT reproduced: the same request and facts now decide differently"}
+        text = verdict.get(result.status) or f"{result.status.value.upper()}: {result.problem}"
+        out.print(escape(f"verdict    {text}"), style=None if ok else "bold red")
+    if not ok:
+        raise typer.Exit(1)
+
+
+@policy_app.command("impact")
+def policy_impact(
+    candidate: Annotated[str, typer.Option(metavar="VERSION",
+                                           help="A pushed policy version to try.")],
+    since: Annotated[str, typer.Option(help="From (RFC 3339, or 7d/24h/30m ago).")],
+    until: Annotated[str | None, typer.Option(help="Until, exclusive.")] = None,
+    tenant: TenantOption = "demo",
+    data: DataOption = DEFAULT_DATA,
+    as_json: JsonOption = False,
+) -> None:
+    """Replay the recorded decisions of a period under a candidate version; show what changes."""
+    from execguard.cli.evidence import _when
+    from execguard.replay import ImpactGroup, ImpactReport, impact
+    start, end = _when(since, "since"), _when(until, "until")
+    store = datadir(data).open_store()
+    try:
+        report = impact(store, tenant, candidate, start, end)
+    finally:
+        store.close()
+    changes, skipped = ImpactReport.ordered(report.changes), ImpactReport.ordered(report.skipped)
+    totals = {"decisions": report.decisions, "replayed": report.unchanged + report.changed,
+              "unchanged": report.unchanged, "changed": report.changed,
+              "notReplayable": report.not_replayable}
+    if as_json:
+        def rows(groups: list[ImpactGroup]) -> list[dict[str, object]]:
+            return [{"surface": g.surface, "from": g.before, "to": g.after, "count": g.count,
+                     "examples": g.examples} for g in groups]
+        print(json.dumps({"candidate": report.candidate, "tenant": tenant, "since": start,
+                          "until": end, "totals": totals, "changes": rows(changes),
+                          "notReplayable": rows(skipped)}, indent=2))
+        return
+    out.print(f"Decisions of tenant {tenant} from {start} to {end or 'now'} "
+              f"under candidate {candidate}")
+    if changes:
+        table = Table("surface", "from", "to", "count", "examples")
+        for g in changes:
+            table.add_row(g.surface, g.before, g.after, str(g.count), "\n".join(g.examples))
+        out.print(table)
+    for g in skipped:
+        out.print(escape(f"not replayable ({g.count}, {g.surface}, e.g. {g.examples[0]}): "
+                         f"{g.after}"))
+    out.print(f"decisions {report.decisions}, replayed {totals['replayed']}, unchanged "
+              f"{report.unchanged}, changed {report.changed}, not replayable "
+              f"{report.not_replayable}")

@@ -15,7 +15,7 @@ def test_all_is_sorted_and_complete() -> None:
     for name in arbiter.__all__:
         assert getattr(arbiter, name) is not None
     public = {name for name in vars(arbiter) if not name.startswith("_")}
-    modules = {"bundle", "context", "engine", "facts", "locate", "registry"}
+    modules = {"bundle", "context", "engine", "facts", "locate", "registry", "testing"}
     assert public - modules == set(arbiter.__all__)
 
 

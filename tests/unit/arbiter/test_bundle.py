@@ -38,7 +38,8 @@ def test_demo_bundle_loads_with_every_file(demo_bundle: PolicyBundle) -> None:
         "README.md", "schema.cedarschema", "surfaces.toml",
         "policies/comms.cedar", "policies/data.cedar", "policies/defaults.cedar",
         "policies/deploy.cedar", "policies/infra.cedar", "policies/payments.cedar",
-        "policies/sanctions.cedar",
+        "policies/sanctions.cedar", "tests/comms.toml", "tests/data.toml",
+        "tests/defaults.toml", "tests/deploy.toml", "tests/infra.toml", "tests/payments.toml",
     }
     assert demo_bundle_path().joinpath("surfaces.toml").is_file()
     assert len({info.id for info in demo_bundle.policies}) == len(demo_bundle.policies) == 19

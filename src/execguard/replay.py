@@ -1,0 +1,399 @@
+"""Replaying recorded decisions: determinism checks and the impact of a candidate policy.
+
+A decision stores its normalized request and the facts it used, and its receipt
+commits to both (``requestHash``, ``factsDigest``). A replay first checks them
+against the receipt, and the receipt against the log, so it never vouches for
+edited data; then it evaluates the stored request with the stored facts and
+compares the decision (``wouldDecision`` in observe mode) and reason code.
+
+Sensitive context fields are stored only as digests: under policies that read
+one a replay cannot be exact (not replayable). Otherwise such a field can still
+decide a SILENCE through its declaration, so it gets a stand-in keeping what the
+decision shows: absent if null, invalid if named invalid, else a valid value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from functools import lru_cache
+from types import MappingProxyType
+from typing import Any
+
+import cedarpy
+
+from execguard.arbiter import CompiledBundle, Evaluation, PolicyBundle
+from execguard.arbiter.registry import FieldSpec, SurfaceSpec
+from execguard.ledger import ExecutionRecord, LedgerStore
+from execguard.protocol.canonical import canonical_sha256
+from execguard.protocol.errors import CanonicalizationError, NotFound
+from execguard.protocol.receipt import receipt_hash
+from execguard.protocol.request import ExecutionRequest, digest_value, request_hash
+
+__all__ = ["ImpactGroup", "ImpactReport", "ReplayResult", "ReplayStatus", "context_reads",
+           "impact", "log_receipts", "replay_execution", "replay_stored",
+           "stored_bundle"]
+
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_NULL_DIGEST = digest_value(None)
+#: The keys of the normalized request, the object ``requestHash`` covers.
+_NORMALIZED_KEYS = ("tenant", "surface", "action", "actorId", "context", "signals",
+                    "subjectDigest")
+_INVALID = {"redacted": "stand-in for a sensitive value the decision found invalid"}
+MAX_EXAMPLES = 3
+
+
+class ReplayStatus(StrEnum):
+    """How a replay came out."""
+
+    REPRODUCED = "reproduced"  # same decision and reason code
+    CHANGED = "changed"  # evaluated, with a different decision or reason code
+    TAMPERED = "tampered"  # stored request, facts or receipt no longer match the receipt
+    NOT_REPLAYABLE = "not_replayable"  # cannot be evaluated faithfully (says why)
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """One recorded decision replayed under one policy version."""
+
+    execution_id: str
+    surface: str
+    mode: str
+    recorded_version: str | None
+    recorded_decision: str  # for observe mode, the recorded wouldDecision
+    recorded_reason: str
+    replayed_version: str
+    status: ReplayStatus
+    evaluation: Evaluation | None = None
+    problem: str | None = None  # why TAMPERED or NOT_REPLAYABLE
+    note: str | None = None  # e.g. that the escalation was resolved later
+
+    @property
+    def reproduced(self) -> bool:
+        """The replay gave the recorded decision and reason code."""
+        return self.status is ReplayStatus.REPRODUCED
+
+    @property
+    def recorded_outcome(self) -> str:
+        return f"{self.recorded_decision} {self.recorded_reason}"
+
+    @property
+    def replayed_outcome(self) -> str | None:
+        ev = self.evaluation
+        return None if ev is None else f"{ev.outcome.value} {ev.reason_code}"
+
+
+def replay_execution(record: ExecutionRecord, bundle: PolicyBundle, *,
+                     recorded: PolicyBundle | None = None,
+                     log_receipts: Sequence[Mapping[str, Any]] | None = None) -> ReplayResult:
+    """Evaluate a stored decision's request and facts under ``bundle`` and compare.
+
+    ``recorded`` is the bundle the decision was taken under, when it differs from
+    ``bundle``: its sensitive fields are the ones stored as digests.
+    ``log_receipts`` are the execution's decision receipts in the log, oldest first:
+    the stored receipt must be the last, and an approval's resolution is replayed
+    as the escalation it resolved (see :func:`_decision_receipt`).
+    """
+    request: Mapping[str, Any] = record.request
+    receipt, note, problem = _decision_receipt(record, log_receipts)
+    mode = str(receipt.get("executionMode") or request.get("executionMode") or "enforce")
+    base = {
+        "execution_id": record.execution_id, "surface": record.surface, "mode": mode,
+        "recorded_version": receipt.get("policyVersion", record.policy_version),
+        "recorded_decision": str(receipt.get("wouldDecision") if mode == "observe"
+                                 else receipt.get("decision", record.decision)),
+        "recorded_reason": str(receipt.get("reasonCode", record.reason_code)),
+        "replayed_version": bundle.version,
+    }
+
+    def stop(status: ReplayStatus, problem: str) -> ReplayResult:
+        return ReplayResult(**base, status=status, problem=problem, note=note)
+
+    if problem is not None:
+        return stop(*problem)
+    altered = _altered(receipt, request)
+    if altered is not None:
+        return stop(ReplayStatus.TAMPERED, altered)
+    spec = bundle.registry.get(record.surface)
+    if spec is None:
+        return stop(ReplayStatus.NOT_REPLAYABLE,
+                    f"policy version {bundle.version} has no surface {record.surface!r}")
+    facts = _facts(request["facts"], spec)
+    if isinstance(facts, str):
+        return stop(ReplayStatus.NOT_REPLAYABLE, facts)
+    recorded_spec = recorded.registry.get(record.surface) if recorded is not None else None
+    # Why the decision refused its context, if it did (the receipt keeps only the code).
+    invalid = str(record.response.get("reason") or "") \
+        if receipt.get("reasonCode") == "INVALID_CONTEXT" else ""
+    context = _context(bundle, spec, recorded_spec, request.get("context") or {}, invalid)
+    if isinstance(context, str):
+        return stop(ReplayStatus.NOT_REPLAYABLE, context)
+    replayed = ExecutionRequest(
+        surface=record.surface, action=request.get("action"), actor_id=request.get("actorId"),
+        context=context, signals=request.get("signals") or {},
+        subject_digest=request.get("subjectDigest"), execution_mode=mode)
+    evaluation = _compiled(bundle).evaluate(replayed, facts)
+    same = (evaluation.outcome.value == base["recorded_decision"]
+            and evaluation.reason_code == base["recorded_reason"])
+    return ReplayResult(**base, status=ReplayStatus.REPRODUCED if same else ReplayStatus.CHANGED,
+                        evaluation=evaluation, note=note)
+
+
+def _decision_receipt(record: ExecutionRecord, log: Sequence[Mapping[str, Any]] | None
+                      ) -> tuple[Mapping[str, Any], str | None,
+                                 tuple[ReplayStatus, str] | None]:
+    """The receipt the stored facts belong to, a note, and what stops the replay.
+
+    An approval's resolution replaces the stored receipt but not the stored facts: it
+    is decided again when the quorum is reached, on facts the ledger does not keep.
+    The stored facts are the escalation's, so the escalation is what is replayed.
+    """
+    current: Mapping[str, Any] = record.response.get("receipt") or {}
+    if not current:
+        return current, None, (ReplayStatus.TAMPERED, "the stored decision has no receipt")
+    if log is not None and (not log or log[-1].get("receiptHash") != current.get("receiptHash")):
+        return current, None, (ReplayStatus.TAMPERED, "the stored receipt is not the "
+                               "decision's latest receipt in the log")
+    if current.get("resolves") is None:
+        return current, None, None
+    note = (f"resolved later as {current.get('decision')} {current.get('reasonCode')}; "
+            "this replays the escalation it resolved")
+    original = next((r for r in log or () if r.get("receiptHash") == current["resolves"]), None)
+    if original is None:
+        return current, note, (ReplayStatus.NOT_REPLAYABLE, "only the escalation's facts are "
+                               "stored, and its receipt is in the log: replay it from there")
+    return original, note, None
+
+
+def _altered(receipt: Mapping[str, Any], request: Mapping[str, Any]) -> str | None:
+    """What no longer matches the signed receipt, or None."""
+    try:
+        if receipt_hash(receipt) != receipt.get("receiptHash"):
+            return "the stored receipt was altered: its fields no longer hash to its receiptHash"
+        if any(key not in request for key in _NORMALIZED_KEYS) or request_hash(
+                {key: request[key] for key in _NORMALIZED_KEYS}) != receipt.get("requestHash"):
+            return ("the stored request was altered: it no longer hashes to the receipt's "
+                    "requestHash")
+        if "facts" not in request or receipt.get("factsDigest") is None:
+            return "the decision was recorded without its facts"
+        digest = canonical_sha256(request["facts"])
+    except (CanonicalizationError, TypeError, ValueError) as exc:
+        return f"the stored decision cannot be read exactly: {exc}"
+    if digest != receipt["factsDigest"]:
+        return (f"the stored facts were altered: they hash to {digest}, but the receipt's "
+                f"factsDigest is {receipt['factsDigest']}")
+    return None
+
+
+def _facts(stored: Any, spec: SurfaceSpec) -> dict[str, Any] | str:
+    """The stored facts as the engine takes them (decimals back from exact strings)."""
+    if not isinstance(stored, Mapping):
+        return "the stored facts are not an object"
+    facts = dict(stored)
+    for name, fact in spec.facts.items():
+        value = stored.get(name)
+        try:
+            number = Decimal(value) if isinstance(value, str | int) and \
+                not isinstance(value, bool) else None
+        except InvalidOperation:
+            number = None
+        if number is None or (fact.cedar_type != "__cedar::decimal"
+                              and number != number.to_integral_value()):
+            return (f"the decision recorded no usable {fact.aggregate} for the fact {name!r} "
+                    f"(got {value!r}), which this policy version declares for {spec.name}")
+        facts[name] = number if fact.cedar_type == "__cedar::decimal" else int(number)
+    return facts
+
+
+def _context(bundle: PolicyBundle, spec: SurfaceSpec, recorded_spec: SurfaceSpec | None,
+             stored: Mapping[str, Any], invalid: str) -> dict[str, Any] | str:
+    """The stored context with stand-ins for digested sensitive fields, or why it cannot be."""
+    context = dict(stored)
+    # The fields stored as digests are those sensitive when the decision was taken.
+    sensitive = spec.sensitive | (recorded_spec.sensitive if recorded_spec else frozenset())
+    digested = sorted(name for name in sensitive
+                      if isinstance(stored.get(name), str) and _DIGEST_RE.match(stored[name]))
+    if not digested:
+        return context
+    reads = context_reads(bundle, spec.name)
+    for name in digested:
+        readers = reads.get(name, ()) + reads.get("*", ())
+        if readers:
+            return (f"policy {readers[0]!r} reads context.{name}, which is sensitive and "
+                    "stored only as a digest, so the replay cannot be exact")
+        declared = spec.context.get(name)
+        if declared is None:
+            continue  # undeclared fields never reach the policies
+        before = recorded_spec.context.get(name) if recorded_spec is not None else declared
+        if before != declared:
+            return (f"this policy version declares the sensitive field context.{name} "
+                    "differently, and its recorded value is only a digest")
+        if stored[name] == _NULL_DIGEST:
+            context[name] = None
+        elif invalid.startswith(f"context.{name} "):
+            context[name] = _INVALID
+        else:
+            context[name] = _stand_in(declared, stored[name])
+    return context
+
+
+def _stand_in(spec: FieldSpec, digest: str) -> Any:
+    """A value its declaration accepts: what the recorded decision says the field held."""
+    if spec.type == "boolean":
+        return True
+    if spec.type in ("integer", "decimal"):  # 0, moved into [min, max]
+        low = spec.minimum if spec.minimum is not None else 0
+        value = min(low, spec.maximum) if spec.maximum is not None else low
+        return int(value) if value == int(value) else float(value)
+    if spec.type == "string":
+        return spec.enum[0] if spec.enum else digest[: spec.max_length or None]
+    return []  # string_set
+
+
+@lru_cache(maxsize=16)  # bundles hash by identity: one compilation per replayed bundle
+def _compiled(bundle: PolicyBundle) -> CompiledBundle:
+    return CompiledBundle(bundle)
+
+
+@lru_cache(maxsize=64)
+def context_reads(bundle: PolicyBundle, surface: str) -> Mapping[str, tuple[str, ...]]:
+    """Context field -> the @ids of the policies for ``surface`` that read its value
+    (``*``: policies that use the context record as a whole)."""
+    reads: dict[str, tuple[str, ...]] = {}
+    for policy in json.loads(cedarpy.policies_to_json_str(bundle.policy_text))[
+            "staticPolicies"].values():
+        scope = policy.get("action", {})
+        named = [scope["entity"]] if "entity" in scope else scope.get("entities", [])
+        if scope.get("op") in ("==", "in") and surface not in {e["id"] for e in named}:
+            continue
+        fields: set[str] = set()
+        _walk(policy.get("conditions", []), fields)
+        for name in fields:
+            reads[name] = (*reads.get(name, ()), policy["annotations"]["id"])
+    return MappingProxyType(reads)
+
+
+def _walk(node: Any, fields: set[str]) -> None:
+    """Collect the context fields a Cedar JSON expression reads."""
+    if isinstance(node, list):
+        for item in node:
+            _walk(item, fields)
+    elif node == {"Var": "context"}:
+        fields.add("*")  # the record as a whole (compared, passed on): every field counts
+    elif isinstance(node, dict):
+        for op, operand in node.items():
+            if op in (".", "has") and isinstance(operand, dict) \
+                    and operand.get("left") == {"Var": "context"}:
+                if op == ".":  # ``has`` only tests presence, which the stand-ins keep
+                    fields.add(str(operand.get("attr")))
+            else:
+                _walk(operand, fields)
+
+
+# -- impact of a candidate bundle ---------------------------------------------------------
+
+
+@dataclass
+class ImpactGroup:
+    """Recorded decisions of one surface that a candidate treats alike, with examples."""
+
+    surface: str
+    before: str  # the recorded outcome, e.g. "PERMIT WITHIN_LIMIT"
+    after: str  # the candidate's outcome, or why the decisions could not be replayed
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ImpactReport:
+    """What a candidate bundle would have decided differently over a period."""
+
+    candidate: str
+    decisions: int = 0
+    unchanged: int = 0
+    changes: dict[tuple[str, str, str], ImpactGroup] = field(default_factory=dict)
+    skipped: dict[tuple[str, str, str], ImpactGroup] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> int:
+        return sum(group.count for group in self.changes.values())
+
+    @property
+    def not_replayable(self) -> int:
+        return sum(group.count for group in self.skipped.values())
+
+    def add(self, result: ReplayResult) -> None:
+        """Count one replay."""
+        self.decisions += 1
+        if result.status is ReplayStatus.REPRODUCED:
+            self.unchanged += 1
+            return
+        changed = result.status is ReplayStatus.CHANGED
+        groups = self.changes if changed else self.skipped
+        after = (result.replayed_outcome if changed else None) or \
+            f"{result.status.value}: {result.problem}"
+        key = (result.surface, result.recorded_outcome, after)
+        group = groups.setdefault(key, ImpactGroup(*key))
+        group.count += 1
+        if len(group.examples) < MAX_EXAMPLES:
+            group.examples.append(result.execution_id)
+
+    @staticmethod
+    def ordered(groups: dict[tuple[str, str, str], ImpactGroup]) -> list[ImpactGroup]:
+        """By surface, then the most frequent first."""
+        return sorted(groups.values(), key=lambda g: (g.surface, -g.count, g.before, g.after))
+
+
+# -- reading from the ledger --------------------------------------------------------------
+
+
+def stored_bundle(store: LedgerStore, tenant: str, version: str) -> PolicyBundle:
+    """A pushed bundle, validated again; :class:`NotFound` if it is not stored."""
+    record = store.get_bundle(tenant, version)
+    if record is None:
+        raise NotFound(f"policy version {version} is not stored for tenant {tenant!r}")
+    return PolicyBundle.from_files(record.files)
+
+
+def log_receipts(store: LedgerStore, tenant: str, execution_id: str) -> list[Mapping[str, Any]]:
+    """The execution's decision receipts in the append-only log, oldest first."""
+    return [entry.receipt for entry in store.execution_log(tenant, execution_id)
+            if entry.kind == "decision"]
+
+
+def replay_stored(store: LedgerStore, tenant: str, execution_id: str,
+                  version: str | None = None) -> ReplayResult:
+    """Replay one stored decision under its own policy version, or under ``version``."""
+    record = store.get_execution(tenant, execution_id)
+    if record is None:
+        raise NotFound(f"no execution {execution_id!r} for tenant {tenant!r}")
+    log = log_receipts(store, tenant, execution_id)
+    own = str(_decision_receipt(record, log)[0].get("policyVersion", record.policy_version))
+    recorded = stored_bundle(store, tenant, own)
+    target = recorded if version in (None, own) else stored_bundle(store, tenant, str(version))
+    return replay_execution(record, target, recorded=recorded, log_receipts=log)
+
+
+def impact(store: LedgerStore, tenant: str, candidate: str, since: str | None,
+           until: str | None) -> ImpactReport:
+    """Replay the tenant's decisions of ``[since, until)`` (RFC 3339) under ``candidate``."""
+    bundle = stored_bundle(store, tenant, candidate)
+    # query_executions has no cursor: ask for at most as many rows as the log has entries.
+    records = [r for r in store.query_executions(tenant, since=since,
+                                                 limit=store.log_size(tenant) + 1)
+               if until is None or r.created_at < until]
+    recorded: dict[str, PolicyBundle | None] = {}
+    report = ImpactReport(bundle.version)
+    for record in reversed(records):  # oldest first, so examples read in time order
+        log = log_receipts(store, tenant, record.execution_id)
+        version = str(_decision_receipt(record, log)[0].get("policyVersion"))
+        if version not in recorded:
+            stored = store.get_bundle(tenant, version)
+            recorded[version] = PolicyBundle.from_files(stored.files) if stored else None
+        report.add(replay_execution(record, bundle, recorded=recorded[version],
+                                    log_receipts=log))
+    return report
