@@ -135,6 +135,10 @@ def test_push_activate_changes_decisions_and_the_version(fresh_gateway: Gateway,
     (lambda b: (b / "policies" / "broken.cedar").write_text(
         '@id("broken")\npermit(principal, action, resource) when { context.nope > 1 };\n'),
      "policies/broken.cedar:"),
+    (lambda b: (b / "policies" / "payments.cedar").write_text(
+        (b / "policies" / "payments.cedar").read_text().replace('@quorum("1")',
+                                                                 '@quorum("zero")')),
+     "@quorum('zero')"),
 ])
 def test_invalid_bundles_are_refused_whole(tmp_path: Path, edit, where: str) -> None:
     data = tmp_path / "data"

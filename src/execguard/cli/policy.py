@@ -34,9 +34,10 @@ def policy_push(
     data: DataOption = DEFAULT_DATA,
 ) -> None:
     """Validate a bundle and store it (immutable, content-addressed)."""
-    from execguard.arbiter import PolicyBundle
+    from execguard.arbiter import CompiledBundle, PolicyBundle
     from execguard.server.datadir import now_text
     bundle = PolicyBundle.from_directory(directory)
+    CompiledBundle(bundle)  # also checks what only evaluation reads (@approvers, @quorum)
     store = datadir(data).open_store()
     try:
         if not store.tenant_exists(tenant):
