@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from execguard.arbiter import CompiledBundle, PolicyBundle
 from execguard.arbiter.registry import SurfaceSpec
 from execguard.ledger import (
+    ApiKeyRecord,
     Committed,
     ExecutionRecord,
     GroupCommitter,
@@ -53,6 +54,9 @@ from execguard.server.settings import Settings
 
 __all__ = ["Caller", "Gateway", "SigningKeys", "explain_record"]
 
+#: How long an API key found in the store is trusted without asking it again.
+KEY_CACHE_SECONDS = 30.0
+
 
 class SigningKeys(Protocol):
     """Where the active signing key comes from (it may change: rotation)."""
@@ -86,6 +90,7 @@ class Gateway:
         self._bundles: dict[tuple[str, str], tuple[PolicyBundle, CompiledBundle]] = {}
         self._bundles_lock = threading.Lock()
         self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._keys: dict[str, tuple[ApiKeyRecord, float]] = {}
         #: ``notify(tenant, event, payload)``: approval events for webhooks (never raises).
         self.notify: Callable[[str, str, Mapping[str, Any]], None] = lambda *_: None
 
@@ -98,9 +103,17 @@ class Gateway:
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise AuthError("the Authorization header must be 'Bearer <api key>'")
-        record = self.store.lookup_api_key(hash_api_key(key.strip()))
-        if record is None:
-            raise AuthError("the API key is not valid")
+        key_hash = hash_api_key(key.strip())
+        cached = self._keys.get(key_hash)
+        if cached is not None and time.monotonic() < cached[1]:
+            record = cached[0]
+        else:
+            found = self.store.lookup_api_key(key_hash)
+            if found is None:
+                raise AuthError("the API key is not valid")
+            # Keys are immutable once created: a short cache saves a read per request.
+            record = found
+            self._keys[key_hash] = (record, time.monotonic() + KEY_CACHE_SECONDS)
         if consumer is not None and consumer.strip() and consumer.strip() != record.tenant:
             raise Forbidden("X-Consumer names a different tenant than the API key")
         return Caller(record.tenant, record.role, record.key_hash, record.label, record.groups)
