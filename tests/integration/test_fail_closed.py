@@ -50,3 +50,37 @@ def test_no_published_key_means_keys_unavailable(tmp_path: Path) -> None:
                                                  "context": PAY}).status_code == 503
     finally:
         gateway.stop()
+
+
+def test_a_key_file_that_becomes_unreadable_stops_signing_until_it_is_back(
+        fresh_gateway: Gateway) -> None:
+    import time
+
+    (pem,) = (fresh_gateway.data / "keys").glob("*.pem")
+    hidden = pem.with_suffix(".away")
+    with fresh_gateway.client() as client:
+        assert client.post("/execute", json={"surface": "payment.execute",
+                                             "context": PAY}).status_code == 200
+        pem.rename(hidden)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                response = client.post("/execute", json={"surface": "payment.execute",
+                                                         "context": PAY})
+                if response.status_code == 503:
+                    break
+                time.sleep(0.2)
+            assert response.status_code == 503
+            assert response.json()["error"] == "keys_unavailable"
+            assert "execution_token" not in response.text
+            assert client.get("/readyz").status_code == 503
+        finally:
+            hidden.rename(pem)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.2)
+        recovered = client.post("/execute", json={"surface": "payment.execute",
+                                                  "context": PAY})
+        assert recovered.status_code == 200 and recovered.json()["decision"] == "PERMIT"

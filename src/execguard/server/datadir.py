@@ -57,7 +57,13 @@ def hash_api_key(key: str) -> str:
 
 
 class SignerSource:
-    """Hands out the active signing key; notices a rotation within ``recheck_seconds``."""
+    """Hands out the active signing key, checked again every ``recheck_seconds``.
+
+    Each check reloads the key from its file: a rotation takes effect, and a key
+    file that became unreadable (deleted, corrupted, a failing disk) stops all
+    signing within a second (fail closed, 503) and resumes by itself once the
+    file is readable again.
+    """
 
     def __init__(self, datadir: DataDir, store: SQLiteStore, recheck_seconds: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -80,9 +86,8 @@ class SignerSource:
             if not active:
                 self._signer = None
                 raise NoSigningKey("no active signing key is published in the database")
-            if self._signer is None or self._signer.key_id != active[-1]:
-                self._signer = None
-                self._signer = self._datadir.load_signer(self._store)
+            self._signer = None
+            self._signer = self._datadir.load_signer(self._store)
             self._checked = now
             return self._signer
 
