@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -32,22 +33,32 @@ def init(data: DataOption = DEFAULT_DATA) -> None:
         print(f"EXECGUARD_API_KEY={result.api_key}")
 
 
+class LogFormat(StrEnum):
+    """How ``execguard serve`` writes its log lines."""
+
+    json = "json"
+    text = "text"
+
+
 @app.command()
 def serve(
     data: DataOption = DEFAULT_DATA,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    log_format: Annotated[LogFormat, typer.Option(
+        envvar="EXECGUARD_LOG_FORMAT",
+        help="Log lines on stderr: one JSON object per line, or plain text.")] = "json",
 ) -> None:
     """Serve the gateway until SIGTERM/SIGINT, then finish in-flight requests and stop."""
     import logging
 
     from execguard.protocol.errors import NoSigningKey
     from execguard.server.app import create_app
+    from execguard.server.logs import configure_logging
     from execguard.server.run import serve_until_signalled
     from execguard.server.settings import Settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
-                        "%(message)s")
+    configure_logging(LogFormat(log_format).value)
     settings = Settings.from_env(data_dir=data, host=host, port=port)
     directory = datadir(settings.data_dir)
     store = directory.open_store()
@@ -59,7 +70,7 @@ def serve(
     application = create_app(settings, store, signers)
     out.print(f"ExecGuard gateway on http://{host}:{port}  (data: {data})")
     if directory.demo_key_path.exists():
-        out.print(f"Demo API key: {directory.demo_key_path.read_text().strip()}")
+        out.print(f"Demo API key in {directory.demo_key_path}")  # never the key itself
     try:
         serve_until_signalled(application, host, port)
     finally:

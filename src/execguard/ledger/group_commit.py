@@ -25,6 +25,8 @@ __all__ = ["GroupCommitter"]
 
 log = logging.getLogger(__name__)
 
+#: Sees each committed batch: its entries and their results, in order.
+BatchObserver = Callable[[list[PendingEntry], list[CommitResult]], None]
 _Waiter = tuple[PendingEntry, asyncio.AbstractEventLoop, "asyncio.Future[CommitResult]"]
 
 
@@ -43,6 +45,8 @@ class GroupCommitter:
         #: Counters, for metrics and tests.
         self.batches_committed = 0
         self.entries_committed = 0
+        #: Called on the writer thread after each commit, before any waiter wakes (metrics).
+        self.on_batch: BatchObserver | None = None
         self._grown: set[str] = set()
         self._grown_lock = threading.Lock()
 
@@ -120,6 +124,11 @@ class GroupCommitter:
         self.entries_committed += len(batch)
         with self._grown_lock:
             self._grown.update(entry.tenant for entry, _, _ in batch)
+        if self.on_batch is not None:
+            try:
+                self.on_batch([entry for entry, _, _ in batch], results)
+            except Exception:  # observing must never fail a commit
+                log.exception("batch observer failed")
         for (_, loop, future), result in zip(batch, results, strict=True):
             loop.call_soon_threadsafe(_resolve, future, result, None)
 

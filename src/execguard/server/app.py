@@ -29,6 +29,8 @@ from execguard.protocol.request import parse_execution_request
 from execguard.server.approvals import Approvals
 from execguard.server.errors import install_error_handlers, request_id_of
 from execguard.server.gateway import Caller, Gateway, SigningKeys, explain_record
+from execguard.server.logs import RequestLogMiddleware, noting_tenant
+from execguard.server.metrics import CONTENT_TYPE, Metrics
 from execguard.server.middleware import RequestIdMiddleware
 from execguard.server.openapi import EXECUTE_REQUEST_SCHEMA
 from execguard.server.permits import Permits
@@ -79,6 +81,10 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
     approvals = Approvals(settings, store, committer, signers, gateway)
     notifier = Notifier(store.webhooks)
     gateway.notify = notifier.notify
+    # Operations: metrics (server/metrics.py) and request logs (server/logs.py).
+    metrics = Metrics(store)
+    committer.on_batch = metrics.observe_batch
+    gateway.authenticate = noting_tenant(gateway.authenticate)  # type: ignore[method-assign]
 
     async def forget_expired_idempotency_keys() -> None:
         # Expired keys are already ignored by lookups; this only keeps the table small.
@@ -130,6 +136,7 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
     app = FastAPI(title="ExecGuard", version=__version__, lifespan=lifespan,
                   description="Execution governance: no PERMIT, no execution.")
     app.state.gateway = gateway
+    app.add_middleware(RequestLogMiddleware, metrics=metrics)  # inside the request id
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
 
@@ -253,6 +260,10 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
              summary="Receipt + inclusion proof + checkpoint: verifiable offline")
     def receipt_bundle(execution_id: str, request: Request) -> Response:
         return _json(transparency.bundle(caller_of(request).tenant, execution_id), request)
+
+    @app.get("/metrics", summary="Prometheus metrics (no API key: counts only)")
+    def metrics_text() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/healthz", summary="Liveness")
     def healthz() -> JSONResponse:

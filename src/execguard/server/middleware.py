@@ -8,6 +8,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from execguard.server.logs import request_id_var
+
 __all__ = ["RequestIdMiddleware"]
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -35,6 +37,7 @@ class RequestIdMiddleware:
         request_id = incoming if incoming and _SAFE_ID.match(incoming) else uuid.uuid4().hex
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
+        request_id_var.set(request_id)  # for log lines (each request runs in its own task)
         header = (b"x-request-id", request_id.encode("ascii"))
 
         async def send_with_id(message: Message) -> None:

@@ -1,0 +1,267 @@
+"""Structured logs: one JSON object per line, an access line per request, a line per decision.
+
+Every line has ``ts`` (RFC 3339, UTC), ``level``, ``logger`` and ``msg``, plus,
+when known, ``request_id``, ``tenant``, ``execution_id``, ``surface``,
+``decision``, ``reason_code``, ``mode``, ``method``, ``path``, ``status`` and
+``latency_ms``. The request id comes from a context variable that the
+request-id middleware sets, so any line logged while serving a request carries
+it; the tenant is noted once the request is authenticated.
+
+Records are handed to a queue and written by a thread of their own, so a
+request never waits for the log's writes.
+
+Nothing secret is logged: no headers (so no Authorization header or API key),
+no query strings, no request bodies and no context values. A decision line
+names the decision, not what was decided on.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import functools
+import logging
+import queue
+import sys
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from logging.handlers import QueueHandler, QueueListener
+from typing import IO, TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from execguard.server.metrics import Metrics
+
+__all__ = ["LOG_FORMATS", "JsonFormatter", "RequestLogMiddleware", "TextFormatter",
+           "configure_logging", "noting_tenant", "request_id_var"]
+
+LOG_FORMATS = ("json", "text")
+
+#: The id of the request being served (set by ``RequestIdMiddleware``).
+request_id_var: ContextVar[str | None] = ContextVar("execguard_request_id", default=None)
+#: Fields learned while serving the request (the tenant, once authenticated). A dict,
+#: so that what a handler run in a worker thread notes is seen by the middleware.
+_request_fields: ContextVar[dict[str, str] | None] = ContextVar("execguard_request_fields",
+                                                                default=None)
+
+#: Fields a record may carry (``logger.info(..., extra={...})``), in output order.
+FIELDS = ("request_id", "tenant", "execution_id", "surface", "decision", "reason_code", "mode",
+          "would_decision", "method", "path", "status", "latency_ms")
+
+access_log = logging.getLogger("execguard.access")
+decision_log = logging.getLogger("execguard.decisions")
+
+#: Probes and scrapes are logged at DEBUG, so they do not drown the access log.
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_MAX_PATH = 256
+#: Response bodies read back for a decision or an error code: at most this much.
+_MAX_SNIFF = 256 * 1024
+
+
+def _fields_of(record: logging.LogRecord) -> dict[str, Any]:
+    """The record's fields: its own, else the current request's (request id, tenant)."""
+    known = _request_fields.get() or {}
+    fields: dict[str, Any] = {}
+    for name in FIELDS:
+        value = getattr(record, name, None)
+        if value is None and name == "request_id":
+            value = request_id_var.get()
+        if value is None:
+            value = known.get(name)
+        if value is not None:
+            fields[name] = value
+    return fields
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.fromtimestamp(record.created, UTC)
+        line: dict[str, Any] = {
+            "ts": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **_fields_of(record),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exc"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger message key=value ...`` for reading in a terminal."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extra = " ".join(f"{k}={v}" for k, v in _fields_of(record).items())
+        if not extra:
+            return text
+        head, sep, tail = text.partition("\n")  # keep a traceback below the fields
+        return f"{head} {extra}{sep}{tail}"
+
+
+class _Enqueue(QueueHandler):
+    """Queues a copy of each record with its request's fields (the writing thread has none)."""
+
+    _exceptions = logging.Formatter()
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        queued = copy.copy(record)
+        queued.__dict__.update(_fields_of(record))
+        queued.msg, queued.args = record.getMessage(), None
+        if record.exc_info:
+            queued.exc_text = self._exceptions.formatException(record.exc_info)
+            queued.exc_info = None  # tracebacks hold frames: never queued
+        return queued
+
+
+_listener: QueueListener | None = None
+
+
+def _stop_listener() -> None:
+    """Write what is still queued and stop the logging thread."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
+
+
+def configure_logging(log_format: str = "json", level: int = logging.INFO,
+                      stream: IO[str] | None = None) -> None:
+    """Send every log record to ``stream`` (stderr) in ``log_format`` (json or text).
+
+    Records are written by a background thread, which writes what is queued
+    before the process exits.
+    """
+    global _listener
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {LOG_FORMATS}, not {log_format!r}")
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    if _listener is None:
+        atexit.register(_stop_listener)
+    _stop_listener()
+    _listener = QueueListener(records, handler)
+    _listener.start()
+    root.addHandler(_Enqueue(records))
+    root.setLevel(level)
+
+
+class _HasTenant(Protocol):
+    @property
+    def tenant(self) -> str: ...
+
+
+_P = ParamSpec("_P")
+_C = TypeVar("_C", bound=_HasTenant)
+
+
+def noting_tenant(authenticate: Callable[_P, _C]) -> Callable[_P, _C]:
+    """Wrap an authenticate function so the request's later log lines name the tenant."""
+
+    @functools.wraps(authenticate)
+    def authenticated(*args: _P.args, **kwargs: _P.kwargs) -> _C:
+        caller = authenticate(*args, **kwargs)
+        known = _request_fields.get()
+        if known is not None:
+            known["tenant"] = caller.tenant
+        return caller
+
+    return authenticated
+
+
+class RequestLogMiddleware:
+    """Times each request; logs its access line (and its decision); feeds the metrics.
+
+    Runs inside ``RequestIdMiddleware``. Only two kinds of answer are read back:
+    a 200 from ``POST /execute`` (for the decision line) and a 5xx (for the error
+    code that ``execguard_fail_closed_total`` counts). Nothing from the request is.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics | None = None) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # Not reset afterwards: the server runs each request in a task of its own, and
+        # the 500 handler (outside every middleware) logs with the request's fields.
+        _request_fields.set({})
+        method, path = scope.get("method", ""), scope.get("path", "")
+        is_execute = method == "POST" and path == "/execute"
+        status = 0
+        body: list[bytes] | None = None
+        size = 0
+        started = time.perf_counter()
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status, body, size
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                if status >= 500 or (is_execute and status == 200):
+                    body = []
+            elif message["type"] == "http.response.body" and body is not None:
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size <= _MAX_SNIFF:
+                    body.append(chunk)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observing_send)
+        except Exception:
+            status = 500  # answered by the catch-all handler, outside this middleware
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            answer = _json_object(body) if body is not None and size <= _MAX_SNIFF else {}
+            if is_execute and status == 200 and answer:
+                _log_decision(answer)
+            error = answer.get("error")
+            if self.metrics is not None:
+                self.metrics.observe_request(method, path, status, seconds,
+                                             error if isinstance(error, str) else None)
+            shown = path if len(path) <= _MAX_PATH else path[:_MAX_PATH] + "..."
+            latency_ms = round(seconds * 1000, 3)
+            access_log.log(logging.DEBUG if path in _QUIET_PATHS else logging.INFO,
+                           "%s %s %s %.1fms", method, shown, status, latency_ms,
+                           extra={"method": method, "path": shown, "status": status,
+                                  "latency_ms": latency_ms})
+
+
+def _json_object(chunks: list[bytes]) -> dict[str, Any]:
+    try:
+        value = orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _log_decision(answer: dict[str, Any]) -> None:
+    """The decision line: which decision, on what, why; never the request's context."""
+    fields = {"execution_id": answer.get("execution_id"), "surface": answer.get("surface"),
+              "decision": answer.get("decision"), "reason_code": answer.get("reasonCode"),
+              "mode": answer.get("executionMode"),
+              "would_decision": answer.get("would_decision")}
+    decision_log.info("%s %s %s execution %s", fields["decision"], fields["surface"],
+                      fields["reason_code"], fields["execution_id"],
+                      extra={k: v for k, v in fields.items() if isinstance(v, str)})
