@@ -7,8 +7,8 @@ when known, ``request_id``, ``tenant``, ``execution_id``, ``surface``,
 request-id middleware sets, so any line logged while serving a request carries
 it; the tenant is noted once the request is authenticated.
 
-Records are handed to a queue and written by a thread of their own, so a
-request never waits for the log's writes.
+``configure_logging`` (used by ``execguard serve``) hands records to a queue
+that a thread of their own writes out, so a request never waits for a write.
 
 Nothing secret is logged: no headers (so no Authorization header or API key),
 no query strings, no request bodies and no context values. A decision line
