@@ -39,8 +39,10 @@ from wrk import find_wrk, run_wrk, write_script, wrk_version
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+# A small amount: one actor sends every request, and the demo policy's daily limit
+# (50,000 per actor) must not turn the run into DENYs; the limit is still evaluated.
 BODY = json.dumps({"surface": "payment.execute", "actorId": "bench-agent",
-                   "context": {"amount": 250, "currency": "EUR",
+                   "context": {"amount": 0.01, "currency": "EUR",
                                "beneficiary": "Acme Office Supplies"}})
 EXPECT = '"decision":"PERMIT"'
 
