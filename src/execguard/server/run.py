@@ -33,6 +33,7 @@ class _Server(uvicorn.Server):
 
 def serve_until_signalled(app: FastAPI, host: str, port: int) -> None:
     """Serve; on SIGTERM/SIGINT stop accepting, finish in-flight requests, run shutdown."""
+    # log_config=None: uvicorn's own messages go through ExecGuard's (JSON) log set-up.
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=30)
+                            timeout_graceful_shutdown=30, log_config=None)
     _Server(config).run()
