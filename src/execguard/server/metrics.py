@@ -30,6 +30,7 @@ What is counted, and where it is observed:
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import threading
@@ -87,7 +88,7 @@ def _sample_line(name: str, labels: Mapping[str, str], value: float) -> str:
     return f"{name} {format_value(value)}"
 
 
-class _Family:
+class _Family(abc.ABC):
     """A named metric with fixed label names; one child value per label set."""
 
     kind = "untyped"
@@ -103,9 +104,9 @@ class _Family:
             raise ValueError(f"{self.name} takes labels {self.labelnames}, got {sorted(labels)}")
         return tuple(str(labels[n]) for n in self.labelnames)
 
+    @abc.abstractmethod
     def samples(self) -> Iterable[_Sample]:
         """The current samples: (sample name, labels, value)."""
-        raise NotImplementedError
 
     def render(self) -> str:
         lines = [f"# HELP {self.name} {_escape_help(self.help)}",
