@@ -108,6 +108,17 @@ def start_gateway(tmp: Path) -> Gateway:
     return gateway
 
 
+def start_gateway_with_broken_key(tmp: Path) -> Gateway:
+    """A gateway whose signing key file is garbage: it must fail closed (503)."""
+    data = tmp / "data"
+    key = api_key_from(run_cli("init", data=data).stdout)
+    for pem in (data / "keys").glob("*.pem"):
+        pem.write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+    gateway = Gateway(data=data, port=free_port(), api_key=key)
+    gateway.start(require_ready=False)
+    return gateway
+
+
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """One gateway shared by the tests that only add decisions of their own."""

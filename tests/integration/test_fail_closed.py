@@ -5,18 +5,13 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from tests.conftest import Gateway, api_key_from, free_port, run_cli
+from tests.conftest import Gateway, api_key_from, free_port, run_cli, start_gateway_with_broken_key
 
 PAY = {"amount": 250, "currency": "EUR", "beneficiary": "Acme Office Supplies"}
 
 
 def test_unreadable_signing_key_means_no_decisions(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    key = api_key_from(run_cli("init", data=data).stdout)
-    for pem in (data / "keys").glob("*.pem"):
-        pem.write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
-    gateway = Gateway(data=data, port=free_port(), api_key=key)
-    gateway.start(require_ready=False)
+    gateway = start_gateway_with_broken_key(tmp_path)
     try:
         with gateway.client() as client:
             ready = client.get("/readyz")

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from execguard.server.metrics import Counter, Histogram, Registry
-from tests.conftest import Gateway, api_key_from, free_port, run_cli
+from tests.conftest import Gateway, api_key_from, free_port, run_cli, start_gateway_with_broken_key
 
 PAY = {"amount": 250, "currency": "EUR", "beneficiary": "Acme Office Supplies"}
 EXPORT = {"row_count": 5_000_000, "destination": "partner", "contains_pii": False}
@@ -208,12 +208,7 @@ def test_metrics_count_decisions_latency_batches_log_approvals_and_permits(
 
 
 def test_a_503_is_counted_as_failing_closed_with_its_cause(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    key = api_key_from(run_cli("init", data=data).stdout)
-    for pem in (data / "keys").glob("*.pem"):
-        pem.write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
-    gateway = Gateway(data=data, port=free_port(), api_key=key)
-    gateway.start(require_ready=False)
+    gateway = start_gateway_with_broken_key(tmp_path)
     try:
         with gateway.client() as client:
             assert client.get("/readyz").status_code == 503  # not an error answer
