@@ -168,6 +168,12 @@ class SQLiteStore(AdminMixin):
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key)"
                      " DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
 
+    def check_writable(self) -> None:
+        """One small fsync'd write: fails when the disk is full or the file read-only."""
+        with self._write("checking that the database is writable") as conn:
+            conn.execute("INSERT INTO meta VALUES ('writable_check', ?) ON CONFLICT (key)"
+                         " DO UPDATE SET value = excluded.value", (repr(time.time()),))
+
     def close(self) -> None:
         """Close every connection this store opened."""
         with self._lock:

@@ -139,5 +139,8 @@ class LedgerStore(Protocol):
     def latest_checkpoint(self, tenant: str) -> CheckpointRecord | None:
         """The tenant's largest checkpoint, or None."""
 
+    def check_writable(self) -> None:
+        """Prove a durable write goes through now (for ``/readyz``), else ``StorageUnavailable``."""
+
     def close(self) -> None:
         """Release connections."""
