@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import orjson
 
-from execguard.ledger import CheckpointRecord, SQLiteStore
+from execguard.ledger import CheckpointRecord, SQLStore
 from execguard.protocol.checkpoint import verifier_key
 from execguard.protocol.errors import ConfigError, StorageUnavailable
 from execguard.protocol.signing import load_public_key_pem
@@ -67,7 +67,7 @@ def _entry(index: int, text: str | dict[str, Any], leaf: bytes | None, prev: str
 # -- a database file -------------------------------------------------------------------
 
 
-def keys_document_from_store(store: SQLiteStore, authority: str) -> dict[str, Any]:
+def keys_document_from_store(store: SQLStore, authority: str) -> dict[str, Any]:
     """The keys document as the gateway would publish it, read from the database."""
     return {"protocol": "execguard/1", "authority": authority,
             "keys": [{"keyId": k.key_id, "algorithm": "Ed25519", "publicKeyPem": k.public_pem,
@@ -76,7 +76,7 @@ def keys_document_from_store(store: SQLiteStore, authority: str) -> dict[str, An
                      for k in store.signing_keys()]}
 
 
-def database_evidence(store: SQLiteStore, tenant: str) -> LogEvidence:
+def database_evidence(store: SQLStore, tenant: str) -> LogEvidence:
     """A tenant's log read straight from a (read-only) database file."""
     rows = store.iter_log(tenant)
     return LogEvidence(
@@ -187,7 +187,7 @@ class ExportSummary:
     tree_size: int
 
 
-def export_package(store: SQLiteStore, tenant: str, checkpoint: CheckpointRecord,
+def export_package(store: SQLStore, tenant: str, checkpoint: CheckpointRecord,
                    keys_document: dict[str, Any], out: Path, *, since: str | None = None,
                    until: str | None = None, created_at: str = "") -> ExportSummary:
     """Write receipts from ``since`` to ``until`` with proofs against ``checkpoint``."""

@@ -353,6 +353,6 @@ def test_sensitive_fields_are_never_stored_in_clear(fresh_gateway: Gateway) -> N
         detail = client.get(f"/verify/{answer['execution_id']}")
     assert secret not in json.dumps(answer)
     assert secret not in detail.text
-    stored = b"".join(path.read_bytes() for path in fresh_gateway.data.glob("execguard.db*"))
+    stored = fresh_gateway.stored_bytes()
     assert answer["execution_id"].encode() in stored  # the decision itself is stored...
     assert secret.encode() not in stored  # ...but the account number is only a digest

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sqlite3
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,9 +188,7 @@ def test_metrics_count_decisions_latency_batches_log_approvals_and_permits(
     assert value(after, "execguard_decision_latency_seconds_sum") > 0
 
     log_size = 8 + 2  # decisions, then a consumption and a refused one
-    with sqlite3.connect(f"file:{fresh_gateway.data / 'execguard.db'}?mode=ro",
-                         uri=True) as conn:
-        stored = conn.execute("SELECT COUNT(*) FROM log WHERE tenant = 'demo'").fetchone()[0]
+    ((stored,),) = fresh_gateway.sql("SELECT COUNT(*) FROM log WHERE tenant = 'demo'")
     assert stored == log_size
     assert value(after, "execguard_log_entries", tenant="demo") == log_size
     batches = value(after, "execguard_group_commit_batch_size_count")

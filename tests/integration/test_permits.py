@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from typing import Any
@@ -131,24 +130,22 @@ def test_single_use_survives_editing_the_database(fresh_gateway: Gateway) -> Non
         assert consume(client, answer).status_code == 200
         permit(client, amount=1)  # the consume entry is now in the middle of the log
         assert client.get("/v1/log/checkpoint").json()["size"] == 3
-    db = fresh_gateway.data / "execguard.db"
-    conn = sqlite3.connect(db)
-    # An operator with the file tries every place a "used" mark could live.
-    conn.execute("UPDATE executions SET response = json_remove(response, '$.consumed')")
-    conn.execute("DELETE FROM idempotency")
-    conn.commit()
-    conn.close()
+    # An operator with the database tries every place a "used" mark could live.
+    for (execution_id, response) in fresh_gateway.sql("SELECT execution_id, response"
+                                                      " FROM executions"):
+        unmarked = {k: v for k, v in json.loads(str(response)).items() if k != "consumed"}
+        fresh_gateway.sql("UPDATE executions SET response = ? WHERE execution_id = ?",
+                          (json.dumps(unmarked), execution_id))
+    fresh_gateway.sql("DELETE FROM idempotency")
     with fresh_gateway.client() as client:
         assert consume(client, answer).json()["error"] == "permit_already_consumed"
     # Deleting the consume entry itself needs the log's guard removed, and the audit sees it.
-    conn = sqlite3.connect(db)
-    conn.execute("DROP TRIGGER log_no_delete")
-    conn.execute("DELETE FROM log WHERE kind = 'consume' AND execution_id = ?",
-                 (answer["execution_id"],))
-    conn.commit()
-    conn.close()
+    fresh_gateway.remove_log_guards()
+    fresh_gateway.sql("DELETE FROM log WHERE kind = 'consume' AND execution_id = ?",
+                      (answer["execution_id"],))
     fresh_gateway.stop()
-    result = run_cli("audit", "--db", str(db), "--no-state", "--json", check=False)
+    result = run_cli("audit", "--db", fresh_gateway.ledger, "--no-state", "--json",
+                     check=False)
     assert result.returncode == 1
     report = json.loads(result.stdout)[0]
     assert {"deleted", "rollback"} & {f["kind"] for f in report["findings"]}

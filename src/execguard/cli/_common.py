@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,9 +17,11 @@ from execguard.protocol.errors import ConfigError
 app = typer.Typer(help="ExecGuard: no PERMIT, no execution.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 keys_app = typer.Typer(help="Signing keys and API keys.", no_args_is_help=True)
+db_app = typer.Typer(help="The ledger database: schema migrations.", no_args_is_help=True)
 policy_app = typer.Typer(help="Policy bundles: push, list, activate, show.", no_args_is_help=True)
 receipt_app = typer.Typer(help="Receipts.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
 app.add_typer(policy_app, name="policy")
 app.add_typer(receipt_app, name="receipt")
 
@@ -28,6 +31,10 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DataOption = Annotated[Path, typer.Option(
     "--data", envvar="EXECGUARD_DATA", help="Data directory.", show_default=True)]
+DbOption = Annotated[str | None, typer.Option(
+    "--db", envvar="EXECGUARD_DB", show_default=False,
+    help="PostgreSQL URL (postgresql://user@host:port/db); default: the SQLite file in "
+         "--data, or the URL that 'init --db' saved there.")]
 TenantOption = Annotated[str, typer.Option("--tenant", help="Tenant name.")]
 VersionArgument = Annotated[str, typer.Argument(metavar="VERSION",
                                                 help="A policy bundle version (64 hex digits).")]
@@ -35,10 +42,13 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable outpu
 DEFAULT_DATA = Path(".execguard")
 
 
-def datadir(path: Path) -> Any:
-    """The data directory (imported lazily: ``execguard verify`` needs no server code)."""
+def datadir(path: Path, database: str | None = None) -> Any:
+    """The data directory (imported lazily: ``execguard verify`` needs no server code).
+
+    Every command that opens the ledger honours ``EXECGUARD_DB``; ``--db`` wins.
+    """
     from execguard.server.datadir import DataDir
-    return DataDir(path)
+    return DataDir(path, database or os.environ.get("EXECGUARD_DB") or None)
 
 
 def read_file(path: Path) -> bytes:

@@ -42,7 +42,7 @@ from execguard.evidence import (
     keys_document_from_store,
     read_package,
 )
-from execguard.ledger import SQLiteStore
+from execguard.ledger import open_ledger
 from execguard.protocol.errors import ConfigError, VerificationError
 from execguard.verify import (
     KeySet,
@@ -136,8 +136,8 @@ def audit(
     url: Annotated[str | None, typer.Option(help="Audit a running gateway's log.")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="EXECGUARD_API_KEY",
                                                 help="API key for --url.")] = None,
-    db: Annotated[Path | None, typer.Option(help="Audit a database file (opened "
-                                            "read-only).")] = None,
+    db: Annotated[str | None, typer.Option(help="Audit a ledger database, opened read-only: "
+                                           "a SQLite file or a postgresql:// URL.")] = None,
     package: Annotated[Path | None, typer.Option(help="Verify an export package, "
                                                  "offline.")] = None,
     keys: Annotated[str | None, typer.Option(help="Pinned keys document: file or URL.")] = None,
@@ -163,7 +163,7 @@ def audit(
     audit_state = None if no_state else AuditState(state or default_state_path())
     reports: list[LogAuditReport] = []
     if db is not None:
-        store = SQLiteStore(db, readonly=True)
+        store = open_ledger(db, readonly=True)
         try:
             keyset = _keyset(keys, keys_document_from_store(store, authority), "the database",
                              as_json)

@@ -10,22 +10,30 @@ import typer
 from execguard.cli._common import (
     DEFAULT_DATA,
     DataOption,
+    DbOption,
     TenantOption,
     app,
     datadir,
+    db_app,
     keys_app,
     out,
 )
 
 
 @app.command()
-def init(data: DataOption = DEFAULT_DATA) -> None:
-    """Create the data directory, signing key, demo tenant, demo policy and an API key."""
-    result = datadir(data).initialise()
+def init(data: DataOption = DEFAULT_DATA, db: DbOption = None) -> None:
+    """Create the data directory, signing key, demo tenant, demo policy and an API key.
+
+    With --db, the ledger is that PostgreSQL database (migrated here) and the URL is
+    saved in the data directory, so later commands find it.
+    """
+    directory = datadir(data, db)
+    result = directory.initialise()
     if not result.created:
         out.print(f"ExecGuard data directory {data} already exists: nothing changed.")
     else:
         out.print(f"Created ExecGuard data directory {data}")
+        out.print(f"  ledger         {directory.database_label}")
         out.print(f"  signing key    {result.key_id} (private key mode 0600)")
         out.print("  tenant         demo")
         out.print(f"  active policy  {result.policy_version} (bundled demo policy)")
@@ -43,6 +51,7 @@ class LogFormat(StrEnum):
 @app.command()
 def serve(
     data: DataOption = DEFAULT_DATA,
+    db: DbOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
     log_format: Annotated[LogFormat, typer.Option(
@@ -60,7 +69,7 @@ def serve(
 
     configure_logging(LogFormat(log_format).value)
     settings = Settings.from_env(data_dir=data, host=host, port=port)
-    directory = datadir(settings.data_dir)
+    directory = datadir(settings.data_dir, db)
     store = directory.open_store()
     signers = directory.signer_source(store)
     try:
@@ -68,7 +77,8 @@ def serve(
     except NoSigningKey as exc:
         logging.getLogger("execguard").error("%s: decisions will fail closed (503)", exc)
     application = create_app(settings, store, signers)
-    out.print(f"ExecGuard gateway on http://{host}:{port}  (data: {data})")
+    out.print(f"ExecGuard gateway on http://{host}:{port}  (data: {data}, ledger: "
+              f"{directory.database_label})")
     if directory.demo_key_path.exists():
         out.print(f"Demo API key in {directory.demo_key_path}")  # never the key itself
     try:
@@ -122,3 +132,22 @@ def keys_rotate(data: DataOption = DEFAULT_DATA) -> None:
     for key_id in retired:
         out.print(f"Retired (still published, still verifying): {key_id}")
     print(signer.key_id)
+
+
+@db_app.command("migrate")
+def db_migrate(data: DataOption = DEFAULT_DATA, db: DbOption = None) -> None:
+    """Bring the ledger's schema up to this version of ExecGuard (safe to run again).
+
+    Run it once before starting gateways of a new version on PostgreSQL; every
+    replica refuses to start on a schema other than its own. SQLite files are
+    upgraded when they are opened.
+    """
+    from execguard.ledger import open_ledger
+    directory = datadir(data, db)
+    url = directory.database_url
+    store = open_ledger(url or str(directory.db_path), migrate=True)
+    try:
+        version = store.schema_version()
+    finally:
+        store.close()
+    out.print(f"Ledger {directory.database_label} is at schema version {version}.")

@@ -29,7 +29,7 @@ from execguard.ledger import (
     GroupCommitter,
     PendingEntry,
     PreparedDecision,
-    SQLiteStore,
+    SQLStore,
     Vote,
 )
 from execguard.protocol.canonical import sha256_hex
@@ -66,7 +66,7 @@ def approval_json(record: ApprovalRecord) -> dict[str, Any]:
 class Approvals:
     """The approval API's logic; votes and resolutions go through the group commit."""
 
-    def __init__(self, settings: Settings, store: SQLiteStore, committer: GroupCommitter,
+    def __init__(self, settings: Settings, store: SQLStore, committer: GroupCommitter,
                  signers: SigningKeys, gateway: Gateway, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings

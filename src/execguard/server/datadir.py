@@ -2,9 +2,13 @@
 
 Layout::
 
-    <data>/execguard.db          the SQLite ledger
+    <data>/execguard.db          the SQLite ledger (the embedded default)
+    <data>/execguard.toml        settings written by ``init --db``: the PostgreSQL URL
     <data>/keys/<key id>.pem     Ed25519 private keys, mode 0600 (directory 0700)
     <data>/demo-api-key          the demo tenant's API key, mode 0600 (created by init)
+
+With PostgreSQL, several gateway replicas share one database; each needs the
+same ``keys`` directory (a copy, or a shared volume) to sign with the active key.
 """
 
 from __future__ import annotations
@@ -14,13 +18,21 @@ import os
 import secrets
 import threading
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from execguard.arbiter import PolicyBundle, demo_bundle_path
-from execguard.ledger import ApiKeyRecord, SigningKeyRecord, SQLiteStore
+from execguard.ledger import (
+    ApiKeyRecord,
+    SigningKeyRecord,
+    SQLStore,
+    is_postgres_url,
+    open_ledger,
+    redact_url,
+)
 from execguard.protocol.errors import ConfigError, NoSigningKey
 from execguard.protocol.outcome import format_timestamp
 from execguard.protocol.signing import Signer
@@ -65,7 +77,7 @@ class SignerSource:
     file is readable again.
     """
 
-    def __init__(self, datadir: DataDir, store: SQLiteStore, recheck_seconds: float = 1.0,
+    def __init__(self, datadir: DataDir, store: SQLStore, recheck_seconds: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._datadir = datadir
         self._store = store
@@ -104,15 +116,53 @@ class InitResult:
 
 
 class DataDir:
-    """Paths and operations on one data directory."""
+    """Paths and operations on one data directory.
 
-    def __init__(self, path: str | Path) -> None:
+    ``database`` (a ``postgresql://`` URL, from ``--db`` or ``EXECGUARD_DB``)
+    overrides the one in ``execguard.toml``; with neither, the ledger is the
+    directory's SQLite file.
+    """
+
+    def __init__(self, path: str | Path, database: str | None = None) -> None:
         self.path = Path(path)
+        if database is not None and not is_postgres_url(database):
+            raise ConfigError(f"--db {database!r} is not a PostgreSQL URL "
+                              "(postgresql://user@host:port/database)")
+        self._database = database or None
 
     @property
     def db_path(self) -> Path:
         """The SQLite ledger."""
         return self.path / "execguard.db"
+
+    @property
+    def config_path(self) -> Path:
+        """Settings that ``init --db`` wrote (mode 0600: the URL may hold a password)."""
+        return self.path / "execguard.toml"
+
+    @property
+    def database_url(self) -> str | None:
+        """The PostgreSQL URL in use, or None for the embedded SQLite file."""
+        if self._database is not None:
+            return self._database
+        if not self.config_path.exists():
+            return None
+        try:
+            config = tomllib.loads(self.config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read {self.config_path}: {exc}") from None
+        url = config.get("database", {}).get("url") if isinstance(
+            config.get("database"), dict) else None
+        if not isinstance(url, str) or not is_postgres_url(url):
+            raise ConfigError(f"{self.config_path}: [database] url must be a PostgreSQL URL "
+                              f"(postgresql://...), got {url!r}")
+        return url
+
+    @property
+    def database_label(self) -> str:
+        """Where the ledger is, for people (no password)."""
+        url = self.database_url
+        return redact_url(url) if url else str(self.db_path)
 
     @property
     def keys_dir(self) -> Path:
@@ -126,16 +176,22 @@ class DataDir:
 
     def exists(self) -> bool:
         """Whether ``init`` has run here."""
-        return self.db_path.exists()
+        return self.db_path.exists() or self.config_path.exists()
 
-    def open_store(self) -> SQLiteStore:
+    def open_store(self, *, migrate: bool = False) -> SQLStore:
         """Open the ledger; the directory must have been initialised."""
         if not self.exists():
             raise ConfigError(
                 f"no ExecGuard data directory at {self.path}: run 'execguard init --data "
                 f"{self.path}' first"
             )
-        return SQLiteStore(self.db_path)
+        return open_ledger(self.database_url or str(self.db_path), migrate=migrate)
+
+    def _write_config(self, url: str) -> None:
+        escaped = url.replace("\\", "\\\\").replace('"', '\\"')
+        self._write_secret(self.config_path, (
+            "# Written by 'execguard init'. Replicas share this database and keys/.\n"
+            f'[database]\nurl = "{escaped}"\n').encode())
 
     def _write_secret(self, path: Path, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -151,21 +207,21 @@ class DataDir:
         self._write_secret(self.keys_dir / f"{signer.key_id}.pem", signer.private_pem())
         return signer
 
-    def create_signing_key(self, store: SQLiteStore) -> Signer:
+    def create_signing_key(self, store: SQLStore) -> Signer:
         """Generate a key, write it (0600), then publish its public half as active."""
         signer = self._new_key_file()
         store.add_signing_key(SigningKeyRecord(signer.key_id, signer.public_pem, "active",
                                                now_text()))
         return signer
 
-    def rotate_signing_key(self, store: SQLiteStore) -> tuple[Signer, list[str]]:
+    def rotate_signing_key(self, store: SQLStore) -> tuple[Signer, list[str]]:
         """A new active key; the old ones stay published as ``retired`` and keep verifying."""
         signer = self._new_key_file()
         retired = store.rotate_signing_key(
             SigningKeyRecord(signer.key_id, signer.public_pem, "active", now_text()))
         return signer, retired
 
-    def load_signer(self, store: SQLiteStore) -> Signer:
+    def load_signer(self, store: SQLStore) -> Signer:
         """The active signing key; :class:`NoSigningKey` if it is missing or unreadable."""
         active = [k for k in store.signing_keys() if k.status == "active"]
         if not active:
@@ -181,11 +237,11 @@ class DataDir:
             raise NoSigningKey(f"{path} does not hold key {record.key_id}")
         return signer
 
-    def signer_source(self, store: SQLiteStore, recheck_seconds: float = 1.0) -> SignerSource:
+    def signer_source(self, store: SQLStore, recheck_seconds: float = 1.0) -> SignerSource:
         """The active signing key, re-checked so a rotation takes effect without a restart."""
         return SignerSource(self, store, recheck_seconds)
 
-    def create_api_key(self, store: SQLiteStore, tenant: str, role: str = "agent",
+    def create_api_key(self, store: SQLStore, tenant: str, role: str = "agent",
                        label: str | None = None, groups: tuple[str, ...] = ()) -> str:
         """Create and store (hashed) a new API key for an existing tenant; return its text."""
         if role not in ROLES:
@@ -216,7 +272,16 @@ class DataDir:
             return InitResult(False, self.path, keys[-1].key_id if keys else "", demo_key,
                               version)
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        store = SQLiteStore(self.db_path)
+        url = self.database_url
+        store = open_ledger(url or str(self.db_path), migrate=True)
+        if url is not None:
+            if store.signing_keys():
+                store.close()
+                raise ConfigError(
+                    f"the database {redact_url(url)} is already set up by another data "
+                    "directory: give each replica a copy of that directory (its keys/ and "
+                    "execguard.toml) instead of running init again")
+            self._write_config(url)
         try:
             signer = self.create_signing_key(store)
             now = now_text()

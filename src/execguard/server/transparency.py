@@ -11,7 +11,7 @@ import base64
 from datetime import UTC, datetime
 from typing import Any
 
-from execguard.ledger import CheckpointRecord, SQLiteStore
+from execguard.ledger import CheckpointRecord, SQLStore
 from execguard.protocol.checkpoint import Checkpoint, sign_checkpoint
 from execguard.protocol.errors import MalformedRequest, NotFound, ServiceUnavailable
 from execguard.protocol.logentry import leaf_record
@@ -39,7 +39,7 @@ def checkpoint_json(record: CheckpointRecord, origin: str) -> dict[str, Any]:
 class Transparency:
     """Checkpoints, proofs and bundles for each tenant's log."""
 
-    def __init__(self, settings: Settings, store: SQLiteStore, signers: SigningKeys) -> None:
+    def __init__(self, settings: Settings, store: SQLStore, signers: SigningKeys) -> None:
         self.settings = settings
         self.store = store
         self.signers = signers

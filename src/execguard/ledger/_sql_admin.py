@@ -1,44 +1,64 @@
-"""Tenants, keys, policy bundles, shadow policies and webhooks in the SQLite ledger.
+"""Tenants, keys, policy bundles, shadow policies and webhooks in the SQL ledger.
 
-The administrative half of :class:`~execguard.ledger.sqlite.SQLiteStore`; the log
-and everything appended through it is in ``sqlite.py``.
+The administrative half of :class:`~execguard.ledger.sql.SQLStore`; the log
+and everything appended through it is in ``sql.py``.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import sqlite3
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Protocol
 
-from execguard.ledger._sqlite_approvals import add_webhook, list_webhooks
-from execguard.ledger._sqlite_util import dumps, translate_errors
+from execguard.ledger._sql_approvals import add_webhook, list_webhooks
+from execguard.ledger._sql_util import dumps
 from execguard.ledger.records import ApiKeyRecord, BundleRecord, SigningKeyRecord, WebhookRecord
 from execguard.protocol.errors import NotFound
 
-__all__ = ["AdminMixin"]
+__all__ = ["AdminMixin", "Connection", "Cursor"]
+
+
+class Cursor(Protocol):
+    """What a statement returns: rows, and how many rows it changed."""
+
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Any: ...
+
+
+class Connection(Protocol):
+    """A DB-API style connection taking ``?`` placeholders (SQLite's own, or an adapter)."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, rows: Any, /) -> Any: ...
 
 
 class AdminMixin:
-    """Needs ``_conn`` (a per-thread connection) and ``_write(what)`` (a write transaction)."""
+    """Needs ``_read(what)`` (a connection) and ``_write(what)`` (a write transaction)."""
 
-    _conn: sqlite3.Connection
-    _write: Callable[[str], AbstractContextManager[sqlite3.Connection]]
+    _read: Callable[[str], AbstractContextManager[Connection]]
+    _write: Callable[[str], AbstractContextManager[Connection]]
 
     # -- tenants and keys --------------------------------------------------------------
 
     def create_tenant(self, name: str, now: str) -> bool:
         """Create a tenant; False if it already exists."""
         with self._write("creating a tenant") as conn:
-            cur = conn.execute("INSERT OR IGNORE INTO tenants VALUES (?, ?)", (name, now))
+            cur = conn.execute("INSERT INTO tenants VALUES (?, ?) ON CONFLICT DO NOTHING",
+                               (name, now))
             return cur.rowcount == 1
 
     def tenant_exists(self, name: str) -> bool:
         """Whether the tenant exists."""
-        with translate_errors("reading tenants"):
-            row = self._conn.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone()
+        with self._read("reading tenants") as conn:
+            row = conn.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone()
         return row is not None
 
     def add_api_key(self, record: ApiKeyRecord) -> None:
@@ -53,8 +73,8 @@ class AdminMixin:
 
     def lookup_api_key(self, key_hash: str) -> ApiKeyRecord | None:
         """The API key with this hash, or None."""
-        with translate_errors("reading API keys"):
-            row = self._conn.execute(
+        with self._read("reading API keys") as conn:
+            row = conn.execute(
                 "SELECT key_hash, tenant, role, label, created_at, groups FROM api_keys"
                 " WHERE key_hash = ?", (key_hash,)).fetchone()
         if row is None:
@@ -79,8 +99,8 @@ class AdminMixin:
 
     def signing_keys(self) -> list[SigningKeyRecord]:
         """Every published key, oldest first."""
-        with translate_errors("reading signing keys"):
-            rows = self._conn.execute(
+        with self._read("reading signing keys") as conn:
+            rows = conn.execute(
                 "SELECT key_id, public_pem, status, created_at FROM signing_keys"
                 " ORDER BY created_at, key_id").fetchall()
         return [SigningKeyRecord(*row) for row in rows]
@@ -93,14 +113,14 @@ class AdminMixin:
         encoded = dumps({path: base64.b64encode(data).decode("ascii")
                           for path, data in sorted(files.items())})
         with self._write("storing a policy bundle") as conn:
-            cur = conn.execute("INSERT OR IGNORE INTO bundles VALUES (?, ?, ?, ?)",
+            cur = conn.execute("INSERT INTO bundles VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                                (tenant, version, encoded, now))
             return cur.rowcount == 1
 
     def get_bundle(self, tenant: str, version: str) -> BundleRecord | None:
         """The bundle with its files, or None."""
-        with translate_errors("reading a policy bundle"):
-            row = self._conn.execute(
+        with self._read("reading a policy bundle") as conn:
+            row = conn.execute(
                 "SELECT b.files, b.created_at, a.version IS NOT NULL FROM bundles b"
                 " LEFT JOIN active_bundles a ON a.tenant = b.tenant AND a.version = b.version"
                 " WHERE b.tenant = ? AND b.version = ?", (tenant, version)).fetchone()
@@ -111,8 +131,8 @@ class AdminMixin:
 
     def list_bundles(self, tenant: str) -> list[BundleRecord]:
         """The tenant's bundles, oldest first."""
-        with translate_errors("listing policy bundles"):
-            rows = self._conn.execute(
+        with self._read("listing policy bundles") as conn:
+            rows = conn.execute(
                 "SELECT b.version, b.created_at, a.version IS NOT NULL FROM bundles b"
                 " LEFT JOIN active_bundles a ON a.tenant = b.tenant AND a.version = b.version"
                 " WHERE b.tenant = ? ORDER BY b.created_at, b.version", (tenant,)).fetchall()
@@ -131,8 +151,8 @@ class AdminMixin:
 
     def active_bundle_version(self, tenant: str) -> str | None:
         """The tenant's active policy version, or None."""
-        with translate_errors("reading the active policy"):
-            row = self._conn.execute("SELECT version FROM active_bundles WHERE tenant = ?",
+        with self._read("reading the active policy") as conn:
+            row = conn.execute("SELECT version FROM active_bundles WHERE tenant = ?",
                                      (tenant,)).fetchone()
         return row[0] if row else None
 
@@ -153,8 +173,8 @@ class AdminMixin:
 
     def shadow_version(self, tenant: str) -> str | None:
         """The tenant's shadow policy version, or None."""
-        with translate_errors("reading the shadow policy"):
-            row = self._conn.execute("SELECT version FROM shadow_bundles WHERE tenant = ?",
+        with self._read("reading the shadow policy") as conn:
+            row = conn.execute("SELECT version FROM shadow_bundles WHERE tenant = ?",
                                      (tenant,)).fetchone()
         return row[0] if row else None
 
@@ -170,8 +190,8 @@ class AdminMixin:
             params += (version,)
         keys = ("executionId", "surface", "activeVersion", "shadowVersion", "activeDecision",
                 "activeReason", "shadowDecision", "shadowReason", "timestamp")
-        with translate_errors("reading shadow disagreements"):
-            rows = self._conn.execute(sql + " ORDER BY created_at DESC LIMIT ?",
+        with self._read("reading shadow disagreements") as conn:
+            rows = conn.execute(sql + " ORDER BY created_at DESC LIMIT ?",
                                       (*params, limit)).fetchall()
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
@@ -188,8 +208,8 @@ class AdminMixin:
 
     def webhooks(self, tenant: str) -> list[WebhookRecord]:
         """The tenant's webhooks."""
-        with translate_errors("reading webhooks"):
-            rows = list_webhooks(self._conn, tenant)
+        with self._read("reading webhooks") as conn:
+            rows = list_webhooks(conn, tenant)
         return [WebhookRecord(r[0], r[1], r[2], r[3], r[4], tuple(r[5].split(",")), r[6])
                 for r in rows]
 

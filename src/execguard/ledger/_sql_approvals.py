@@ -1,4 +1,4 @@
-"""Approval requests and votes in the SQLite ledger (the SQL; the rules live in sqlite.py).
+"""Approval requests and votes in the SQL ledger (the SQL; the rules live in sql.py).
 
 Votes and resolutions are also signed receipts in the log: these rows are the
 index the API reads, the log is the evidence.
@@ -7,11 +7,13 @@ index the API reads, the log is the evidence.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from execguard.ledger.records import ApprovalRecord, ApprovalRequest, Vote, VoteRecord
+
+if TYPE_CHECKING:
+    from execguard.ledger._sql_admin import Connection
 
 __all__ = [
     "add_webhook",
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 
-def open_approval(conn: sqlite3.Connection, tenant: str, execution_id: str,
+def open_approval(conn: Connection, tenant: str, execution_id: str,
                   execution: Mapping[str, Any], request: ApprovalRequest, now: str) -> None:
     conn.execute("INSERT INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, NULL)",
                  (execution_id, tenant, execution["surface"], execution["actor_id"],
@@ -35,32 +37,33 @@ def open_approval(conn: sqlite3.Connection, tenant: str, execution_id: str,
                   request.expires_at))
 
 
-def approval_row(conn: sqlite3.Connection, tenant: str,
+def approval_row(conn: Connection, tenant: str,
                  execution_id: str) -> tuple[str, int, float] | None:
     row = conn.execute("SELECT status, quorum, expires_at FROM approvals WHERE tenant = ?"
                        " AND execution_id = ?", (tenant, execution_id)).fetchone()
     return (row[0], int(row[1]), float(row[2])) if row else None
 
 
-def has_voted(conn: sqlite3.Connection, execution_id: str, voter_key: str) -> bool:
+def has_voted(conn: Connection, execution_id: str, voter_key: str) -> bool:
     return conn.execute("SELECT 1 FROM approval_votes WHERE execution_id = ? AND voter_key = ?",
                         (execution_id, voter_key)).fetchone() is not None
 
 
-def record_vote(conn: sqlite3.Connection, execution_id: str, vote: Vote, now: str,
+def record_vote(conn: Connection, execution_id: str, vote: Vote, now: str,
                 log_index: int) -> None:
     conn.execute("INSERT INTO approval_votes VALUES (?, ?, ?, ?, ?, ?, ?)",
                  (execution_id, vote.voter_key, vote.voter, vote.vote, vote.comment, now,
                   log_index))
 
 
-def count_votes(conn: sqlite3.Connection, execution_id: str) -> tuple[int, int]:
-    row = conn.execute("SELECT SUM(vote = 'APPROVE'), SUM(vote = 'DENY') FROM approval_votes"
+def count_votes(conn: Connection, execution_id: str) -> tuple[int, int]:
+    row = conn.execute("SELECT SUM(CASE WHEN vote = 'APPROVE' THEN 1 ELSE 0 END),"
+                       " SUM(CASE WHEN vote = 'DENY' THEN 1 ELSE 0 END) FROM approval_votes"
                        " WHERE execution_id = ?", (execution_id,)).fetchone()
     return int(row[0] or 0), int(row[1] or 0)
 
 
-def resolve_execution(conn: sqlite3.Connection, execution_id: str,
+def resolve_execution(conn: Connection, execution_id: str,
                       execution: Mapping[str, Any], response: Mapping[str, Any]) -> None:
     """The execution's current state becomes its resolution (both receipts stay in the log)."""
     conn.execute("UPDATE executions SET decision = ?, reason_code = ?, policy_version = ?,"
@@ -70,12 +73,12 @@ def resolve_execution(conn: sqlite3.Connection, execution_id: str,
                   execution_id))
 
 
-def close_approval(conn: sqlite3.Connection, execution_id: str, status: str, now: str) -> None:
+def close_approval(conn: Connection, execution_id: str, status: str, now: str) -> None:
     conn.execute("UPDATE approvals SET status = ?, resolved_at = ? WHERE execution_id = ?",
                  (status, now, execution_id))
 
 
-def list_approvals(conn: sqlite3.Connection, tenant: str, status: str | None, limit: int,
+def list_approvals(conn: Connection, tenant: str, status: str | None, limit: int,
                    execution_id: str | None = None) -> list[ApprovalRecord]:
     where, params = ["tenant = ?"], [tenant]
     if status is not None:
@@ -97,13 +100,13 @@ def list_approvals(conn: sqlite3.Connection, tenant: str, status: str | None, li
     return records
 
 
-def add_webhook(conn: sqlite3.Connection, target: Any) -> None:
+def add_webhook(conn: Connection, target: Any) -> None:
     conn.execute("INSERT INTO webhooks VALUES (?, ?, ?, ?, ?, ?, ?)",
                  (target.id, target.tenant, target.url, target.secret, target.format,
                   ",".join(target.events), target.created_at))
 
 
-def list_webhooks(conn: sqlite3.Connection, tenant: str) -> list[tuple[Any, ...]]:
+def list_webhooks(conn: Connection, tenant: str) -> list[tuple[Any, ...]]:
     return conn.execute("SELECT id, tenant, url, secret, format, events, created_at FROM"
                         " webhooks WHERE tenant = ? ORDER BY created_at, id",
                         (tenant,)).fetchall()

@@ -1,9 +1,8 @@
-"""Shared by the SQLite ledger's modules: the one seam for driver errors, and JSON text."""
+"""Shared by the SQL ledger's modules: the one seam for driver errors, and JSON text."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,11 +13,11 @@ __all__ = ["dumps", "translate_errors"]
 
 
 @contextmanager
-def translate_errors(what: str) -> Iterator[None]:
-    """Turn every ``sqlite3`` error into :class:`StorageUnavailable` (one seam)."""
+def translate_errors(what: str, errors: tuple[type[Exception], ...]) -> Iterator[None]:
+    """Turn each of a driver's ``errors`` into :class:`StorageUnavailable` (one seam)."""
     try:
         yield
-    except sqlite3.Error as exc:
+    except errors as exc:
         raise StorageUnavailable(f"{what} failed: {exc}") from exc
 
 

@@ -1,16 +1,18 @@
-"""Reservations and the fact reader of the SQLite ledger (stateful limits)."""
+"""Reservations and the fact reader of the SQL ledger (stateful limits)."""
 
 from __future__ import annotations
 
-import sqlite3
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from execguard.ledger.records import Reservation
+
+if TYPE_CHECKING:
+    from execguard.ledger._sql_admin import Connection
 
 __all__ = ["TxnFacts", "reserve"]
 
 
-def reserve(conn: sqlite3.Connection, tenant: str, execution_id: str,
+def reserve(conn: Connection, tenant: str, execution_id: str,
              reservation: Reservation) -> None:
     conn.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, 0, 0)",
                  (execution_id, tenant, reservation.surface, reservation.actor,
@@ -25,7 +27,7 @@ class TxnFacts:
     _LIVE = ("r.tenant = ? AND r.surface = ? AND r.reserved_at > ? AND r.released = 0"
              " AND (r.consumed = 1 OR r.expires_at > ?)")
 
-    def __init__(self, conn: sqlite3.Connection, tenant: str) -> None:
+    def __init__(self, conn: Connection, tenant: str) -> None:
         self.conn = conn
         self.tenant = tenant
 

@@ -1,8 +1,12 @@
+"""The ledger's contract, run against every backend (SQLite file and PostgreSQL)."""
+
 import asyncio
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from execguard.ledger import (
@@ -13,8 +17,10 @@ from execguard.ledger import (
     PendingEntry,
     Replayed,
     SQLiteStore,
+    SQLStore,
+    open_ledger,
 )
-from execguard.ledger.sqlite import translate_errors
+from execguard.ledger.sqlite import sqlite_errors
 from execguard.protocol.chain import entry_hash
 from execguard.protocol.errors import NotFound, StorageUnavailable
 from execguard.protocol.receipt import seal_receipt
@@ -45,15 +51,15 @@ def outcome(tenant: str, execution_id: str) -> PendingEntry:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SQLiteStore:
-    s = SQLiteStore(tmp_path / "ledger.db")
+def store(tmp_path: Path, database: str | None) -> Iterator[SQLStore]:
+    s = open_ledger(database or str(tmp_path / "ledger.db"), migrate=True)
     s.create_tenant("acme", "t0")
     s.create_tenant("other", "t0")
     yield s
     s.close()
 
 
-def test_indexes_are_gapless_per_tenant_and_chained(store: SQLiteStore) -> None:
+def test_indexes_are_gapless_per_tenant_and_chained(store: SQLStore) -> None:
     results = store.commit_batch([decision("acme", "e1"), decision("other", "o1"),
                                   decision("acme", "e2")], 0)
     results += store.commit_batch([decision("acme", "e3")], 0)
@@ -69,18 +75,32 @@ def test_indexes_are_gapless_per_tenant_and_chained(store: SQLiteStore) -> None:
     assert store.log_size("acme") == 3 and store.log_size("other") == 1
 
 
-def test_log_is_append_only_even_through_sql(store: SQLiteStore, tmp_path: Path) -> None:
+def driver_error(store: SQLStore) -> type[Exception]:
+    """The error class the store's own database driver raises."""
+    return sqlite3.OperationalError if store.location.endswith(".db") else \
+        psycopg.OperationalError
+
+
+def run_sql_directly(store: SQLStore, sql: str) -> None:
+    """As an operator with a database shell would: outside ExecGuard."""
+    if store.location.endswith(".db"):
+        with sqlite3.connect(store.location) as conn:
+            conn.execute(sql)
+    else:
+        with psycopg.connect(store.url, autocommit=True) as conn:  # type: ignore[attr-defined]
+            conn.execute(sql)
+
+
+@pytest.mark.parametrize("sql", ["UPDATE log SET receipt = '{}'", "DELETE FROM log",
+                                 "DELETE FROM merkle_nodes"])
+def test_log_is_append_only_even_through_sql(store: SQLStore, sql: str) -> None:
     store.commit_batch([decision("acme", "e1")], 0)
-    conn = sqlite3.connect(tmp_path / "ledger.db")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        conn.execute("UPDATE log SET receipt = '{}'")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        conn.execute("DELETE FROM log")
-    conn.close()
+    with pytest.raises((sqlite3.DatabaseError, psycopg.Error), match="append-only"):
+        run_sql_directly(store, sql)
     assert store.log_entries("acme", 0, 1)[0].receipt["executionId"] == "e1"
 
 
-def test_idempotency_replays_same_request_and_refuses_another(store: SQLiteStore) -> None:
+def test_idempotency_replays_same_request_and_refuses_another(store: SQLStore) -> None:
     claim = IdempotencyClaim("k", "hash-1", "enforce", expires_at=100)
     first = store.commit_batch([decision("acme", "e1", claim)], now_epoch=0)[0]
     assert isinstance(first, Committed)
@@ -103,7 +123,7 @@ def test_idempotency_replays_same_request_and_refuses_another(store: SQLiteStore
     assert store.find_idempotent("acme", "k", 102) is None
 
 
-def test_an_outcome_is_recorded_once(store: SQLiteStore) -> None:
+def test_an_outcome_is_recorded_once(store: SQLStore) -> None:
     store.commit_batch([decision("acme", "e1")], 0)
     assert isinstance(store.commit_batch([outcome("acme", "e1")], 0)[0], Committed)
     assert store.commit_batch([outcome("acme", "e1")], 0)[0] == Conflicted("outcome_exists")
@@ -112,16 +132,16 @@ def test_an_outcome_is_recorded_once(store: SQLiteStore) -> None:
     assert record.outcome_receipt["logIndex"] == 1
 
 
-def test_executions_are_tenant_scoped(store: SQLiteStore) -> None:
+def test_executions_are_tenant_scoped(store: SQLStore) -> None:
     store.commit_batch([decision("acme", "e1"), decision("other", "o1")], 0)
     assert store.get_execution("other", "e1") is None
     assert [r.execution_id for r in store.query_executions("acme")] == ["e1"]
     assert store.query_executions("acme", surface="data.export") == []
 
 
-def test_a_failed_batch_stores_nothing(store: SQLiteStore) -> None:
+def test_a_failed_batch_stores_nothing(store: SQLStore) -> None:
     def explode(index: int) -> dict[str, Any]:
-        raise sqlite3.OperationalError("disk I/O error")
+        raise driver_error(store)("disk I/O error")
 
     bad = PendingEntry(tenant="acme", kind="decision", execution_id="boom", seal=explode)
     with pytest.raises(StorageUnavailable):
@@ -129,7 +149,7 @@ def test_a_failed_batch_stores_nothing(store: SQLiteStore) -> None:
     assert store.log_size("acme") == 0 and store.get_execution("acme", "e1") is None
 
 
-def test_bundles_are_immutable_and_one_is_active(store: SQLiteStore) -> None:
+def test_bundles_are_immutable_and_one_is_active(store: SQLStore) -> None:
     assert store.put_bundle("acme", "v1", {"a.cedar": b"x"}, "t1")
     assert not store.put_bundle("acme", "v1", {"a.cedar": b"changed"}, "t2")
     assert store.get_bundle("acme", "v1").files == {"a.cedar": b"x"}
@@ -149,12 +169,12 @@ def test_every_sqlite_error_class_is_translated() -> None:
                and issubclass(getattr(sqlite3, name), sqlite3.Error)]
     assert len(classes) >= 8
     for cls in classes:
-        with pytest.raises(StorageUnavailable), translate_errors("testing"):
+        with pytest.raises(StorageUnavailable), sqlite_errors("testing"):
             raise cls("boom")
 
 
 def test_group_commit_shares_transactions_and_acknowledges_after_commit(
-        store: SQLiteStore) -> None:
+        store: SQLStore) -> None:
     committer = GroupCommitter(store, max_delay=0.005)
     committer.start()
 
@@ -172,7 +192,7 @@ def test_group_commit_shares_transactions_and_acknowledges_after_commit(
     assert store.log_size("acme") == 200
 
 
-def test_group_commit_failure_reaches_every_waiter(store: SQLiteStore, tmp_path: Path) -> None:
+def test_group_commit_failure_reaches_every_waiter(store: SQLStore, tmp_path: Path) -> None:
     committer = GroupCommitter(store)
     committer.start()
 
@@ -197,7 +217,7 @@ def test_group_commit_failure_reaches_every_waiter(store: SQLiteStore, tmp_path:
         assert store.log_size("acme") == 1
 
 
-def test_the_tree_is_stored_and_a_forked_checkpoint_is_refused(store: SQLiteStore) -> None:
+def test_the_tree_is_stored_and_a_forked_checkpoint_is_refused(store: SQLStore) -> None:
     from execguard.ledger import CheckpointRecord
     from execguard.protocol.merkle import MemoryTree, verify_consistency, verify_inclusion
 

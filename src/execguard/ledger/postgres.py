@@ -1,0 +1,160 @@
+"""The PostgreSQL ledger: several gateway replicas share one database.
+
+Every write transaction first takes one transaction-scoped advisory lock, so
+the replicas append to the log one batch at a time, exactly as SQLite's single
+writer does: indexes stay gapless, an idempotency key is evaluated once, a
+permit is consumed once and a limit holds across replicas. Group commit keeps
+that serial section short: one transaction (and one WAL flush) per batch.
+
+Durability: ``synchronous_commit`` is forced on for every connection, so a
+transaction is flushed to PostgreSQL's WAL before ``COMMIT`` returns. The schema
+is versioned (:mod:`._postgres_schema`); ``execguard db migrate`` applies it and
+a store refuses to open a database whose version differs from its own.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from execguard.ledger._postgres_schema import MIGRATIONS, SCHEMA_VERSION
+from execguard.ledger._sql_util import translate_errors
+from execguard.ledger._urls import is_postgres_url, redact_url
+from execguard.ledger.sql import SQLStore
+from execguard.protocol.errors import ConfigError
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+
+#: First key of the advisory lock that serialises writers (the second is the schema).
+_WRITE_LOCK = 0x45474C47  # "EGLG"
+_MIGRATE_LOCK = 0x45474D47  # "EGMG"
+
+
+@functools.lru_cache(maxsize=512)
+def _placeholders(sql: str) -> str:
+    """The shared SQL uses sqlite3's ``?``; psycopg wants ``%s`` (and ``%%`` for ``%``)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _Connection:
+    """A psycopg connection that speaks the shared SQL's dialect of placeholders."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, parameters: Any = (), /) -> psycopg.Cursor[Any]:
+        return self._conn.execute(_placeholders(sql), parameters)
+
+    def executemany(self, sql: str, rows: Any, /) -> None:
+        with self._conn.cursor() as cursor:
+            cursor.executemany(_placeholders(sql), rows)
+
+
+def _errors(what: str) -> Any:
+    return translate_errors(what, (psycopg.Error,))
+
+
+class PostgresStore(SQLStore):
+    """The ledger in a PostgreSQL database, through a connection pool. Thread-safe."""
+
+    def __init__(self, url: str, *, readonly: bool = False, migrate: bool = False,
+                 pool_size: int = 16, timeout: float = 5.0) -> None:
+        if not is_postgres_url(url):
+            raise ConfigError(f"database URL {redact_url(url)!r} is not postgresql://...")
+        self.url = url
+        self.location = redact_url(url)
+        self.readonly = readonly
+        settings = ["SET synchronous_commit = on", "SET lock_timeout = '10s'",
+                    "SET idle_in_transaction_session_timeout = '60s'"]
+        if readonly:
+            # Auditors read through a read-only session: an audit can never change the evidence.
+            settings.append("SET default_transaction_read_only = on")
+
+        def configure(conn: psycopg.Connection[Any]) -> None:
+            for statement in settings:
+                conn.execute(statement)
+
+        self._pool = ConnectionPool(
+            url, min_size=1, max_size=pool_size, timeout=timeout, open=False,
+            kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout))},
+            configure=configure, check=ConnectionPool.check_connection,
+            name="execguard-ledger")
+        try:
+            self._pool.open(wait=False)
+            if migrate:
+                self.migrate()
+            self._check_version()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    # -- connections -------------------------------------------------------------------
+
+    @contextmanager
+    def _read(self, what: str) -> Iterator[_Connection]:
+        """A pooled connection in autocommit: each statement sees every committed write."""
+        with _errors(what), self._pool.connection() as conn:
+            yield _Connection(conn)
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[_Connection]:
+        """One transaction holding the writers' advisory lock, committed or rolled back whole."""
+        with _errors(what), self._pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))",
+                         (_WRITE_LOCK,))
+            yield _Connection(conn)
+
+    # -- the schema --------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        """The last migration applied to the database (0 for an empty database)."""
+        with self._read("reading the schema version") as conn:
+            exists = conn.execute("SELECT to_regclass('schema_migrations')").fetchone()[0]
+            if exists is None:
+                return 0
+            row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    def migrate(self) -> list[int]:
+        """Apply the migrations the database lacks, each in its own transaction; return them."""
+        applied: list[int] = []
+        with _errors("migrating the database"), self._pool.connection() as raw:
+            for version, sql in MIGRATIONS:
+                with raw.transaction():
+                    # One migrator at a time, even with every replica starting at once.
+                    raw.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))",
+                                (_MIGRATE_LOCK,))
+                    raw.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER"
+                                " PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+                    done = raw.execute("SELECT 1 FROM schema_migrations WHERE version = %s",
+                                       (version,)).fetchone()
+                    if done is not None:
+                        continue
+                    raw.execute(sql)  # type: ignore[arg-type]
+                    raw.execute("INSERT INTO schema_migrations (version) VALUES (%s)",
+                                (version,))
+                    applied.append(version)
+        return applied
+
+    def _check_version(self) -> None:
+        version = self.schema_version()
+        if version < SCHEMA_VERSION:
+            raise ConfigError(
+                f"the database {self.location} has schema version {version}; this ExecGuard "
+                f"needs {SCHEMA_VERSION}: run 'execguard db migrate' first")
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"the database {self.location} has schema version {version}; this ExecGuard "
+                f"understands up to {SCHEMA_VERSION}: upgrade ExecGuard")
+
+    def close(self) -> None:
+        """Close the pool and its connections."""
+        self._pool.close()
+

@@ -1,0 +1,108 @@
+"""What only the PostgreSQL ledger has: versioned migrations and writers in several processes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from execguard.ledger import Committed, open_ledger
+from execguard.ledger._postgres_schema import SCHEMA_VERSION
+from execguard.ledger.postgres import PostgresStore
+from execguard.protocol.errors import ConfigError, StorageUnavailable
+from tests.conftest import BACKENDS, PostgresSession
+from tests.unit.ledger.test_store import decision
+
+pytestmark = pytest.mark.skipif("postgresql" not in BACKENDS,
+                                reason="EXECGUARD_TEST_BACKENDS excludes postgresql")
+
+
+@pytest.fixture
+def url(postgres: PostgresSession) -> str:
+    return postgres.new_url()
+
+
+@pytest.fixture
+def migrated(url: str) -> Iterator[PostgresStore]:
+    store = PostgresStore(url, migrate=True)
+    store.create_tenant("acme", "t0")
+    yield store
+    store.close()
+
+
+def test_an_unmigrated_database_is_refused_with_the_command_to_run(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"schema version 0; .* needs "
+                                          rf"{SCHEMA_VERSION}: run 'execguard db migrate'"):
+        PostgresStore(url)
+
+
+def test_migrate_is_idempotent_and_records_each_version(url: str) -> None:
+    first = PostgresStore(url, migrate=True)
+    assert first.schema_version() == SCHEMA_VERSION
+    first.close()
+    again = PostgresStore(url, migrate=True)
+    assert again.migrate() == []
+    again.close()
+    with psycopg.connect(url) as conn:
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
+    assert versions == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_a_newer_schema_is_refused(migrated: PostgresStore, url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)",
+                     (SCHEMA_VERSION + 1,))
+    with pytest.raises(ConfigError, match="upgrade ExecGuard"):
+        PostgresStore(url)
+
+
+def test_a_password_never_appears_in_errors() -> None:
+    with pytest.raises(StorageUnavailable) as caught:
+        store = PostgresStore("postgresql://someone:s3cret@127.0.0.1:1/nowhere", timeout=1)
+        store.close()
+    assert "s3cret" not in str(caught.value)
+
+
+def test_writers_in_several_stores_share_one_gapless_log(migrated: PostgresStore,
+                                                         url: str) -> None:
+    """Like replicas: each store has its own pool, all append to one tenant at once."""
+    stores = [open_ledger(url) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def append(store_index: int) -> None:
+        try:
+            for batch in range(10):
+                store = stores[store_index]
+                store.commit_batch([decision("acme", f"r{store_index}-{batch}-{i}")
+                                    for i in range(5)], 0)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for store in stores:
+        store.close()
+    assert errors == []
+    entries = migrated.log_entries("acme", 0, 1000)
+    assert [e.index for e in entries] == list(range(150))
+    prev = None
+    for entry in entries:
+        assert entry.prev_hash == prev
+        prev = entry.entry_hash
+    assert len({e.execution_id for e in entries}) == 150
+
+
+def test_a_read_only_store_cannot_write(migrated: PostgresStore, url: str) -> None:
+    assert isinstance(migrated.commit_batch([decision("acme", "e1")], 0)[0], Committed)
+    reader = PostgresStore(url, readonly=True)
+    try:
+        assert reader.log_size("acme") == 1
+        with pytest.raises(StorageUnavailable, match="read-only"):
+            reader.create_tenant("other", "t1")
+    finally:
+        reader.close()
