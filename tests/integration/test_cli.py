@@ -6,11 +6,13 @@ import hashlib
 import json
 import shutil
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from execguard.arbiter import demo_bundle_path
+from execguard.server.gateway import POLICY_CACHE_SECONDS
 from tests.conftest import Gateway, api_key_from, run_cli
 
 PAY = {"amount": 250, "currency": "EUR", "beneficiary": "Acme Office Supplies"}
@@ -115,6 +117,8 @@ def test_push_activate_changes_decisions_and_the_version(fresh_gateway: Gateway,
         same = client.post("/execute", json={"surface": "payment.execute", "context": PAY})
         assert same.json()["policyVersion"] == before["policyVersion"]
         run_cli("policy", "activate", version, data=fresh_gateway.data)
+        # Another process activated it: the gateway sees it within its policy cache time.
+        time.sleep(POLICY_CACHE_SECONDS)
         after = client.post("/execute", json={"surface": "payment.execute",
                                               "context": PAY}).json()
         assert after["decision"] == "ESCALATE"

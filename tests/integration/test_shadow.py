@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 from execguard.arbiter import demo_bundle_path
+from execguard.server.gateway import POLICY_CACHE_SECONDS
 from tests.conftest import Gateway, run_cli
 
 PAY = {"currency": "EUR", "beneficiary": "Acme Office Supplies"}
@@ -21,6 +23,8 @@ def test_shadow_disagreements_are_recorded_without_changing_decisions(
     version = run_cli("policy", "push", str(candidate),
                       data=fresh_gateway.data).stdout.strip().splitlines()[-1]
     run_cli("policy", "shadow", version, data=fresh_gateway.data)
+    # Set by another process: the gateway sees it within its policy cache time.
+    time.sleep(POLICY_CACHE_SECONDS)
     amounts = [100, 500, 2_000, 5_000, 9_000, 20_000]
     with fresh_gateway.client() as client:
         answers = [client.post("/execute", json={
@@ -40,6 +44,7 @@ def test_shadow_disagreements_are_recorded_without_changing_decisions(
     assert "3 disagreement(s)" in table
 
     run_cli("policy", "shadow", "--off", data=fresh_gateway.data)
+    time.sleep(POLICY_CACHE_SECONDS)
     with fresh_gateway.client() as client:
         client.post("/execute", json={"surface": "payment.execute", "actorId": "later",
                                       "context": {**PAY, "amount": 3_000}})

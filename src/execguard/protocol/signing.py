@@ -83,12 +83,18 @@ def verify_ed25519(
 
 
 class Signer:
-    """An Ed25519 private key with its key id. Signs raw bytes."""
+    """An Ed25519 private key with its key id. Signs raw bytes.
+
+    Signatures are made by libsodium (PyNaCl): ~18 µs here against ~29 µs for
+    ``cryptography``, and a PERMIT takes two (receipt and token). Ed25519 is
+    deterministic, so both give the same bytes for the same key and message.
+    """
 
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
         self.private_key = private_key
         self.public_key = private_key.public_key()
         self.key_id = key_id_for(self.public_key)
+        self._nacl = nacl.signing.SigningKey(private_key.private_bytes_raw())
 
     @classmethod
     def generate(cls) -> Signer:
@@ -118,4 +124,4 @@ class Signer:
 
     def sign(self, message: bytes) -> bytes:
         """The 64-byte Ed25519 signature over ``message``."""
-        return self.private_key.sign(message)
+        return self._nacl.sign(message).signature

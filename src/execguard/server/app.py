@@ -31,7 +31,7 @@ from execguard.server.errors import install_error_handlers, request_id_of
 from execguard.server.gateway import Caller, Gateway, SigningKeys, explain_record
 from execguard.server.logs import RequestLogMiddleware, noting_tenant
 from execguard.server.metrics import CONTENT_TYPE, Metrics
-from execguard.server.middleware import RequestIdMiddleware
+from execguard.server.middleware import ExecuteFastPath, RequestIdMiddleware
 from execguard.server.openapi import EXECUTE_REQUEST_SCHEMA
 from execguard.server.permits import Permits
 from execguard.server.settings import Settings
@@ -138,6 +138,9 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
     app.state.gateway = gateway
     app.add_middleware(RequestLogMiddleware, metrics=metrics)  # inside the request id
     app.add_middleware(RequestIdMiddleware)
+    # Outermost: POST /execute answered without the framework's layers (middleware.py).
+    app.add_middleware(ExecuteFastPath, gateway=gateway, max_body_bytes=settings.max_body_bytes,
+                       metrics=metrics)
     install_error_handlers(app)
 
     def caller_of(request: Request) -> Caller:

@@ -29,7 +29,8 @@ from execguard.protocol.errors import (
     UnknownSurface,
 )
 
-__all__ = ["STATUS_BY_ERROR", "install_error_handlers", "status_for"]
+__all__ = ["STATUS_BY_ERROR", "error_parts", "execguard_error_parts", "install_error_handlers",
+           "status_for"]
 
 log = logging.getLogger("execguard.server")
 
@@ -61,17 +62,40 @@ def request_id_of(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
+def error_parts(request_id: str | None, status: int, code: str, message: str,
+                **extra: object) -> tuple[dict[str, object], dict[str, str]]:
+    """The one shape of every error: its body and its headers (also used by the fast path)."""
+    body = {"error": code, "message": message, "request_id": request_id, **extra}
+    headers = {"X-Request-Id": request_id} if request_id else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if status == 503:
+        headers["Retry-After"] = "1"
+    return body, headers
+
+
+def execguard_error_parts(request_id: str | None, exc: ExecGuardError
+                          ) -> tuple[int, dict[str, object], dict[str, str]]:
+    """Status, body and headers answering an ExecGuard error."""
+    status = status_for(exc)
+    extra: dict[str, object] = {}
+    if isinstance(exc, MalformedRequest):
+        extra = {"field": exc.field, "expected": exc.expected, "got": exc.got}
+    if isinstance(exc, PermitRefused):
+        extra = {"executionId": exc.execution_id, "refusalReason": exc.reason,
+                 "receipt": exc.receipt}
+    if status >= 500:
+        log.warning("failing closed: %s", exc)
+    message = exc.diagnostics() if status < 500 else str(exc)
+    body, headers = error_parts(request_id, status, exc.code, message, **extra)
+    return status, body, headers
+
+
 def error_response(request: Request, status: int, code: str, message: str,
                    **extra: object) -> JSONResponse:
-    """The one shape of every error body."""
-    rid = request_id_of(request)
-    body = {"error": code, "message": message, "request_id": rid, **extra}
-    headers = {"X-Request-Id": rid} if rid else None
-    if status == 401:
-        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    if status == 503:
-        headers = {**(headers or {}), "Retry-After": "1"}
-    return JSONResponse(body, status_code=status, headers=headers)
+    """An error answer in the one shape."""
+    body, headers = error_parts(request_id_of(request), status, code, message, **extra)
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -79,17 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_execguard_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ExecGuardError)
-        status = status_for(exc)
-        extra: dict[str, object] = {}
-        if isinstance(exc, MalformedRequest):
-            extra = {"field": exc.field, "expected": exc.expected, "got": exc.got}
-        if isinstance(exc, PermitRefused):
-            extra = {"executionId": exc.execution_id, "refusalReason": exc.reason,
-                     "receipt": exc.receipt}
-        if status >= 500:
-            log.warning("failing closed: %s", exc)
-        message = exc.diagnostics() if status < 500 else str(exc)
-        return error_response(request, status, exc.code, message, **extra)
+        status, body, headers = execguard_error_parts(request_id_of(request), exc)
+        return JSONResponse(body, status_code=status, headers=headers or None)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

@@ -56,6 +56,12 @@ __all__ = ["Caller", "Gateway", "SigningKeys", "explain_record"]
 
 #: How long an API key found in the store is trusted without asking it again.
 KEY_CACHE_SECONDS = 30.0
+#: How long a tenant's active and shadow policy versions are used without reading them
+#: again. Another process (``execguard policy activate``, another replica on the same
+#: database) may change them: its change takes effect on ``/execute`` within this long.
+#: Approval resolutions and other reads use the version read now; an activation
+#: through this gateway object takes effect at once (``forget_policy``).
+POLICY_CACHE_SECONDS = 1.0
 
 
 class SigningKeys(Protocol):
@@ -91,6 +97,8 @@ class Gateway:
         self._bundles_lock = threading.Lock()
         self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._keys: dict[str, tuple[ApiKeyRecord, float]] = {}
+        #: tenant -> (active version, shadow version, read until (monotonic)).
+        self._versions: dict[str, tuple[str | None, str | None, float]] = {}
         #: ``notify(tenant, event, payload)``: approval events for webhooks (never raises).
         self.notify: Callable[[str, str, Mapping[str, Any]], None] = lambda *_: None
 
@@ -120,9 +128,40 @@ class Gateway:
 
     # -- policy ------------------------------------------------------------------------
 
-    def active_bundle(self, tenant: str) -> tuple[PolicyBundle, CompiledBundle]:
-        """The tenant's active bundle, compiled once per version."""
-        version = self.store.active_bundle_version(tenant)
+    def _policy_versions(self, tenant: str) -> tuple[str | None, str | None]:
+        """The tenant's (active, shadow) versions, read at most every POLICY_CACHE_SECONDS.
+
+        Two reads per decision otherwise, on the event loop. A version is a hash
+        naming an immutable bundle, so a cached version never means a changed
+        policy text, only a change that is at most that old.
+        """
+        now = time.monotonic()
+        cached = self._versions.get(tenant)
+        if cached is not None and now < cached[2]:
+            return cached[0], cached[1]
+        active = self.store.active_bundle_version(tenant)
+        shadow = self.store.shadow_version(tenant)
+        if active is not None:  # a tenant without a policy fails anyway: no hot path to save
+            self._versions[tenant] = (active, shadow, now + POLICY_CACHE_SECONDS)
+        return active, shadow
+
+    def forget_policy(self, tenant: str | None = None) -> None:
+        """Read the active and shadow versions again on the next request (after a change)."""
+        if tenant is None:
+            self._versions.clear()
+        else:
+            self._versions.pop(tenant, None)
+
+    def active_bundle(self, tenant: str, *,
+                      cached: bool = False) -> tuple[PolicyBundle, CompiledBundle]:
+        """The tenant's active bundle, compiled once per version.
+
+        ``cached``: the version may be up to POLICY_CACHE_SECONDS old (``/execute``
+        only). Everything else (approval resolution above all: a hard deny activated
+        meanwhile must apply) reads the version now.
+        """
+        version = self._policy_versions(tenant)[0] if cached else \
+            self.store.active_bundle_version(tenant)
         if version is None:
             raise ServiceUnavailable(
                 f"tenant {tenant!r} has no active policy bundle: push and activate one "
@@ -144,7 +183,7 @@ class Gateway:
 
     def _shadow_bundle(self, tenant: str, surface: str) -> CompiledBundle | None:
         """The tenant's shadow candidate, if it has one that knows the surface."""
-        version = self.store.shadow_version(tenant)
+        version = self._policy_versions(tenant)[1]
         if version is None:
             return None
         try:
@@ -167,7 +206,7 @@ class Gateway:
     async def decide(self, caller: Caller, request: ExecutionRequest) -> dict[str, Any]:
         """Evaluate and durably record one request; return the response body."""
         tenant = caller.tenant
-        bundle, compiled = self.active_bundle(tenant)
+        bundle, compiled = self.active_bundle(tenant, cached=True)
         spec = self._surface(bundle, request.surface)
         signer = self._signer()
         observe = request.execution_mode == "observe" and spec.observe_allowed
