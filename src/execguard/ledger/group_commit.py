@@ -6,11 +6,21 @@ in one fsync'd transaction and wakes each waiter. While the previous batch
 held more than one entry (the service is busy), it waits up to ``max_delay``
 for more entries first: a bigger batch per fsync, with no added latency when
 idle. Nothing is acknowledged before its transaction has committed.
+
+Failures fail closed and do not stop the writer. A batch whose transaction
+fails wakes each of its waiters with :class:`StorageUnavailable` (503), and the
+next batch tries again, so the service recovers by itself once the fault
+clears. A database that stops answering (a frozen disk, a hung connection)
+cannot keep clients waiting: a waiter not answered within ``commit_timeout``
+gets :class:`StorageUnavailable`, an entry whose waiter has already been
+answered that way is not written, and while one transaction has been running
+for longer than ``commit_timeout`` new entries are refused at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -29,15 +39,22 @@ log = logging.getLogger(__name__)
 BatchObserver = Callable[[list[PendingEntry], list[CommitResult]], None]
 _Waiter = tuple[PendingEntry, asyncio.AbstractEventLoop, "asyncio.Future[CommitResult]"]
 
+#: How long a request waits for its transaction before it is answered 503. Well
+#: below the clients' own timeouts, so they hear "storage unavailable", not silence;
+#: far above a healthy commit (milliseconds), so load alone never trips it.
+COMMIT_TIMEOUT_SECONDS = 5.0
+
 
 class GroupCommitter:
     """Batches appends from an asyncio server into durable transactions."""
 
     def __init__(self, store: LedgerStore, *, max_batch: int = 256, max_delay: float = 0.001,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 commit_timeout: float = COMMIT_TIMEOUT_SECONDS) -> None:
         self.store = store
         self.max_batch = max_batch
         self.max_delay = max_delay
+        self.commit_timeout = commit_timeout
         self._clock = clock
         self._queue: queue.SimpleQueue[_Waiter | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -45,6 +62,9 @@ class GroupCommitter:
         #: Counters, for metrics and tests.
         self.batches_committed = 0
         self.entries_committed = 0
+        self.batches_failed = 0
+        #: ``time.monotonic()`` when the transaction now running began; None when idle.
+        self._busy_since: float | None = None
         #: Called on the writer thread after each commit, before any waiter wakes (metrics).
         self.on_batch: BatchObserver | None = None
         self._grown: set[str] = set()
@@ -70,56 +90,95 @@ class GroupCommitter:
         """Whether the writer thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
+    def stalled_for(self) -> float:
+        """Seconds the transaction now running has taken so far (0.0 when idle)."""
+        started = self._busy_since
+        return 0.0 if started is None else max(0.0, time.monotonic() - started)
+
     def take_grown_tenants(self) -> set[str]:
         """Tenants whose logs grew since the last call (for the checkpoint schedule)."""
         with self._grown_lock:
             grown, self._grown = self._grown, set()
         return grown
 
+    def note_grown(self, tenant: str) -> None:
+        """Put a tenant back among the grown ones (its checkpoint failed: try again later)."""
+        with self._grown_lock:
+            self._grown.add(tenant)
+
     async def submit(self, entry: PendingEntry) -> CommitResult:
         """Queue an entry and wait until it is durable (or refused)."""
         if self._stopping or not self.running:
             raise ServiceUnavailable("the ledger writer is not running")
+        stalled = self.stalled_for()
+        if stalled > self.commit_timeout:
+            # Queueing behind a write that does not finish would only make the client wait.
+            raise StorageUnavailable(
+                f"the database is not responding: a write to the log has been waiting for "
+                f"{stalled:.0f} s")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[CommitResult] = loop.create_future()
+        # A timer rather than asyncio.wait_for: one heap entry, nothing on the fast path.
+        timer = loop.call_later(self.commit_timeout, _time_out, future, self.commit_timeout)
         self._queue.put((entry, loop, future))
-        # Shielded: a client that disconnects must not leave its entry half-acknowledged.
-        return await asyncio.shield(future)
+        try:
+            # Shielded: a client that disconnects must not leave its entry half-acknowledged.
+            return await asyncio.shield(future)
+        finally:
+            timer.cancel()
 
     def _run(self) -> None:
         previous_size = 0
         while True:
-            first = self._queue.get()
-            batch: list[_Waiter] = [] if first is None else [first]
-            stop = first is None
-            deadline = time.monotonic() + (self.max_delay if previous_size > 1 else 0.0)
-            while len(batch) < self.max_batch:
-                try:
-                    timeout = deadline - time.monotonic()
-                    item = self._queue.get(timeout=timeout) if timeout > 0 else \
-                        self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    continue
-                batch.append(item)
-            if batch:
-                self._commit(batch)
-            previous_size = len(batch)
+            try:
+                previous_size, stop = self._run_once(previous_size)
+            except Exception:  # the writer must outlive any one bad batch
+                log.exception("ledger writer: unexpected error; carrying on")
+                previous_size, stop = 0, self._stopping
             if stop and self._queue.empty():
                 return
 
+    def _run_once(self, previous_size: int) -> tuple[int, bool]:
+        """Take one batch from the queue and commit it; return its size and "stop"."""
+        first = self._queue.get()
+        batch: list[_Waiter] = [] if first is None else [first]
+        stop = first is None
+        deadline = time.monotonic() + (self.max_delay if previous_size > 1 else 0.0)
+        while len(batch) < self.max_batch:
+            try:
+                timeout = deadline - time.monotonic()
+                item = self._queue.get(timeout=timeout) if timeout > 0 else \
+                    self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stop = True
+                continue
+            batch.append(item)
+        # Waiters already answered 503 (timed out) are not written: their clients were
+        # told nothing was recorded, so recording it now would only surprise them.
+        batch = [w for w in batch if not w[2].done()]
+        if batch:
+            self._commit(batch)
+        return len(batch), stop
+
     def _commit(self, batch: list[_Waiter]) -> None:
+        self._busy_since = time.monotonic()
         try:
             results = self.store.commit_batch([entry for entry, _, _ in batch], self._clock())
         except Exception as exc:  # every failure must reach every waiter
+            self.batches_failed += 1
             if not isinstance(exc, StorageUnavailable):
                 log.exception("ledger commit failed")
                 exc = StorageUnavailable(f"appending to the log failed: {exc}")
+            else:
+                log.warning("ledger commit failed, %d waiting request(s) answered 503: %s",
+                            len(batch), exc)
             for _, loop, future in batch:
-                loop.call_soon_threadsafe(_resolve, future, None, exc)
+                _wake(loop, future, None, exc)
             return
+        finally:
+            self._busy_since = None
         self.batches_committed += 1
         self.entries_committed += len(batch)
         with self._grown_lock:
@@ -130,7 +189,24 @@ class GroupCommitter:
             except Exception:  # observing must never fail a commit
                 log.exception("batch observer failed")
         for (_, loop, future), result in zip(batch, results, strict=True):
-            loop.call_soon_threadsafe(_resolve, future, result, None)
+            _wake(loop, future, result, None)
+
+
+def _wake(loop: asyncio.AbstractEventLoop, future: asyncio.Future[CommitResult],
+          result: CommitResult | None, error: BaseException | None) -> None:
+    # RuntimeError: the loop has closed (shutdown), so nobody is waiting any more.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(_resolve, future, result, error)
+
+
+def _time_out(future: asyncio.Future[CommitResult], seconds: float) -> None:
+    """Answer a waiter whose transaction has not finished in time (on the event loop)."""
+    if not future.done():
+        future.set_exception(StorageUnavailable(
+            f"the database is not responding: the write to the log did not finish within "
+            f"{seconds:g} s, and nothing was acknowledged"))
+        # Nobody may be left to retrieve it (a client that went away): no "never retrieved".
+        future.exception()
 
 
 def _resolve(future: asyncio.Future[CommitResult], result: CommitResult | None,

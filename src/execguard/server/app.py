@@ -34,6 +34,7 @@ from execguard.server.metrics import CONTENT_TYPE, Metrics
 from execguard.server.middleware import ExecuteFastPath, RequestIdMiddleware
 from execguard.server.openapi import EXECUTE_REQUEST_SCHEMA
 from execguard.server.permits import Permits
+from execguard.server.readiness import StorageProbe
 from execguard.server.settings import Settings
 from execguard.server.transparency import Transparency
 from execguard.server.webhooks import Notifier
@@ -44,6 +45,14 @@ log = logging.getLogger("execguard.server")
 
 IDEMPOTENCY_PURGE_INTERVAL_SECONDS = 600
 APPROVAL_SWEEP_SECONDS = 2.0
+
+
+def _log_background_failure(what: str, exc: Exception) -> None:
+    # Storage faults are expected and already explained; anything else needs its traceback.
+    if isinstance(exc, ServiceUnavailable):
+        log.warning("%s: %s", what, exc)
+    else:
+        log.error("%s", what, exc_info=exc)
 
 
 def _json(body: dict[str, Any], request: Request, status: int = 200,
@@ -75,6 +84,7 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
                committer: GroupCommitter | None = None) -> FastAPI:
     """Build the ASGI app. The committer's writer thread runs for the app's lifespan."""
     committer = committer or GroupCommitter(store)
+    storage_probe = StorageProbe(store)
     gateway = Gateway(settings, store, committer, signers)
     transparency = Transparency(settings, store, signers)
     permits = Permits(settings, store, committer, signers)
@@ -91,24 +101,27 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
         while True:
             try:
                 await asyncio.to_thread(store.purge_idempotency, time.time())
-            except ServiceUnavailable as exc:
-                log.warning("could not purge expired idempotency keys: %s", exc)
+            except Exception as exc:  # a storage fault must not end the task for good
+                _log_background_failure("could not purge expired idempotency keys", exc)
             await asyncio.sleep(IDEMPOTENCY_PURGE_INTERVAL_SECONDS)
 
     def checkpoint_grown_logs() -> None:
         for tenant in committer.take_grown_tenants():
             try:
                 transparency.issue_checkpoint(tenant)
-            except ServiceUnavailable as exc:
-                log.warning("no checkpoint for tenant %s this time: %s", tenant, exc)
+            except Exception as exc:
+                _log_background_failure(f"no checkpoint for tenant {tenant} this time", exc)
+                # Retried at the next tick: otherwise a log that stops growing during a
+                # fault would keep its last entries out of any checkpoint.
+                committer.note_grown(tenant)
 
     async def expire_approvals() -> None:
         while True:
             await asyncio.sleep(APPROVAL_SWEEP_SECONDS)
             try:
                 await approvals.expire_due()
-            except ServiceUnavailable as exc:
-                log.warning("could not expire overdue approvals: %s", exc)
+            except Exception as exc:
+                _log_background_failure("could not expire overdue approvals", exc)
 
     async def checkpoint_on_schedule() -> None:
         # Entries are durable before they are checkpointed: this runs after their commit.
@@ -131,6 +144,7 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
             # In-flight requests have finished when uvicorn runs this: drain and stop,
             # then checkpoint what was committed last.
             committer.stop()
+            storage_probe.close()
             await asyncio.to_thread(checkpoint_grown_logs)
 
     app = FastAPI(title="ExecGuard", version=__version__, lifespan=lifespan,
@@ -273,7 +287,9 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
         return JSONResponse({"status": "ok"})
 
     @app.get("/readyz", summary="Readiness: can decisions be issued durably?")
-    def readyz(request: Request) -> Response:
+    async def readyz(request: Request) -> Response:
+        # Async, and the storage check runs on the probe's own thread: a database that
+        # hangs cannot tie up the request threads through readiness probes.
         problems = []
         try:
             signers.current()
@@ -281,10 +297,13 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
             problems.append(str(exc))
         if not committer.running:
             problems.append("ledger writer not running")
-        try:
-            store.signing_keys()
-        except ServiceUnavailable as exc:
-            problems.append(str(exc))
+        stalled = committer.stalled_for()
+        if stalled > committer.commit_timeout:
+            problems.append(f"the database is not responding: a write to the log has been "
+                            f"waiting for {stalled:.0f} s")
+        storage = await storage_probe.problem()
+        if storage is not None and storage not in problems:
+            problems.append(storage)
         if problems:
             return _json({"status": "unavailable", "problems": problems}, request, 503)
         return _json({"status": "ready"}, request)
