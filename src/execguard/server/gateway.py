@@ -219,15 +219,21 @@ class Gateway:
             return await self._decide_once(tenant, request, compiled, spec, normalized,
                                            digest, mode, signer, caller.key_hash)
         slot = (tenant, key)
+        # No read of the key before deciding: the append checks it inside its
+        # transaction (a live key gives the stored answer, or IdempotencyKeyReuse, before
+        # any stateful decision is taken), so a fresh key, the common case, costs no read.
+        waited = False
         while True:
-            replay = self._replay(tenant, key, digest, mode)
-            if replay is not None:
-                return replay
+            if waited:
+                replay = self._replay(tenant, key, digest, mode)
+                if replay is not None:
+                    return replay
             pending = self._inflight.get(slot)
             if pending is None:
                 break
             # Concurrent requests with one key are evaluated once: wait for the first.
             await asyncio.shield(pending)
+            waited = True
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight[slot] = done
         try:

@@ -292,7 +292,9 @@ class Metrics:
                       results: Sequence[CommitResult]) -> None:
         """A committed ledger transaction (called on the writer thread; cheap)."""
         self.batches.inc()
-        self.batch_size.observe(len(entries))
+        # Log entries, as the help says: an idempotent replay or a conflict rides in the
+        # transaction (its key is checked there) but appends nothing.
+        self.batch_size.observe(sum(isinstance(r, Committed) for r in results))
         for entry, result in zip(entries, results, strict=False):
             if not isinstance(result, Committed):
                 continue  # a replay or a conflict: nothing new was decided or consumed
