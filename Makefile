@@ -36,7 +36,8 @@ lint: install-test
 	$(BIN)/ruff check src tests bench
 
 bench: install-test
-	$(BIN)/python bench/execute.py
+	$(BIN)/python bench/execute.py --db auto
+	$(BIN)/python bench/decision.py
 	$(BIN)/python bench/audit.py
 
 clean:

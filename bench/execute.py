@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
@@ -33,17 +34,21 @@ from typing import Any
 from rich.console import Console
 
 from loadgen import LoadResult, LoadSpec
-from report import TARGETS, Measurement, machine, print_table, summarise
-from servers import Server, free_port, init_datadir, start_server
+from report import TARGETS, Measurement, machine, print_table, summarise, summarise_half
+from servers import Server, free_port, gateway_targets, init_datadir, start_server
 from wrk import find_wrk, run_wrk, write_script, wrk_version
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-# A small amount: one actor sends every request, and the demo policy's daily limit
-# (50,000 per actor) must not turn the run into DENYs; the limit is still evaluated.
-BODY = json.dumps({"surface": "payment.execute", "actorId": "bench-agent",
+# Every request is a distinct decision: its own idempotency key (so the gateway
+# records the key with the decision, and nothing is a replay) and one of
+# ``--actors`` actors. A small amount, so that no actor nears the demo policy's
+# daily limit (50,000 per actor) and turns the run into DENYs; the limit is still
+# evaluated against the actor's live reservations on every request.
+BODY = json.dumps({"surface": "payment.execute", "actorId": "bench-agent-{actor}",
                    "context": {"amount": 0.01, "currency": "EUR",
                                "beneficiary": "Acme Office Supplies"}})
+IDEMPOTENCY_KEY = "bench-{run}-{seq}"
 EXPECT = '"decision":"PERMIT"'
 
 console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
@@ -91,7 +96,8 @@ def measure(gen: LoadGenerator, server: Server, spec: LoadSpec, warmup: float,
     cpu_after, children_after = server.cpu_seconds(), _children_cpu()
     server_cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     return Measurement(
-        round=round_, target=server.name, connections=spec.connections, result=result,
+        round=round_, target=server.name, connections=spec.connections, rate=spec.rate,
+        result=result,
         warmup_failures=warm.failures if warm else 0,
         server_cpu_us=round(server_cpu / result.requests * 1e6, 1)
         if server_cpu is not None and result.requests else None,
@@ -122,9 +128,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
                         help="auto: wrk if on PATH, else the Python generator")
     parser.add_argument("--wrk-threads", type=int, default=1)
+    parser.add_argument("--actors", type=int, default=1000,
+                        help="distinct actorId values (the demo's limits are per actor)")
+    parser.add_argument("--no-half", dest="half", action="store_false",
+                        help="skip the latency run at half of each server's maximum")
+    parser.add_argument("--db", action="append", default=[], metavar="URL",
+                        help="also measure the gateway on this database (postgresql://...); "
+                             "'auto' tries the local PostgreSQL server")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
-    if args.duration < 1 or args.warmup < 0 or args.rounds < 1 or min(args.connections) < 1:
+    if args.duration < 1 or args.warmup < 0 or args.rounds < 1 or min(args.connections) < 1 \
+            or args.actors < 1:
         parser.error("durations, rounds and connections must be positive")
     return args
 
@@ -137,50 +151,77 @@ def _on_term(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # stop like Ctrl-C: the finally blocks clean up
 
 
+def _spec(server: Server, key: str, args: argparse.Namespace, connections: int,
+          rate: float = 0.0) -> LoadSpec:
+    return LoadSpec(port=server.port, body=BODY, connections=connections,
+                    headers={"Authorization": f"Bearer {key}",
+                             "Idempotency-Key": IDEMPOTENCY_KEY},
+                    duration=args.duration, expect=EXPECT, rate=rate, actors=args.actors)
+
+
+def _progress(m: Measurement) -> None:
+    load = f"rate={m.rate:<7,.0f}" if m.rate else f"c={m.connections:<4}"
+    console.print(f"round {m.round + 1} {m.target:8} {load} {m.result.rps:9,.0f} req/s  "
+                  f"p50 {m.result.p50_ms:7.2f} ms  p99 {m.result.p99_ms:7.2f} ms  "
+                  f"failed {m.result.failures} (warm-up {m.warmup_failures})")
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Start both servers, measure every level in every round, return the report."""
+    """Start the servers; per round, each server's maximum, then its latency at half of it."""
     gen = LoadGenerator(args.loadgen, workdir, args.wrk_threads)
-    console.print(f"load generator: {gen.label}")
-    key = init_datadir(sys.executable, workdir / "data")
+    # Open-loop (fixed rate) runs need the Python generator: wrk has no rate option.
+    paced = LoadGenerator("python", workdir, 1)
+    console.print(f"load generator: {gen.label}; at half throughput: {paced.label}")
     servers: list[Server] = []
+    stack = ExitStack()  # databases we create, dropped after the servers stop
     try:
         port = free_port()
         servers.append(start_server("baseline", [sys.executable, str(BENCH / "baseline_app.py"),
                                                  "--port", str(port)],
                                     port, workdir / "baseline.log", ROOT))
-        port = free_port()
-        servers.append(start_server("gateway", [sys.executable, "-m", "execguard", "serve",
-                                                "--data", str(workdir / "data"),
-                                                "--port", str(port)],
-                                    port, workdir / "gateway.log", ROOT))
+        keys = {"baseline": "none"}
+        for target, db in gateway_targets(stack, sys.executable, args.db):
+            data = workdir / f"data-{target}"
+            keys[target] = init_datadir(sys.executable, data, db)
+            port = free_port()
+            argv = [sys.executable, "-m", "execguard", "serve", "--data", str(data),
+                    "--port", str(port), *(["--db", db] if db else [])]
+            servers.append(start_server(target, argv, port, workdir / f"{target}.log", ROOT))
         for server in servers:
-            check_once(server, key)
+            check_once(server, keys[server.name])
         runs: list[Measurement] = []
         for round_ in range(args.rounds):
-            for index, conns in enumerate(args.connections):
-                order = servers if (round_ + index) % 2 == 0 else servers[::-1]
-                for server in order:
-                    spec = LoadSpec(port=server.port, body=BODY, connections=conns,
-                                    headers={"Authorization": f"Bearer {key}"},
-                                    duration=args.duration, expect=EXPECT)
+            order = servers if round_ % 2 == 0 else servers[::-1]
+            for server in order:
+                best = 0.0
+                for conns in args.connections:
+                    spec = _spec(server, keys[server.name], args, conns)
                     m = measure(gen, server, spec, args.warmup, round_)
                     runs.append(m)
-                    console.print(f"round {round_ + 1} {server.name:8} c={conns:<4} "
-                                  f"{m.result.rps:9,.0f} req/s  p50 {m.result.p50_ms:7.2f} ms"
-                                  f"  p99 {m.result.p99_ms:7.2f} ms  failed {m.result.failures}"
-                                  f" (warm-up {m.warmup_failures})")
+                    _progress(m)
+                    best = max(best, m.result.rps)
+                if args.half and best > 0:
+                    spec = _spec(server, keys[server.name], args, max(args.connections),
+                                 rate=best / 2)
+                    m = measure(paced, server, spec, args.warmup, round_)
+                    runs.append(m)
+                    _progress(m)
     finally:
         for server in servers:
             server.stop()
-    return {"load_generator": gen.label, "machine": machine(), "duration_s": args.duration,
-            "warmup_s": args.warmup, "rounds": args.rounds,
-            "results": summarise(runs, args.connections),
+        stack.close()
+    targets = [server.name for server in servers]
+    return {"load_generator": gen.label, "paced_generator": paced.label, "machine": machine(),
+            "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
+            "actors": args.actors, "targets": targets,
+            "results": summarise(runs, args.connections, targets),
+            "half": summarise_half(runs, targets),
             "runs": [{**asdict(m), "result": asdict(m.result)} for m in runs]}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runs = args.rounds * len(args.connections) * len(TARGETS)
+    runs = args.rounds * (len(args.connections) + 1) * (len(TARGETS) + len(args.db))
     budget = 180 + runs * (args.duration + args.warmup + 2 * 10 + 45)
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGTERM, _on_term)
@@ -201,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
     else:
         print_table(report)
-    failures = sum(row[t]["failures"] for row in report["results"] for t in TARGETS)
+    failures = sum(row[t]["failures"] for row in report["results"] for t in report["targets"])
+    failures += sum(row["failures"] for row in report["half"])
     if failures:
         console.print(f"{failures} request(s) failed the check (HTTP 200 with {EXPECT})",
                       style="red")

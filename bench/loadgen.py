@@ -1,10 +1,18 @@
-"""A closed-loop HTTP/1.1 load generator on raw asyncio streams (used when wrk is absent).
+"""An HTTP/1.1 load generator on raw asyncio streams: closed loop, or open loop at a rate.
 
-Each of ``connections`` clients holds one keep-alive connection and sends the same
-hand-written request again as soon as the previous response has been read
-(Content-Length delimited), like wrk. Nothing is parsed beyond the status code and
-Content-Length, so the generator costs as little CPU as Python allows; it runs in
-its own process, apart from the servers it measures.
+Closed loop (``rate == 0``, like wrk): each of ``connections`` clients holds one
+keep-alive connection and sends the next request as soon as the previous response
+has been read (Content-Length delimited). Open loop (``rate > 0``, like wrk2):
+requests are due at fixed intervals whatever the answers; each due request takes
+an idle connection of the pool, and its latency counts from the moment it was
+due, so a server that falls behind is charged for the wait (no coordinated
+omission). Nothing is parsed beyond the status code and Content-Length, so the
+generator costs as little CPU as Python allows; it runs in its own process, apart
+from the servers it measures.
+
+Every request is distinct: ``{seq}`` in the body or a header value becomes a
+sequence number unique to the run (with ``{run}``, a random prefix unique to
+the run, it makes fresh idempotency keys), ``{actor}`` becomes ``seq % actors``.
 
 Run: ``python bench/loadgen.py '<spec as JSON>'``; prints one JSON result on stdout.
 """
@@ -14,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,13 +47,30 @@ class LoadSpec:
     expect: str = ""
     #: In-flight requests still unanswered this long after the end count as errors.
     grace: float = 10.0
+    #: Requests per second, open loop; 0 for a closed loop.
+    rate: float = 0.0
+    #: ``{actor}`` takes this many values.
+    actors: int = 1
 
-    def request_bytes(self) -> bytes:
-        body = self.body.encode()
-        lines = [f"POST {self.path} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                 *(f"{name}: {value}" for name, value in self.headers.items()),
-                 "Content-Type: application/json", f"Content-Length: {len(body)}", "", ""]
-        return "\r\n".join(lines).encode() + body
+    def request_maker(self, run: str) -> Callable[[int], bytes]:
+        """A function from a sequence number to the bytes of that request."""
+        head = "\r\n".join([f"POST {self.path} HTTP/1.1", f"Host: {self.host}:{self.port}",
+                             *(f"{name}: {value}" for name, value in self.headers.items()),
+                             "Content-Type: application/json"])
+        templated = "{seq}" in self.body + head or "{actor}" in self.body + head
+        if not templated:
+            fixed = self.body.encode()
+            whole = f"{head}\r\nContent-Length: {len(fixed)}\r\n\r\n".encode() + fixed
+            return lambda seq: whole
+        head, body = head.replace("{run}", run), self.body.replace("{run}", run)
+
+        def make(seq: int) -> bytes:
+            actor = seq % self.actors
+            data = body.replace("{seq}", str(seq)).replace("{actor}", str(actor)).encode()
+            top = head.replace("{seq}", str(seq)).replace("{actor}", str(actor))
+            return f"{top}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
+
+        return make
 
 
 @dataclass
@@ -94,55 +121,121 @@ def _content_length(head: bytes) -> int:
     return int(lowered[start:lowered.index(b"\r\n", start)])
 
 
-async def _client(spec: LoadSpec, request: bytes, stop_at: float, tally: _Tally) -> None:
-    expect = spec.expect.encode()
-    writer: asyncio.StreamWriter | None = None
-    reader: asyncio.StreamReader | None = None
-    latencies = tally.latencies_ns
+class _Connection:
+    """One keep-alive connection, reopened after an error."""
+
+    def __init__(self, spec: LoadSpec, tally: _Tally) -> None:
+        self.spec, self.tally = spec, tally
+        self.expect = spec.expect.encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def exchange(self, request: bytes, start_ns: int) -> bool:
+        """Send one request, read its answer, count it; False if the connection failed."""
+        tally = self.tally
+        if self.writer is None or self.reader is None:
+            try:
+                self.reader, self.writer = await asyncio.open_connection(self.spec.host,
+                                                                         self.spec.port)
+            except OSError:
+                tally.errors += 1
+                await asyncio.sleep(0.01)
+                return False
+        try:
+            self.writer.write(request)
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            body = await self.reader.readexactly(_content_length(head))
+        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            tally.errors += 1
+            self.close()
+            return False
+        tally.latencies_ns.append(time.perf_counter_ns() - start_ns)
+        if head[9:12] != b"200":
+            tally.non_200 += 1
+        elif self.expect and self.expect not in body:
+            tally.wrong_body += 1
+        if b"connection: close" in head.lower():
+            self.close()
+        return True
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = self.reader = None
+
+
+class _Sequence:
+    """Run-unique sequence numbers, shared by the clients of one run."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def take(self) -> int:
+        self.next += 1
+        return self.next
+
+
+async def _client(spec: LoadSpec, make: Callable[[int], bytes], seq: _Sequence,
+                  stop_at: float, tally: _Tally) -> None:
+    conn = _Connection(spec, tally)
     try:
         while time.perf_counter() < stop_at:
-            if writer is None or reader is None:
-                try:
-                    reader, writer = await asyncio.open_connection(spec.host, spec.port)
-                except OSError:
-                    tally.errors += 1
-                    await asyncio.sleep(0.01)
-                    continue
-            start = time.perf_counter_ns()
-            try:
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                body = await reader.readexactly(_content_length(head))
-            except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                tally.errors += 1
-                writer.close()
-                writer = reader = None
-                continue
-            latencies.append(time.perf_counter_ns() - start)
-            if head[9:12] != b"200":
-                tally.non_200 += 1
-            elif expect and expect not in body:
-                tally.wrong_body += 1
-            if b"connection: close" in head.lower():
-                writer.close()
-                writer = reader = None
+            await conn.exchange(make(seq.take()), time.perf_counter_ns())
     finally:
-        if writer is not None:
-            writer.close()
+        conn.close()
+
+
+async def _open_loop(spec: LoadSpec, make: Callable[[int], bytes], stop_at: float,
+                     tally: _Tally) -> None:
+    """Requests due every 1/rate s, each on an idle connection, timed from when it was due."""
+    idle: asyncio.Queue[_Connection] = asyncio.Queue()
+    for _ in range(spec.connections):
+        idle.put_nowait(_Connection(spec, tally))
+    running: set[asyncio.Task[None]] = set()
+
+    async def one(due_ns: int, request: bytes) -> None:
+        conn = await idle.get()
+        try:
+            await conn.exchange(request, due_ns)
+        finally:
+            idle.put_nowait(conn)
+
+    interval_ns = round(1e9 / spec.rate)
+    start_ns = time.perf_counter_ns()
+    sent = 0
+    while time.perf_counter() < stop_at:
+        now_ns = time.perf_counter_ns()
+        while start_ns + sent * interval_ns <= now_ns:
+            sent += 1
+            task = asyncio.create_task(one(start_ns + (sent - 1) * interval_ns, make(sent)))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        await asyncio.sleep(min(0.0005, interval_ns / 2e9))
+    if running:
+        await asyncio.wait(running, timeout=spec.grace)
+    for task in list(running):  # unanswered past the grace period: timeouts
+        task.cancel()
+        tally.errors += 1
+    while not idle.empty():
+        idle.get_nowait().close()
 
 
 async def _run(spec: LoadSpec) -> LoadResult:
     tally = _Tally()
-    request = spec.request_bytes()
+    make = spec.request_maker(os.urandom(6).hex())
     started = time.perf_counter()
     stop_at = started + spec.duration
-    tasks = [asyncio.create_task(_client(spec, request, stop_at, tally))
-             for _ in range(spec.connections)]
-    _, pending = await asyncio.wait(tasks, timeout=spec.duration + spec.grace)
-    for task in pending:  # unanswered past the grace period: timeouts
-        task.cancel()
-        tally.errors += 1
-    await asyncio.gather(*pending, return_exceptions=True)
+    if spec.rate > 0:
+        await _open_loop(spec, make, stop_at, tally)
+    else:
+        seq = _Sequence()
+        tasks = [asyncio.create_task(_client(spec, make, seq, stop_at, tally))
+                 for _ in range(spec.connections)]
+        _, pending = await asyncio.wait(tasks, timeout=spec.duration + spec.grace)
+        for task in pending:  # unanswered past the grace period: timeouts
+            task.cancel()
+            tally.errors += 1
+        await asyncio.gather(*pending, return_exceptions=True)
     seconds = time.perf_counter() - started
     ordered = sorted(tally.latencies_ns)
 

@@ -17,9 +17,12 @@ from rich.table import Table
 
 from loadgen import LoadResult
 
-__all__ = ["TARGETS", "Measurement", "machine", "print_table", "summarise"]
+__all__ = ["TARGETS", "Measurement", "machine", "print_table", "summarise", "summarise_half"]
 
 TARGETS = ("baseline", "gateway")
+#: The issue's targets, on the embedded SQLite default.
+TARGET_RATIO = 0.5
+TARGET_P99_MS = 10.0
 
 
 @dataclass
@@ -29,6 +32,8 @@ class Measurement:
     round: int
     target: str
     connections: int
+    #: Open-loop request rate (requests/s); 0 for a closed-loop run.
+    rate: float
     result: LoadResult
     #: Failed checks during the warm-up run (its figures are discarded, its failures not).
     warmup_failures: int
@@ -45,13 +50,16 @@ def _median(values: Iterable[float | None]) -> float | None:
     return round(statistics.median(present), 3) if present else None
 
 
-def summarise(runs: list[Measurement], connections: list[int]) -> list[dict[str, Any]]:
-    """Per concurrency level and server: medians over rounds; the median per-round ratio."""
+def summarise(runs: list[Measurement], connections: list[int],
+              targets: Iterable[str] = TARGETS) -> list[dict[str, Any]]:
+    """Per concurrency level and server: medians over rounds; median per-round ratios."""
+    targets = list(targets)
+    closed = [m for m in runs if not m.rate]
     rows = []
     for conns in connections:
         row: dict[str, Any] = {"connections": conns}
-        for target in TARGETS:
-            mine = [m for m in runs if m.connections == conns and m.target == target]
+        for target in targets:
+            mine = [m for m in closed if m.connections == conns and m.target == target]
             rps = [m.result.rps for m in mine]
             row[target] = {
                 "rps": _median(rps), "rps_min": min(rps), "rps_max": max(rps),
@@ -62,12 +70,33 @@ def summarise(runs: list[Measurement], connections: list[int]) -> list[dict[str,
                 "server_cpu_us_per_request": _median([m.server_cpu_us for m in mine]),
                 "server_cpu_pct": _median([m.server_cpu_pct for m in mine]),
                 "loadgen_cpu_pct": _median([m.loadgen_cpu_pct for m in mine])}
-        ratios = [g.result.rps / b.result.rps
-                  for b in runs for g in runs
-                  if b.connections == g.connections == conns and b.round == g.round
-                  and (b.target, g.target) == TARGETS and b.result.rps]
-        row["ratio"] = _median(ratios)
+        for target in targets[1:]:
+            ratios = [g.result.rps / b.result.rps
+                      for b in closed for g in closed
+                      if b.connections == g.connections == conns and b.round == g.round
+                      and b.target == targets[0] and g.target == target and b.result.rps]
+            row[f"ratio:{target}"] = _median(ratios)
+        row["ratio"] = row.get(f"ratio:{targets[1]}") if len(targets) > 1 else None
         rows.append(row)
+    return rows
+
+
+def summarise_half(runs: list[Measurement], targets: Iterable[str]) -> list[dict[str, Any]]:
+    """Per server: the open-loop runs at half its maximum (medians over rounds)."""
+    rows = []
+    for target in targets:
+        mine = [m for m in runs if m.rate and m.target == target]
+        if not mine:
+            continue
+        rows.append({"target": target, "rate": _median([m.rate for m in mine]),
+                     "rps": _median([m.result.rps for m in mine]),
+                     "p50_ms": _median([m.result.p50_ms for m in mine]),
+                     "p90_ms": _median([m.result.p90_ms for m in mine]),
+                     "p99_ms": _median([m.result.p99_ms for m in mine]),
+                     "p99_ms_max": max(m.result.p99_ms for m in mine),
+                     "requests": sum(m.result.requests for m in mine),
+                     "failures": sum(m.result.failures + m.warmup_failures for m in mine),
+                     "server_cpu_pct": _median([m.server_cpu_pct for m in mine])})
     return rows
 
 
@@ -93,7 +122,8 @@ def print_table(report: dict[str, Any]) -> None:
     out.print(f"POST /execute, {report['duration_s']} s per run after {report['warmup_s']} s "
               f"warm-up, {report['rounds']} round(s); {info['cpus']} CPUs ({info['cpu_model']})"
               f", Python {info['python']}")
-    out.print(f"load generator: {escape(report['load_generator'])}")
+    out.print(f"load generator: {escape(report['load_generator'])}; {report.get('actors', 1)} "
+              "actors, a fresh idempotency key per request")
     table = Table("conns", "server", "req/s", "p50 ms", "p99 ms", "failed", "CPU µs/req",
                   "server CPU %", "loadgen CPU %", "ratio",
                   caption="CPU µs/req: server CPU (all its threads) per request. CPU %: of one "
@@ -102,15 +132,48 @@ def print_table(report: dict[str, Any]) -> None:
     def num(value: float | None, digits: int = 1) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
 
+    targets = report.get("targets", TARGETS)
     for row in report["results"]:
-        for target in TARGETS:
+        for target in targets:
             fig = row[target]
             rps = num(fig["rps"], 0)
             if report["rounds"] > 1:
                 rps += f" ({fig['rps_min']:,.0f}–{fig['rps_max']:,.0f})"
             failed = str(fig["failures"]) if not fig["failures"] else f"[red]{fig['failures']}"
+            ratio = row.get(f"ratio:{target}")
             table.add_row(str(row["connections"]), target, rps, num(fig["p50_ms"], 2),
                           num(fig["p99_ms"], 2), failed, num(fig["server_cpu_us_per_request"], 0),
                           num(fig["server_cpu_pct"], 0), num(fig["loadgen_cpu_pct"], 0),
-                          num(row["ratio"], 2) if target == "gateway" else "")
+                          "" if ratio is None else num(ratio, 2))
     out.print(table)
+    if report.get("half"):
+        half = Table("server", "rate req/s", "served req/s", "p50 ms", "p90 ms", "p99 ms",
+                     "failed", "server CPU %",
+                     caption="Open loop at half of the server's best closed-loop req/s in the "
+                     "same round; latency counted from when each request was due.")
+        for row in report["half"]:
+            failed = str(row["failures"]) if not row["failures"] else f"[red]{row['failures']}"
+            half.add_row(row["target"], num(row["rate"], 0), num(row["rps"], 0),
+                         num(row["p50_ms"], 2), num(row["p90_ms"], 2), num(row["p99_ms"], 2),
+                         failed, num(row["server_cpu_pct"], 0))
+        out.print("Latency at half of the maximum throughput")
+        out.print(half)
+    verdicts = _verdicts(report)
+    if verdicts:
+        out.print("Targets (SQLite gateway): " + "; ".join(verdicts))
+
+
+def _verdicts(report: dict[str, Any]) -> list[str]:
+    """The issue's targets against this run's figures."""
+    out = []
+    ratios = [row["ratio:gateway"] for row in report["results"] if row.get("ratio:gateway")]
+    if ratios:
+        best = max(ratios)
+        out.append(f"throughput {best:.2f}x baseline (target >= {TARGET_RATIO}x: "
+                   f"{'met' if best >= TARGET_RATIO else 'NOT met'})")
+    for row in report.get("half", []):
+        if row["target"] == "gateway":
+            p99 = row["p99_ms"]
+            out.append(f"p99 {p99:.2f} ms at half max (target <= {TARGET_P99_MS:.0f} ms: "
+                       f"{'met' if p99 <= TARGET_P99_MS else 'NOT met'})")
+    return out

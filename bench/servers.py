@@ -6,13 +6,20 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Server", "free_port", "init_datadir", "start_server"]
+__all__ = ["Server", "free_port", "gateway_targets", "init_datadir", "postgres_database",
+           "serve_has_db_option", "start_server"]
+
+#: The local PostgreSQL server that ``--db auto`` uses (trust authentication).
+LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -24,9 +31,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def init_datadir(python: str, data: Path, timeout: float = 60.0) -> str:
-    """Run ``execguard init`` and return the API key from its last stdout line."""
-    out = subprocess.run([python, "-m", "execguard", "init", "--data", str(data)],
+def init_datadir(python: str, data: Path, db: str | None = None,
+                 timeout: float = 60.0) -> str:
+    """Run ``execguard init`` (on ``db`` if given) and return the API key it printed last."""
+    argv = [python, "-m", "execguard", "init", "--data", str(data)]
+    out = subprocess.run([*argv, *(["--db", db] if db else [])],
                          capture_output=True, text=True, timeout=timeout)
     lines = out.stdout.strip().splitlines()
     if out.returncode != 0 or not lines or not lines[-1].startswith("EXECGUARD_API_KEY="):
@@ -100,3 +109,48 @@ def start_server(name: str, argv: list[str], port: int, log: Path, cwd: Path,
         server.stop(timeout=10)
         raise
     return server
+
+
+def serve_has_db_option(python: str) -> bool:
+    """Whether this ExecGuard's ``serve`` takes ``--db`` (a PostgreSQL store)."""
+    out = subprocess.run([python, "-m", "execguard", "serve", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    return out.returncode == 0 and "--db" in out.stdout
+
+
+@contextmanager
+def postgres_database(server: str = LOCAL_POSTGRES) -> Iterator[str]:
+    """A fresh database of our own on ``server``, dropped afterwards; yields its URL."""
+    import psycopg  # only when PostgreSQL is measured
+
+    name = f"execguard_bench_{os.getpid()}_{int(time.time())}"
+    with psycopg.connect(f"{server}/postgres", autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{server}/{name}"
+    finally:
+        with psycopg.connect(f"{server}/postgres", autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def gateway_targets(stack: ExitStack, python: str, dbs: list[str]) -> list[tuple[str, str | None]]:
+    """The gateways to measure: SQLite always, then one per ``--db`` (``auto``: local PostgreSQL).
+
+    ``auto`` is skipped, with a note on stderr, when ``serve`` has no ``--db`` option
+    or no PostgreSQL server answers.
+    """
+    targets: list[tuple[str, str | None]] = [("gateway", None)]
+    if not dbs:
+        return targets
+    if not serve_has_db_option(python):
+        print("no PostgreSQL figures: 'execguard serve' has no --db option", file=sys.stderr)
+        return targets
+    for db in dbs:
+        if db == "auto":
+            try:
+                db = stack.enter_context(postgres_database())
+            except Exception as exc:  # no server, no driver: measure what we can
+                print(f"no PostgreSQL figures: {exc}", file=sys.stderr)
+                continue
+        targets.append(("gateway-pg" if len(targets) == 1 else f"gateway-db{len(targets)}", db))
+    return targets

@@ -7,6 +7,7 @@ without the expected text, and ``done`` prints those counts on one line.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -21,15 +22,33 @@ wrk.method = "POST"
 wrk.body = {body}
 {headers}
 local expect = {expect}
+local run = {run}
+local actors = {actors}
 local threads = {{}}
+local seq = 0
 
 function setup(thread)
   table.insert(threads, thread)
+  thread:set("id", #threads)
 end
 
 function init(args)
   non200 = 0
   wrong = 0
+end
+
+-- Every request distinct: {{seq}} unique per run (thread id + counter), {{actor}} = seq % actors.
+function request()
+  seq = seq + 1
+  local n = seq * 64 + id
+  local function fill(text)
+    text = string.gsub(text, "{{run}}", run)
+    text = string.gsub(text, "{{seq}}", tostring(n))
+    return (string.gsub(text, "{{actor}}", tostring(n % actors)))
+  end
+  local headers = {{}}
+  for name, value in pairs(wrk.headers) do headers[name] = fill(value) end
+  return wrk.format(nil, nil, headers, fill(wrk.body))
 end
 
 function response(status, headers, body)
@@ -83,12 +102,14 @@ def _lua_string(text: str) -> str:
 
 
 def write_script(path: Path, spec: LoadSpec) -> None:
-    """Write the Lua script sending ``spec``'s request and checking its answers."""
+    """Write the Lua script sending ``spec``'s requests and checking their answers."""
     headers = {**spec.headers, "Content-Type": "application/json"}
     lines = "\n".join(f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}"
                       for k, v in headers.items())
-    path.write_text(_LUA.format(body=_lua_string(spec.body),
-                                headers=lines, expect=_lua_string(spec.expect)))
+    path.write_text(_LUA.format(body=_lua_string(spec.body), headers=lines,
+                                expect=_lua_string(spec.expect),
+                                run=_lua_string(os.urandom(6).hex()),
+                                actors=max(1, spec.actors)))
 
 
 def _ms(value: str, unit: str) -> float:
