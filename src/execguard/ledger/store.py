@@ -1,4 +1,4 @@
-"""The storage contract every backend implements (SQLite now, PostgreSQL next).
+"""The storage contract every backend implements (SQLite and PostgreSQL).
 
 Contract, for every method: a storage failure raises
 :class:`~execguard.protocol.errors.StorageUnavailable` and leaves what was
