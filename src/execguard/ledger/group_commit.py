@@ -63,6 +63,8 @@ class GroupCommitter:
         self.batches_committed = 0
         self.entries_committed = 0
         self.batches_failed = 0
+        #: ``time.monotonic()`` of the last failed transaction (readiness rechecks after it).
+        self.last_failure_at: float | None = None
         #: ``time.monotonic()`` when the transaction now running began; None when idle.
         self._busy_since: float | None = None
         #: Called on the writer thread after each commit, before any waiter wakes (metrics).
@@ -168,6 +170,7 @@ class GroupCommitter:
             results = self.store.commit_batch([entry for entry, _, _ in batch], self._clock())
         except Exception as exc:  # every failure must reach every waiter
             self.batches_failed += 1
+            self.last_failure_at = time.monotonic()
             if not isinstance(exc, StorageUnavailable):
                 log.exception("ledger commit failed")
                 exc = StorageUnavailable(f"appending to the log failed: {exc}")

@@ -119,7 +119,10 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
         while True:
             await asyncio.sleep(APPROVAL_SWEEP_SECONDS)
             try:
-                await approvals.expire_due()
+                # Asked on a thread first: a database that hangs must not stall the event
+                # loop (and every request with it) every sweep, and mostly nothing is due.
+                if await asyncio.to_thread(store.due_approvals, approvals.clock()):
+                    await approvals.expire_due()
             except Exception as exc:
                 _log_background_failure("could not expire overdue approvals", exc)
 
@@ -301,7 +304,7 @@ def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
         if stalled > committer.commit_timeout:
             problems.append(f"the database is not responding: a write to the log has been "
                             f"waiting for {stalled:.0f} s")
-        storage = await storage_probe.problem()
+        storage = await storage_probe.problem(stale_before=committer.last_failure_at)
         if storage is not None and storage not in problems:
             problems.append(storage)
         if problems:

@@ -42,10 +42,16 @@ class StorageProbe:
         self._started = 0.0
         self._answer: tuple[float, str | None] | None = None  # (checked at, problem)
 
-    async def problem(self) -> str | None:
-        """None when a durable write just went through; else what is wrong, for people."""
+    async def problem(self, stale_before: float | None = None) -> str | None:
+        """None when a durable write just went through; else what is wrong, for people.
+
+        A cached answer older than ``stale_before`` (a failure seen elsewhere since,
+        on the same clock) is not used: readiness must not say "ready" after a write
+        has just failed.
+        """
         now = self._clock()
-        if self._answer is not None and now - self._answer[0] < self.cache_seconds:
+        if self._answer is not None and now - self._answer[0] < self.cache_seconds and \
+                (stale_before is None or self._answer[0] > stale_before):
             return self._answer[1]
         if self._running is None:
             self._running = self._executor.submit(self._check)
