@@ -174,7 +174,11 @@ class CompiledBundle:
             "context": {**context, "action": action, "facts": computed, "signals": signals},
         }
         policies = self._approved_policies if approved else self._policies
-        result = cedarpy.is_authorized(cedar_request, policies, self._entities, schema=self._schema)
+        # No schema argument: the policies were validated against the schema when the bundle
+        # was loaded, and convert_fields has already typed the context by the same registry
+        # the schema is generated from. Cedar would only check it all again on every call.
+        # A value that still did not fit would make a policy error, and errors fail closed.
+        result = cedarpy.is_authorized(cedar_request, policies, self._entities)
         errors = tuple(_redact(result.diagnostics.errors, request.context, spec.sensitive))
         return self._outcome(spec.name, result.decision, result.diagnostics.reasons, errors,
                              approved)

@@ -6,10 +6,10 @@ index the API reads, the log is the evidence.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from execguard.ledger._sql_util import dumps
 from execguard.ledger.records import ApprovalRecord, ApprovalRequest, Vote, VoteRecord
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def resolve_execution(conn: Connection, execution_id: str,
     conn.execute("UPDATE executions SET decision = ?, reason_code = ?, policy_version = ?,"
                  " response = ? WHERE execution_id = ?",
                  (execution["decision"], execution["reason_code"], execution["policy_version"],
-                  json.dumps(response, ensure_ascii=False, separators=(",", ":")),
+                  dumps(response),
                   execution_id))
 
 

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
+
 from execguard.protocol.errors import StorageUnavailable
 
 __all__ = ["dumps", "translate_errors"]
@@ -22,4 +24,13 @@ def translate_errors(what: str, errors: tuple[type[Exception], ...]) -> Iterator
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON text for a stored column (read back with ``json.loads``).
+
+    orjson is several times faster than the standard library on the append path;
+    what it refuses (an integer beyond 64 bits) is written by the standard library.
+    Input never holds NaN or infinities: requests refuse them at parse time.
+    """
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

@@ -196,6 +196,9 @@ def configure_logging(log_format: str = "json", level: int = logging.INFO,
     global _listener
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {LOG_FORMATS}, not {log_format!r}")
+    # No line shows the caller's file, thread or process: don't collect them per record.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
