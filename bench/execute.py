@@ -121,9 +121,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      "against a FastAPI constant endpoint.")
     parser.add_argument("--duration", type=int, default=10, help="seconds per timed run")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per run")
-    parser.add_argument("--settle", type=int, default=15,
-                        help="seconds of load on each new gateway before any measurement "
-                             "(a ledger's first decisions run slower; see BENCHMARKS.md)")
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 64],
                         help="concurrency levels")
     parser.add_argument("--rounds", type=int, default=1,
@@ -192,15 +189,6 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             servers.append(start_server(target, argv, port, workdir / f"{target}.log", ROOT))
         for server in servers:
             check_once(server, keys[server.name])
-        for server in servers:
-            if server.name != "baseline" and args.settle > 0:
-                # A server in service has a history: measure that, not a ledger's first
-                # seconds, which run at about half the steady rate (docs/BENCHMARKS.md).
-                settle = gen.run(LoadSpec(**{**asdict(_spec(server, keys[server.name], args,
-                                                             max(args.connections))),
-                                             "duration": args.settle}))
-                console.print(f"settled {server.name}: {args.settle} s at "
-                              f"{settle.rps:,.0f} req/s (discarded)")
         runs: list[Measurement] = []
         for round_ in range(args.rounds):
             order = servers if round_ % 2 == 0 else servers[::-1]
@@ -224,8 +212,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         stack.close()
     targets = [server.name for server in servers]
     return {"load_generator": gen.label, "paced_generator": paced.label, "machine": machine(),
-            "duration_s": args.duration, "warmup_s": args.warmup, "settle_s": args.settle,
-            "rounds": args.rounds,
+            "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
             "actors": args.actors, "targets": targets,
             "results": summarise(runs, args.connections, targets),
             "half": summarise_half(runs, targets),
@@ -235,7 +222,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = args.rounds * (len(args.connections) + 1) * (len(TARGETS) + len(args.db))
-    budget = 180 + runs * (args.duration + args.warmup + 2 * 10 + 45) + 2 * args.settle
+    budget = 180 + runs * (args.duration + args.warmup + 2 * 10 + 45)
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGTERM, _on_term)
     signal.alarm(budget)

@@ -37,14 +37,16 @@ function init(args)
   wrong = 0
 end
 
--- Every request distinct: {{seq}} unique per run (thread id + counter), {{actor}} = seq % actors.
+-- Every request distinct: {{seq}} unique per run (thread id + counter). {{actor}} takes
+-- every one of the actors in turn (from the counter, not from {{seq}}: 64 * seq modulo
+-- 1000 would only ever reach 125 of them).
 function request()
   seq = seq + 1
   local n = seq * 64 + id
   local function fill(text)
     text = string.gsub(text, "{{run}}", run)
     text = string.gsub(text, "{{seq}}", tostring(n))
-    return (string.gsub(text, "{{actor}}", tostring(n % actors)))
+    return (string.gsub(text, "{{actor}}", tostring((seq + id) % actors)))
   end
   local headers = {{}}
   for name, value in pairs(wrk.headers) do headers[name] = fill(value) end
