@@ -325,7 +325,8 @@ def test_postgres_that_stops(tmp_path: Path, own_database: str) -> None:
 
 def test_postgres_turning_read_only(tmp_path: Path, own_database: str) -> None:
     name = urlsplit(own_database).path.lstrip("/")
-    # Sessions keep the setting they started with: end them, as a failover does.
+    # Sessions keep the setting they started with: end them, as a failover does. When
+    # the database is writable again, the gateway must renew its read-only sessions.
     terminate = (f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                  f" WHERE datname = '{name}' AND pid <> pg_backend_pid()")
 
@@ -334,8 +335,8 @@ def test_postgres_turning_read_only(tmp_path: Path, own_database: str) -> None:
         admin(terminate)
 
     def writable() -> None:
+        # No session is ended this time: the gateway must replace its read-only ones.
         admin(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
-        admin(terminate)
 
     gateway = None
     try:

@@ -66,6 +66,7 @@ class PostgresStore(SQLStore):
 
     def __init__(self, url: str, *, readonly: bool = False, migrate: bool = False,
                  pool_size: int = 16, timeout: float = 5.0) -> None:
+        super().__init__()
         if not is_postgres_url(url):
             raise ConfigError(f"database URL {redact_url(url)!r} is not postgresql://...")
         self.url = url
@@ -104,9 +105,40 @@ class PostgresStore(SQLStore):
             yield _Connection(conn)
 
     @contextmanager
+    def _renewing_read_only_sessions(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        """After "read-only transaction", replace every pooled session (this one included).
+
+        A session keeps the read-only state it started with (a demoted primary, a
+        database set read-only): once the server is writable again, only new sessions
+        are, so the pool must not keep handing out the old ones.
+        """
+        try:
+            yield
+        except psycopg.errors.ReadOnlySqlTransaction:
+            conn.close()
+            self._pool.drain()
+            raise
+
+    @contextmanager
     def _write(self, what: str) -> Iterator[_Connection]:
         """One transaction holding the writers' advisory lock, committed or rolled back whole."""
-        with _errors(what), self._pool.connection() as conn, conn.transaction():
+        with _errors(what), self._pool.connection() as conn, \
+                self._renewing_read_only_sessions(conn), conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))",
+                         (_WRITE_LOCK,))
+            yield _Connection(conn)
+
+    @contextmanager
+    def _append_transaction(self) -> Iterator[_Connection]:
+        """The batch's transaction in pipeline mode: one round trip per read, not per row.
+
+        Statements whose results are not read (the inserts) are sent without waiting;
+        the next read, or the commit, collects them. An error in any of them aborts
+        the transaction, so the batch is still stored whole or not at all.
+        """
+        what = "appending to the log"
+        with _errors(what), self._pool.connection() as conn, \
+                self._renewing_read_only_sessions(conn), conn.pipeline(), conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))",
                          (_WRITE_LOCK,))
             yield _Connection(conn)

@@ -74,6 +74,12 @@ class SQLStore(AdminMixin):
     #: Where the data lives, for messages (a file path or a redacted URL).
     location: str
 
+    def __init__(self) -> None:
+        # Each tenant's tree edge after the last batch this store committed, keyed by
+        # the log's last entry hash: the next batch reuses it instead of reading a node
+        # per set bit of the size, unless another writer (a replica) appended meanwhile.
+        self._edges: dict[str, tuple[str | None, CompactRange]] = {}
+
     def _read(self, what: str) -> AbstractContextManager[Connection]:
         """A connection for reads; driver errors become ``StorageUnavailable(what ...)``."""
         raise NotImplementedError
@@ -81,6 +87,10 @@ class SQLStore(AdminMixin):
     def _write(self, what: str) -> AbstractContextManager[Connection]:
         """One write transaction under the store's single write lock, committed whole."""
         raise NotImplementedError
+
+    def _append_transaction(self) -> AbstractContextManager[Connection]:
+        """The write transaction of :meth:`commit_batch` (a backend may stream it)."""
+        return self._write("appending to the log")
 
     def check_writable(self) -> None:
         """One small durable write: fails when the disk is full or the database read-only."""
@@ -99,9 +109,11 @@ class SQLStore(AdminMixin):
         """Append the entries in one fsync'd transaction (see LedgerStore)."""
         results: list[CommitResult] = []
         heads: dict[str, _Head] = {}
-        with self._write("appending to the log") as conn:
+        with self._append_transaction() as conn:
             for entry in entries:
                 results.append(self._append_one(conn, entry, heads, now_epoch))
+        for tenant, head in heads.items():  # committed: the next batch starts from here
+            self._edges[tenant] = (head.prev, head.tree.copy())
         return results
 
     def _head(self, conn: Connection, tenant: str, heads: dict[str, _Head]) -> _Head:
@@ -110,7 +122,12 @@ class SQLStore(AdminMixin):
             row = conn.execute("SELECT idx, entry_hash FROM log WHERE tenant = ?"
                                " ORDER BY idx DESC LIMIT 1", (tenant,)).fetchone()
             size, prev = (row[0] + 1, row[1]) if row else (0, None)
-            tree = CompactRange.from_reader(size, self._reader(conn, tenant))
+            cached = self._edges.get(tenant)
+            if cached is not None and cached[0] == prev and cached[1].size == size:
+                # The chained entry hash commits to the whole log up to here: same tree.
+                tree = cached[1].copy()
+            else:
+                tree = CompactRange.from_reader(size, self._reader(conn, tenant))
             heads[tenant] = _Head(prev, tree)
         return heads[tenant]
 

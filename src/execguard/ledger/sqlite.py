@@ -38,6 +38,7 @@ class SQLiteStore(SQLStore):
     """The ledger in one SQLite file. Thread-safe; usable by several processes."""
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        super().__init__()
         self.path = str(path)
         self.location = self.path
         self.readonly = readonly

@@ -324,6 +324,13 @@ class CompactRange:
         tree._size = size
         return tree
 
+    def copy(self) -> CompactRange:
+        """An independent copy (appending to one leaves the other as it was)."""
+        tree = CompactRange()
+        tree._edge = list(self._edge)
+        tree._size = self._size
+        return tree
+
     @property
     def size(self) -> int:
         """Number of leaves appended so far."""

@@ -237,6 +237,28 @@ def test_the_tree_is_stored_and_a_forked_checkpoint_is_refused(store: SQLStore) 
     assert [c.root for c in store.checkpoints("acme")] == [tree.root()]
 
 
+def test_two_writers_on_one_database_keep_one_tree(store: SQLStore, tmp_path: Path,
+                                                   database: str | None) -> None:
+    """Each store resumes the tree from its last batch only if nobody appended since."""
+    from execguard.protocol.merkle import MemoryTree
+
+    other = open_ledger(database or str(tmp_path / "ledger.db"))
+    try:
+        for round_ in range(6):
+            writer = store if round_ % 2 == 0 else other
+            writer.commit_batch([decision("acme", f"r{round_}-{i}")
+                                 for i in range(round_ + 1)], 0)
+            if round_ == 3:  # twice in a row: the cached edge is still the head
+                writer.commit_batch([decision("acme", "again")], 0)
+    finally:
+        other.close()
+    size = store.log_size("acme")
+    assert size == sum(range(1, 7)) + 1
+    tree = MemoryTree(e.leaf_hash for e in store.log_entries("acme", 0, size))
+    for n in range(1, size + 1):
+        assert store.tree_root("acme", n) == tree.root(n)
+
+
 def test_a_version_1_database_is_upgraded_with_its_tree(tmp_path: Path) -> None:
     """Databases from before the Merkle tree get leaves and nodes computed for their log."""
     from execguard.ledger.sqlite import SCHEMA_VERSION
