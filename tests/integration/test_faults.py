@@ -306,7 +306,7 @@ def through(proxy: TcpProxy, url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-@pytest.mark.slow  # each request waits out the pool's 5 s timeout; the pool backs off
+@pytest.mark.slow  # the pool backs off before it reconnects
 def test_postgres_that_stops(tmp_path: Path, own_database: str) -> None:
     parts = urlsplit(own_database)
     gateway = None

@@ -15,6 +15,7 @@ a store refuses to open a database whose version differs from its own.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,13 +27,17 @@ from execguard.ledger._postgres_schema import MIGRATIONS, SCHEMA_VERSION
 from execguard.ledger._sql_util import translate_errors
 from execguard.ledger._urls import is_postgres_url, redact_url
 from execguard.ledger.sql import SQLStore
-from execguard.protocol.errors import ConfigError
+from execguard.protocol.errors import ConfigError, StorageUnavailable
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 #: First key of the advisory lock that serialises writers (the second is the schema).
 _WRITE_LOCK = 0x45474C47  # "EGLG"
 _MIGRATE_LOCK = 0x45474D47  # "EGMG"
+#: While the database is unreachable, one read in this many seconds tries again...
+_READ_RETRY_SECONDS = 1.0
+#: ...waiting at most this long for a connection (the others fail at once).
+_READ_PROBE_TIMEOUT = 1.0
 
 
 @functools.lru_cache(maxsize=512)
@@ -72,6 +77,9 @@ class PostgresStore(SQLStore):
         self.url = url
         self.location = redact_url(url)
         self.readonly = readonly
+        # Set when an operation could not reach the database; cleared by the next success.
+        self._unreachable: str | None = None
+        self._next_read_probe = 0.0
         settings = ["SET synchronous_commit = on", "SET lock_timeout = '10s'",
                     "SET idle_in_transaction_session_timeout = '60s'"]
         if readonly:
@@ -99,9 +107,37 @@ class PostgresStore(SQLStore):
     # -- connections -------------------------------------------------------------------
 
     @contextmanager
+    def _reachability(self) -> Iterator[None]:
+        """Note whether the database answered (connection errors are OperationalError)."""
+        try:
+            yield
+        except psycopg.OperationalError as exc:
+            self._unreachable = str(exc) or type(exc).__name__
+            self._next_read_probe = time.monotonic() + _READ_RETRY_SECONDS
+            raise
+        else:
+            self._unreachable = None
+
+    @contextmanager
     def _read(self, what: str) -> Iterator[_Connection]:
-        """A pooled connection in autocommit: each statement sees every committed write."""
-        with _errors(what), self._pool.connection() as conn:
+        """A pooled connection in autocommit: each statement sees every committed write.
+
+        Reads run on the gateway's event loop (cached policy versions, API keys), so
+        while the database is unreachable they fail at once instead of each waiting
+        out the pool's timeout, which would stall every request, ``/healthz`` included.
+        One read a second still tries (briefly); writes and the readiness probe, which
+        run on threads of their own, always try, and the first success ends it.
+        """
+        timeout = None
+        if self._unreachable is not None:
+            now = time.monotonic()
+            if now < self._next_read_probe:
+                raise StorageUnavailable(f"{what} failed: the database cannot be reached "
+                                         f"({self._unreachable})")
+            self._next_read_probe = now + _READ_RETRY_SECONDS
+            timeout = _READ_PROBE_TIMEOUT
+        with _errors(what), self._reachability(), \
+                self._pool.connection(timeout=timeout) as conn:
             yield _Connection(conn)
 
     @contextmanager
@@ -122,7 +158,7 @@ class PostgresStore(SQLStore):
     @contextmanager
     def _write(self, what: str) -> Iterator[_Connection]:
         """One transaction holding the writers' advisory lock, committed or rolled back whole."""
-        with _errors(what), self._pool.connection() as conn, \
+        with _errors(what), self._reachability(), self._pool.connection() as conn, \
                 self._renewing_read_only_sessions(conn), conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))",
                          (_WRITE_LOCK,))
@@ -137,7 +173,7 @@ class PostgresStore(SQLStore):
         the transaction, so the batch is still stored whole or not at all.
         """
         what = "appending to the log"
-        with _errors(what), self._pool.connection() as conn, \
+        with _errors(what), self._reachability(), self._pool.connection() as conn, \
                 self._renewing_read_only_sessions(conn), conn.pipeline(), conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))",
                          (_WRITE_LOCK,))

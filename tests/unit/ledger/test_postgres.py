@@ -106,3 +106,38 @@ def test_a_read_only_store_cannot_write(migrated: PostgresStore, url: str) -> No
             reader.create_tenant("other", "t1")
     finally:
         reader.close()
+
+
+def test_reads_fail_at_once_while_the_database_is_unreachable(url: str) -> None:
+    """Reads run on the event loop: after a failed connection they must not each wait."""
+    import time
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.tcp_proxy import TcpProxy
+
+    PostgresStore(url, migrate=True).close()
+    parts = urlsplit(url)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        proxied = urlunsplit(parts._replace(
+            netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+        store = PostgresStore(proxied, timeout=2)
+        try:
+            assert store.tenants() == []
+            proxy.cut()
+            with pytest.raises(StorageUnavailable) as first:
+                store.tenants()
+            assert "cannot be reached" not in str(first.value)  # this one tried
+            with pytest.raises(StorageUnavailable, match="cannot be reached"):
+                store.tenants()  # this one did not: it failed at once
+            proxy.restore()
+            store.create_tenant("acme", "t0")  # a write always tries: it ends the outage
+            assert store.tenants() == ["acme"]
+            proxy.cut()
+            with pytest.raises(StorageUnavailable):
+                store.tenants()
+            proxy.restore()
+            time.sleep(1.1)  # a second later, a read tries again by itself
+            assert store.tenants() == ["acme"]
+        finally:
+            proxy.restore()
+            store.close()
