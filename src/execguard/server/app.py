@@ -18,7 +18,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from execguard import __version__
-from execguard.ledger import GroupCommitter, SQLiteStore
+from execguard.ledger import GroupCommitter, SQLStore
 from execguard.protocol.errors import (
     MalformedRequest,
     PayloadTooLarge,
@@ -80,7 +80,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(settings: Settings, store: SQLiteStore, signers: SigningKeys,
+def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
                committer: GroupCommitter | None = None) -> FastAPI:
     """Build the ASGI app. The committer's writer thread runs for the app's lifespan."""
     committer = committer or GroupCommitter(store)

@@ -25,7 +25,7 @@ from execguard.ledger import (
     IdempotencyClaim,
     PendingEntry,
     Replayed,
-    SQLiteStore,
+    SQLStore,
 )
 from execguard.protocol.checkpoint import verifier_key
 from execguard.protocol.errors import (
@@ -86,7 +86,7 @@ class Caller:
 class Gateway:
     """Decides, records and answers. One per running server."""
 
-    def __init__(self, settings: Settings, store: SQLiteStore, committer: GroupCommitter,
+    def __init__(self, settings: Settings, store: SQLStore, committer: GroupCommitter,
                  signers: SigningKeys, *, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store

@@ -22,7 +22,7 @@ from execguard.ledger import (
     ExecutionRecord,
     GroupCommitter,
     PendingEntry,
-    SQLiteStore,
+    SQLStore,
 )
 from execguard.protocol.errors import Conflict, MalformedRequest, NotFound, PermitRefused
 from execguard.protocol.outcome import PROTOCOL_VERSION, Outcome, format_timestamp, parse_timestamp
@@ -39,7 +39,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 class Permits:
     """Consumes permits and records outcomes, each as a signed log entry."""
 
-    def __init__(self, settings: Settings, store: SQLiteStore, committer: GroupCommitter,
+    def __init__(self, settings: Settings, store: SQLStore, committer: GroupCommitter,
                  signers: SigningKeys, *, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
