@@ -62,6 +62,17 @@ class _Connection:
             cursor.executemany(_placeholders(sql), rows)
 
 
+def _lost_connection(exc: psycopg.OperationalError) -> bool:
+    """Whether the error says the server cannot be reached (not: a query failed there).
+
+    Failures to connect, or a connection dropped, come from the client without an
+    SQLSTATE; the server's own are class 08 (connection) and 57P01-57P03 (shutting
+    down, starting up). A lock timeout or a full disk on the server is not one.
+    """
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+
+
 def _errors(what: str) -> Any:
     return translate_errors(what, (psycopg.Error,))
 
@@ -112,8 +123,9 @@ class PostgresStore(SQLStore):
         try:
             yield
         except psycopg.OperationalError as exc:
-            self._unreachable = str(exc) or type(exc).__name__
-            self._next_read_probe = time.monotonic() + _READ_RETRY_SECONDS
+            if _lost_connection(exc):
+                self._unreachable = str(exc) or type(exc).__name__
+                self._next_read_probe = time.monotonic() + _READ_RETRY_SECONDS
             raise
         else:
             self._unreachable = None

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg_pool import PoolTimeout
 
 from execguard.ledger import Committed, open_ledger
 from execguard.ledger._postgres_schema import SCHEMA_VERSION
@@ -141,3 +142,18 @@ def test_reads_fail_at_once_while_the_database_is_unreachable(url: str) -> None:
         finally:
             proxy.restore()
             store.close()
+
+
+@pytest.mark.parametrize(("error", "lost"), [
+    (psycopg.OperationalError("connection failed: Connection refused"), True),
+    (PoolTimeout("couldn't get a connection"), True),
+    (psycopg.errors.AdminShutdown("terminating connection"), True),
+    (psycopg.errors.ConnectionFailure("connection failure"), True),
+    (psycopg.errors.LockNotAvailable("lock timeout"), False),
+    (psycopg.errors.DiskFull("could not extend file"), False),
+    (psycopg.errors.QueryCanceled("statement timeout"), False),
+])
+def test_only_a_lost_connection_counts_as_unreachable(error: psycopg.OperationalError,
+                                                      lost: bool) -> None:
+    from execguard.ledger.postgres import _lost_connection
+    assert _lost_connection(error) is lost

@@ -78,7 +78,7 @@ def test_indexes_are_gapless_per_tenant_and_chained(store: SQLStore) -> None:
 def driver_error(store: SQLStore) -> type[Exception]:
     """The error class the store's own database driver raises."""
     return sqlite3.OperationalError if store.location.endswith(".db") else \
-        psycopg.OperationalError
+        psycopg.errors.IoError
 
 
 def run_sql_directly(store: SQLStore, sql: str) -> None:
