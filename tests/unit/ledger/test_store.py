@@ -123,6 +123,24 @@ def test_idempotency_replays_same_request_and_refuses_another(store: SQLStore) -
     assert store.find_idempotent("acme", "k", 102) is None
 
 
+def test_idempotency_holds_within_one_batch(store: SQLStore) -> None:
+    """The batch reads its keys once: a key claimed earlier in the same batch still counts."""
+    first = IdempotencyClaim("k1", "hash-1", "enforce", expires_at=100)
+    other = IdempotencyClaim("k1", "hash-2", "enforce", expires_at=100)
+    fresh = IdempotencyClaim("k2", "hash-3", "enforce", expires_at=100)
+    results = store.commit_batch([decision("acme", "e1", first), decision("acme", "e2", first),
+                                  decision("acme", "e3", other), decision("acme", "e4", fresh),
+                                  decision("other", "o1", first)], 0)
+    assert isinstance(results[0], Committed)
+    assert isinstance(results[1], Replayed) and results[1].record.execution_id == "e1"
+    assert results[2] == Conflicted("idempotency_key_reuse")
+    assert isinstance(results[3], Committed) and isinstance(results[4], Committed)
+    assert store.log_size("acme") == 2 and store.log_size("other") == 1
+    # And the next batch sees what this one claimed.
+    again = store.commit_batch([decision("acme", "e5", fresh)], 1)[0]
+    assert isinstance(again, Replayed) and again.record.execution_id == "e4"
+
+
 def test_an_outcome_is_recorded_once(store: SQLStore) -> None:
     store.commit_batch([decision("acme", "e1")], 0)
     assert isinstance(store.commit_batch([outcome("acme", "e1")], 0)[0], Committed)
