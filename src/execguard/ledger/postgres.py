@@ -15,13 +15,14 @@ a store refuses to open a database whose version differs from its own.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from execguard.ledger._postgres_schema import MIGRATIONS, SCHEMA_VERSION
 from execguard.ledger._sql_util import translate_errors
@@ -91,6 +92,10 @@ class PostgresStore(SQLStore):
         # Set when an operation could not reach the database; cleared by the next success.
         self._unreachable: str | None = None
         self._next_read_probe = 0.0
+        # Connections handed out now: a pool timeout with all of them busy is load, not an
+        # unreachable database.
+        self._in_use = 0
+        self._in_use_lock = threading.Lock()
         settings = ["SET synchronous_commit = on", "SET lock_timeout = '10s'",
                     "SET idle_in_transaction_session_timeout = '60s'"]
         if readonly:
@@ -123,12 +128,25 @@ class PostgresStore(SQLStore):
         try:
             yield
         except psycopg.OperationalError as exc:
-            if _lost_connection(exc):
+            busy = isinstance(exc, PoolTimeout) and self._in_use >= self._pool.max_size
+            if _lost_connection(exc) and not busy:
                 self._unreachable = str(exc) or type(exc).__name__
                 self._next_read_probe = time.monotonic() + _READ_RETRY_SECONDS
             raise
         else:
             self._unreachable = None
+
+    @contextmanager
+    def _connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection[Any]]:
+        """A connection from the pool, counted while it is out."""
+        with self._pool.connection(timeout=timeout) as conn:
+            with self._in_use_lock:
+                self._in_use += 1
+            try:
+                yield conn
+            finally:
+                with self._in_use_lock:
+                    self._in_use -= 1
 
     @contextmanager
     def _read(self, what: str) -> Iterator[_Connection]:
@@ -149,7 +167,7 @@ class PostgresStore(SQLStore):
             self._next_read_probe = now + _READ_RETRY_SECONDS
             timeout = _READ_PROBE_TIMEOUT
         with _errors(what), self._reachability(), \
-                self._pool.connection(timeout=timeout) as conn:
+                self._connection(timeout) as conn:
             yield _Connection(conn)
 
     @contextmanager
@@ -170,7 +188,7 @@ class PostgresStore(SQLStore):
     @contextmanager
     def _write(self, what: str) -> Iterator[_Connection]:
         """One transaction holding the writers' advisory lock, committed or rolled back whole."""
-        with _errors(what), self._reachability(), self._pool.connection() as conn, \
+        with _errors(what), self._reachability(), self._connection() as conn, \
                 self._renewing_read_only_sessions(conn), conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))",
                          (_WRITE_LOCK,))
@@ -185,7 +203,7 @@ class PostgresStore(SQLStore):
         the transaction, so the batch is still stored whole or not at all.
         """
         what = "appending to the log"
-        with _errors(what), self._reachability(), self._pool.connection() as conn, \
+        with _errors(what), self._reachability(), self._connection() as conn, \
                 self._renewing_read_only_sessions(conn), conn.pipeline(), conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))",
                          (_WRITE_LOCK,))

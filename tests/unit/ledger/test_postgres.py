@@ -157,3 +157,15 @@ def test_only_a_lost_connection_counts_as_unreachable(error: psycopg.Operational
                                                       lost: bool) -> None:
     from execguard.ledger.postgres import _lost_connection
     assert _lost_connection(error) is lost
+
+
+def test_a_busy_pool_is_not_taken_for_an_unreachable_database(migrated: PostgresStore,
+                                                              url: str) -> None:
+    store = PostgresStore(url, pool_size=1, timeout=1)
+    try:
+        with store._read("holding the only connection"), \
+                pytest.raises(StorageUnavailable, match="couldn't get a connection"):
+            store.tenants()
+        assert store.tenants() == ["acme"]  # at once: no outage was assumed
+    finally:
+        store.close()
