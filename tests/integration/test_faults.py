@@ -11,6 +11,9 @@ SQLite
   (``wal_checkpoint(TRUNCATE)``), then a filler takes every free byte: the
   next commit must grow the WAL and fails. Without the truncation a commit can
   succeed on a full disk by reusing WAL frames, which would prove nothing.
+- moved away: the database file is renamed under the running gateway (an operator's
+  mistake, a restore script). Its open descriptors would still take commits that no
+  restart finds again, so writes are refused until the file is back.
 - the database stops: the data directory is an ext4 image, frozen with
   ``fsfreeze``. Every write blocks (a hung SAN or volume), so the gateway must
   answer 503 within its commit timeout instead of hanging.
@@ -202,6 +205,23 @@ def test_sqlite_database_turning_read_only(tmp_path: Path) -> None:
             cause=r"I/O error|read-?only"))
     finally:
         sh("chattr", "-i", *files)
+        stop(gateway)
+
+
+def test_sqlite_database_file_moved_away(tmp_path: Path) -> None:
+    """A file moved (or deleted) under a running gateway must not take commits with it."""
+    data = tmp_path / "data"
+    database, aside = data / "execguard.db", tmp_path / "execguard.db.aside"
+    gateway = None
+    try:
+        gateway = start(data)
+        fails_closed_and_recovers(gateway, Fault(
+            inject=lambda: os.rename(database, aside),
+            clear=lambda: os.rename(aside, database),
+            cause=r"moved, deleted or replaced"))
+    finally:
+        if aside.exists():
+            os.rename(aside, database)
         stop(gateway)
 
 

@@ -12,6 +12,7 @@ sleeps (SQLite's own busy handler sleeps in millisecond steps and doubles p99).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -45,6 +46,8 @@ class SQLiteStore(SQLStore):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        # The files this store writes, as (device, inode): see _check_files.
+        self._files: dict[str, tuple[int, int]] = {}
         if readonly:
             if not Path(self.path).exists():
                 raise StorageUnavailable(f"no database at {self.path}")
@@ -87,6 +90,7 @@ class SQLiteStore(SQLStore):
     @contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction: taken with retries, committed or rolled back whole."""
+        self._check_files(what)  # nothing is written into files that are gone...
         with sqlite_errors(what):
             conn = self._conn
             deadline = time.monotonic() + _BUSY_RETRY_SECONDS
@@ -105,6 +109,28 @@ class SQLiteStore(SQLStore):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+        self._check_files(what)  # ...and a commit counts only if they are still there
+
+    def _check_files(self, what: str) -> None:
+        """After a commit: is it in the files at our path, or in ones nobody will open again?
+
+        A database (or WAL) file deleted or replaced under a running process takes
+        every later commit with it: the open descriptors still work, and a restart
+        finds none of it. So a commit counts only if the path still names the files
+        written: otherwise the write is refused (503), until the file is put back.
+        """
+        for path in (self.path, self.path + "-wal"):
+            try:
+                found = os.stat(path)
+            except FileNotFoundError:
+                found = None
+            identity = None if found is None else (found.st_dev, found.st_ino)
+            known = self._files.setdefault(path, identity) if identity else \
+                self._files.get(path)
+            if known is not None and identity != known:
+                raise StorageUnavailable(
+                    f"{what} failed: {path} was moved, deleted or replaced while in use; "
+                    "what was written since is not in the database at that path")
 
     def _migrate(self) -> None:
         # Two processes creating one database at once can see "locked": retry.
@@ -149,3 +175,5 @@ class SQLiteStore(SQLStore):
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
+        # With no connection left, SQLite removes the WAL; a later one starts a new file.
+        self._files.clear()
