@@ -144,8 +144,7 @@ def db_migrate(data: DataOption = DEFAULT_DATA, db: DbOption = None) -> None:
     """
     from execguard.ledger import open_ledger
     directory = datadir(data, db)
-    url = directory.database_url
-    store = open_ledger(url or str(directory.db_path), migrate=True)
+    store = open_ledger(directory.ledger_location, migrate=True)
     try:
         version = store.schema_version()
     finally:

@@ -40,6 +40,13 @@ class Connection(Protocol):
     def executemany(self, sql: str, rows: Any, /) -> Any: ...
 
 
+def _require_bundle(conn: Connection, tenant: str, version: str) -> None:
+    """``NotFound`` unless the tenant has stored this bundle version (before naming it)."""
+    if conn.execute("SELECT 1 FROM bundles WHERE tenant = ? AND version = ?",
+                    (tenant, version)).fetchone() is None:
+        raise NotFound(f"policy version {version} is not stored for tenant {tenant!r}")
+
+
 class AdminMixin:
     """Needs ``_read(what)`` (a connection) and ``_write(what)`` (a write transaction)."""
 
@@ -142,9 +149,7 @@ class AdminMixin:
     def activate_bundle(self, tenant: str, version: str, now: str) -> None:
         """Make a stored version the tenant's active one."""
         with self._write("activating a policy bundle") as conn:
-            if conn.execute("SELECT 1 FROM bundles WHERE tenant = ? AND version = ?",
-                            (tenant, version)).fetchone() is None:
-                raise NotFound(f"policy version {version} is not stored for tenant {tenant!r}")
+            _require_bundle(conn, tenant, version)
             conn.execute("INSERT INTO active_bundles VALUES (?, ?, ?) ON CONFLICT (tenant)"
                          " DO UPDATE SET version = excluded.version,"
                          " activated_at = excluded.activated_at", (tenant, version, now))
@@ -153,7 +158,7 @@ class AdminMixin:
         """The tenant's active policy version, or None."""
         with self._read("reading the active policy") as conn:
             row = conn.execute("SELECT version FROM active_bundles WHERE tenant = ?",
-                                     (tenant,)).fetchone()
+                               (tenant,)).fetchone()
         return row[0] if row else None
 
     # -- shadow policies and webhooks -----------------------------------------------
@@ -164,9 +169,7 @@ class AdminMixin:
             if version is None:
                 conn.execute("DELETE FROM shadow_bundles WHERE tenant = ?", (tenant,))
                 return
-            if conn.execute("SELECT 1 FROM bundles WHERE tenant = ? AND version = ?",
-                            (tenant, version)).fetchone() is None:
-                raise NotFound(f"policy version {version} is not stored for tenant {tenant!r}")
+            _require_bundle(conn, tenant, version)
             conn.execute("INSERT INTO shadow_bundles VALUES (?, ?, ?) ON CONFLICT (tenant)"
                          " DO UPDATE SET version = excluded.version,"
                          " started_at = excluded.started_at", (tenant, version, now))
@@ -175,7 +178,7 @@ class AdminMixin:
         """The tenant's shadow policy version, or None."""
         with self._read("reading the shadow policy") as conn:
             row = conn.execute("SELECT version FROM shadow_bundles WHERE tenant = ?",
-                                     (tenant,)).fetchone()
+                               (tenant,)).fetchone()
         return row[0] if row else None
 
     def shadow_disagreements(self, tenant: str, version: str | None = None,
@@ -192,7 +195,7 @@ class AdminMixin:
                 "activeReason", "shadowDecision", "shadowReason", "timestamp")
         with self._read("reading shadow disagreements") as conn:
             rows = conn.execute(sql + " ORDER BY created_at DESC LIMIT ?",
-                                      (*params, limit)).fetchall()
+                                (*params, limit)).fetchall()
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
     def add_webhook(self, record: WebhookRecord) -> None:

@@ -18,7 +18,7 @@ import functools
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import psycopg
@@ -185,26 +185,24 @@ class PostgresStore(SQLStore):
             self._pool.drain()
             raise
 
-    @contextmanager
-    def _write(self, what: str) -> Iterator[_Connection]:
+    def _write(self, what: str) -> AbstractContextManager[_Connection]:
         """One transaction holding the writers' advisory lock, committed or rolled back whole."""
-        with _errors(what), self._reachability(), self._connection() as conn, \
-                self._renewing_read_only_sessions(conn), conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))",
-                         (_WRITE_LOCK,))
-            yield _Connection(conn)
+        return self._locked_transaction(what, pipelined=False)
 
-    @contextmanager
-    def _append_transaction(self) -> Iterator[_Connection]:
+    def _append_transaction(self) -> AbstractContextManager[_Connection]:
         """The batch's transaction in pipeline mode: one round trip per read, not per row.
 
         Statements whose results are not read (the inserts) are sent without waiting;
         the next read, or the commit, collects them. An error in any of them aborts
         the transaction, so the batch is still stored whole or not at all.
         """
-        what = "appending to the log"
+        return self._locked_transaction("appending to the log", pipelined=True)
+
+    @contextmanager
+    def _locked_transaction(self, what: str, *, pipelined: bool) -> Iterator[_Connection]:
         with _errors(what), self._reachability(), self._connection() as conn, \
-                self._renewing_read_only_sessions(conn), conn.pipeline(), conn.transaction():
+                self._renewing_read_only_sessions(conn), \
+                (conn.pipeline() if pipelined else nullcontext()), conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))",
                          (_WRITE_LOCK,))
             yield _Connection(conn)

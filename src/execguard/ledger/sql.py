@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ class _Head:
     tree: CompactRange
 
 
-class SQLStore(AdminMixin):
+class SQLStore(AdminMixin, ABC):
     """The ledger over a SQL connection; subclasses supply connections and the schema."""
 
     #: Where the data lives, for messages (a file path or a redacted URL).
@@ -80,13 +81,13 @@ class SQLStore(AdminMixin):
         # per set bit of the size, unless another writer (a replica) appended meanwhile.
         self._edges: dict[str, tuple[str | None, CompactRange]] = {}
 
+    @abstractmethod
     def _read(self, what: str) -> AbstractContextManager[Connection]:
         """A connection for reads; driver errors become ``StorageUnavailable(what ...)``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _write(self, what: str) -> AbstractContextManager[Connection]:
         """One write transaction under the store's single write lock, committed whole."""
-        raise NotImplementedError
 
     def _append_transaction(self) -> AbstractContextManager[Connection]:
         """The write transaction of :meth:`commit_batch` (a backend may stream it)."""
@@ -98,9 +99,9 @@ class SQLStore(AdminMixin):
             conn.execute("INSERT INTO meta VALUES ('writable_check', ?) ON CONFLICT (key)"
                          " DO UPDATE SET value = excluded.value", (repr(time.time()),))
 
+    @abstractmethod
     def close(self) -> None:
         """Release every connection."""
-        raise NotImplementedError
 
     # -- the log -----------------------------------------------------------------------
 
@@ -510,7 +511,7 @@ class SQLStore(AdminMixin):
         """Number of entries in the tenant's log."""
         with self._read("reading the log") as conn:
             row = conn.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM log"
-                                     " WHERE tenant = ?", (tenant,)).fetchone()
+                               " WHERE tenant = ?", (tenant,)).fetchone()
         return int(row[0])
 
 

@@ -159,6 +159,11 @@ class DataDir:
         return url
 
     @property
+    def ledger_location(self) -> str:
+        """What :func:`~execguard.ledger.open_ledger` opens: the PostgreSQL URL or the file."""
+        return self.database_url or str(self.db_path)
+
+    @property
     def database_label(self) -> str:
         """Where the ledger is, for people (no password)."""
         url = self.database_url
@@ -178,14 +183,14 @@ class DataDir:
         """Whether ``init`` has run here."""
         return self.db_path.exists() or self.config_path.exists()
 
-    def open_store(self, *, migrate: bool = False) -> SQLStore:
+    def open_store(self) -> SQLStore:
         """Open the ledger; the directory must have been initialised."""
         if not self.exists():
             raise ConfigError(
                 f"no ExecGuard data directory at {self.path}: run 'execguard init --data "
                 f"{self.path}' first"
             )
-        return open_ledger(self.database_url or str(self.db_path), migrate=migrate)
+        return open_ledger(self.ledger_location)
 
     def _write_config(self, url: str) -> None:
         escaped = url.replace("\\", "\\\\").replace('"', '\\"')
@@ -273,7 +278,7 @@ class DataDir:
                               version)
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         url = self.database_url
-        store = open_ledger(url or str(self.db_path), migrate=True)
+        store = open_ledger(self.ledger_location, migrate=True)
         if url is not None:
             if store.signing_keys():
                 store.close()
