@@ -1,7 +1,8 @@
-"""Reservations and the fact reader of the SQL ledger (stateful limits)."""
+"""The fact reader of the SQL ledger (stateful limits), inside the write transaction."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from execguard.ledger.records import Reservation
@@ -9,27 +10,25 @@ from execguard.ledger.records import Reservation
 if TYPE_CHECKING:
     from execguard.ledger._sql_admin import Connection
 
-__all__ = ["TxnFacts", "reserve"]
-
-
-def reserve(conn: Connection, tenant: str, execution_id: str,
-             reservation: Reservation) -> None:
-    conn.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, 0, 0)",
-                 (execution_id, tenant, reservation.surface, reservation.actor,
-                  reservation.reserved_at, reservation.expires_at))
-    conn.executemany("INSERT INTO reservation_amounts VALUES (?, ?, ?)",
-                     [(execution_id, name, units) for name, units in reservation.amounts.items()])
+__all__ = ["TxnFacts"]
 
 
 class TxnFacts:
-    """Reads live reservations inside the current write transaction (a FactReader)."""
+    """Reads live reservations inside the current write transaction (a FactReader).
+
+    ``pending`` holds the reservations of the batch that are not inserted yet
+    (``BatchRows``): they are live by construction (new, not released, not
+    expired) and are counted here exactly as the query counts stored ones.
+    """
 
     _LIVE = ("r.tenant = ? AND r.surface = ? AND r.reserved_at > ? AND r.released = 0"
              " AND (r.consumed = 1 OR r.expires_at > ?)")
 
-    def __init__(self, conn: Connection, tenant: str) -> None:
+    def __init__(self, conn: Connection, tenant: str,
+                 pending: Sequence[tuple[str, Reservation]] = ()) -> None:
         self.conn = conn
         self.tenant = tenant
+        self.pending = pending
 
     def _where(self, surface: str, actor: str | None, since: float,
                now: float) -> tuple[str, tuple[Any, ...]]:
@@ -37,17 +36,25 @@ class TxnFacts:
             return self._LIVE, (self.tenant, surface, since, now)
         return self._LIVE + " AND r.actor = ?", (self.tenant, surface, since, now, actor)
 
+    def _pending(self, surface: str, actor: str | None, since: float,
+                 now: float) -> Iterator[Reservation]:
+        for tenant, r in self.pending:
+            if tenant == self.tenant and r.surface == surface and r.reserved_at > since \
+                    and r.expires_at > now and (actor is None or r.actor == actor):
+                yield r
+
     def count(self, surface: str, actor: str | None, since: float, now: float) -> int:
         where, params = self._where(surface, actor, since, now)
-        return int(self.conn.execute(f"SELECT COUNT(*) FROM reservations r WHERE {where}",
-                                     params).fetchone()[0])
+        stored = self.conn.execute(f"SELECT COUNT(*) FROM reservations r WHERE {where}",
+                                   params).fetchone()[0]
+        return int(stored) + sum(1 for _ in self._pending(surface, actor, since, now))
 
     def total(self, surface: str, actor: str | None, field: str, since: float,
               now: float) -> int:
         where, params = self._where(surface, actor, since, now)
-        return int(self.conn.execute(
+        stored = self.conn.execute(
             "SELECT COALESCE(SUM(a.units), 0) FROM reservations r JOIN reservation_amounts a"
             f" ON a.execution_id = r.execution_id AND a.field = ? WHERE {where}",
-            (field, *params)).fetchone()[0])
-
-
+            (field, *params)).fetchone()[0]
+        return int(stored) + sum(r.amounts.get(field, 0)
+                                 for r in self._pending(surface, actor, since, now))

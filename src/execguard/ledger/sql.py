@@ -33,7 +33,8 @@ from execguard.ledger._sql_approvals import (
     record_vote,
     resolve_execution,
 )
-from execguard.ledger._sql_facts import TxnFacts, reserve
+from execguard.ledger._sql_batch import BatchRows
+from execguard.ledger._sql_facts import TxnFacts
 from execguard.ledger._sql_util import dumps
 from execguard.ledger.records import (
     ApprovalRecord,
@@ -110,10 +111,12 @@ class SQLStore(AdminMixin, ABC):
         """Append the entries in one fsync'd transaction (see LedgerStore)."""
         results: list[CommitResult] = []
         heads: dict[str, _Head] = {}
+        rows = BatchRows()
         with self._append_transaction() as conn:
             claims = self._live_claims(conn, entries, now_epoch)
             for entry in entries:
-                results.append(self._append_one(conn, entry, heads, claims, now_epoch))
+                results.append(self._append_one(conn, entry, heads, claims, rows, now_epoch))
+            rows.flush(conn)  # inside the transaction: committed with it, or not at all
         for tenant, head in heads.items():  # committed: the next batch starts from here
             self._edges[tenant] = (head.prev, head.tree.copy())
         return results
@@ -167,7 +170,7 @@ class SQLStore(AdminMixin, ABC):
         return claims
 
     def _append_one(self, conn: Connection, entry: PendingEntry, heads: dict[str, _Head],
-                    claims: dict[tuple[str, str], tuple[str, str, str]],
+                    claims: dict[tuple[str, str], tuple[str, str, str]], rows: BatchRows,
                     now_epoch: float) -> CommitResult:
         claim = entry.idempotency
         if claim is not None:
@@ -175,6 +178,7 @@ class SQLStore(AdminMixin, ABC):
             if row is not None:
                 if (row[0], row[1]) != (claim.request_hash, claim.mode):
                     return Conflicted("idempotency_key_reuse")
+                rows.flush(conn)  # the execution may be one of this batch's
                 record = self._execution(conn, entry.tenant, row[2])
                 if record is None:  # pragma: no cover - the rows are written together
                     raise StorageUnavailable("idempotency key points at a missing execution")
@@ -184,6 +188,8 @@ class SQLStore(AdminMixin, ABC):
                 (entry.execution_id,)).fetchone() is not None:
             return Conflicted("outcome_exists")
         kind, seal = entry.kind, entry.seal
+        if kind != "decision":
+            rows.flush(conn)  # rare kinds read and update what the batch may have written
         if kind == "consume" and conn.execute(
                 "SELECT 1 FROM log WHERE tenant = ? AND execution_id = ? AND kind = 'consume'",
                 (entry.tenant, entry.execution_id)).fetchone() is not None:
@@ -194,31 +200,30 @@ class SQLStore(AdminMixin, ABC):
             kind, seal = "consume-refused", entry.seal_refused
 
         if kind in ("approval-vote", "approval-expire"):
-            return self._approval_step(conn, entry, heads, now_epoch)
+            return self._approval_step(conn, entry, heads, rows, now_epoch)
 
         execution, response, reservation = entry.execution, entry.response, entry.reservation
         approval = entry.approval
         if entry.decide is not None:
             # A stateful decision: taken now, under the write lock, against the live
             # reservations, so concurrent requests can never together pass a limit.
-            prepared = entry.decide(TxnFacts(conn, entry.tenant))
+            prepared = entry.decide(TxnFacts(conn, entry.tenant, rows.reservations))
             seal, execution, response = prepared.seal, prepared.execution, prepared.response
             reservation, approval = prepared.reservation, prepared.approval
 
-        index, receipt = self._append_log(conn, heads, entry.tenant, kind, entry.execution_id,
-                                          seal)
+        index, receipt = self._append_log(conn, heads, rows, entry.tenant, kind,
+                                          entry.execution_id, seal)
 
         if entry.kind == "decision":
             row = execution or {}
             response = {**(response or {}), "receipt": receipt}
-            conn.execute(
-                "INSERT INTO executions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (entry.execution_id, entry.tenant, index, row["surface"], row["actor_id"],
-                 row["decision"], row["reason_code"], row["policy_version"],
-                 receipt["timestamp"], row["request_hash"], dumps(row["request"]),
-                 dumps(response)))
+            rows.add("executions", (
+                entry.execution_id, entry.tenant, index, row["surface"], row["actor_id"],
+                row["decision"], row["reason_code"], row["policy_version"],
+                receipt["timestamp"], row["request_hash"], dumps(row["request"]),
+                dumps(response)))
             if reservation is not None:
-                reserve(conn, entry.tenant, entry.execution_id, reservation)
+                rows.reserve(entry.tenant, entry.execution_id, reservation)
             if approval is not None:
                 open_approval(conn, entry.tenant, entry.execution_id, row, approval,
                               receipt["timestamp"])
@@ -232,13 +237,10 @@ class SQLStore(AdminMixin, ABC):
                               row["reason_code"], shadow["decision"], shadow["reason"],
                               receipt["timestamp"]))
             if claim is not None:
-                conn.execute(
-                    "INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT"
-                    " (tenant, key) DO UPDATE SET request_hash = excluded.request_hash,"
-                    " mode = excluded.mode, execution_id = excluded.execution_id,"
-                    " expires_at = excluded.expires_at",
-                    (entry.tenant, claim.key, claim.request_hash, claim.mode,
-                     entry.execution_id, claim.expires_at))
+                # At most once per key and batch: a second use of the key is answered
+                # from ``claims`` above (one row per key, as PostgreSQL's upsert needs).
+                rows.add("idempotency", (entry.tenant, claim.key, claim.request_hash,
+                                         claim.mode, entry.execution_id, claim.expires_at))
                 claims[(entry.tenant, claim.key)] = (claim.request_hash, claim.mode,
                                                      entry.execution_id)
         elif entry.kind == "outcome":
@@ -252,8 +254,8 @@ class SQLStore(AdminMixin, ABC):
                          (entry.execution_id,))
         return Committed(index, receipt, response if entry.kind == "decision" else None)
 
-    def _append_log(self, conn: Connection, heads: dict[str, _Head], tenant: str,
-                    kind: str, execution_id: str,
+    def _append_log(self, conn: Connection, heads: dict[str, _Head], rows: BatchRows,
+                    tenant: str, kind: str, execution_id: str,
                     seal: Callable[[int], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
         """Seal a receipt at the next index and append it, its leaf and its tree nodes."""
         head = self._head(conn, tenant, heads)
@@ -262,16 +264,15 @@ class SQLStore(AdminMixin, ABC):
         digest = receipt["receiptHash"]
         chained = entry_hash(index, head.prev, digest)
         leaf = receipt_leaf_hash(tenant, receipt)
-        conn.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     (tenant, index, kind, execution_id, dumps(receipt), digest, head.prev,
-                      chained, leaf))
-        conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?)",
-                         [(tenant, *node) for node in head.tree.append(leaf)])
+        rows.add("log", (tenant, index, kind, execution_id, dumps(receipt), digest, head.prev,
+                         chained, leaf))
+        for node in head.tree.append(leaf):
+            rows.add("merkle_nodes", (tenant, *node))
         head.prev = chained
         return index, receipt
 
-    def _approval_step(self, conn: Connection, entry: PendingEntry,
-                       heads: dict[str, _Head], now_epoch: float) -> CommitResult:
+    def _approval_step(self, conn: Connection, entry: PendingEntry, heads: dict[str, _Head],
+                       rows: BatchRows, now_epoch: float) -> CommitResult:
         """A vote or an expiry check, and the resolution it may bring (one transaction)."""
         approval = approval_row(conn, entry.tenant, entry.execution_id)
         if approval is None:
@@ -291,8 +292,8 @@ class SQLStore(AdminMixin, ABC):
             assert vote is not None
             if has_voted(conn, entry.execution_id, vote.voter_key):
                 return Conflicted("already_voted")
-            index, receipt = self._append_log(conn, heads, entry.tenant, "approval-vote",
-                                              entry.execution_id, vote.seal)
+            index, receipt = self._append_log(conn, heads, rows, entry.tenant,
+                                              "approval-vote", entry.execution_id, vote.seal)
             record_vote(conn, entry.execution_id, vote, receipt["timestamp"], index)
             committed = Committed(index, receipt)
             approvals, denials = count_votes(conn, entry.execution_id)
@@ -301,13 +302,14 @@ class SQLStore(AdminMixin, ABC):
             elif approvals >= quorum:
                 resolution = "approved"
         if resolution is not None:
-            prepared = entry.resolve(TxnFacts(conn, entry.tenant), resolution)
-            index, receipt = self._append_log(conn, heads, entry.tenant, "decision",
+            prepared = entry.resolve(TxnFacts(conn, entry.tenant, rows.reservations),
+                                     resolution)
+            index, receipt = self._append_log(conn, heads, rows, entry.tenant, "decision",
                                               entry.execution_id, prepared.seal)
             response = {**prepared.response, "receipt": receipt}
             resolve_execution(conn, entry.execution_id, prepared.execution, response)
             if prepared.reservation is not None:
-                reserve(conn, entry.tenant, entry.execution_id, prepared.reservation)
+                rows.reserve(entry.tenant, entry.execution_id, prepared.reservation)
             final = "approved" if resolution == "approved" and \
                 prepared.execution["decision"] == "PERMIT" else (
                     "expired" if resolution == "expired" else "denied")
