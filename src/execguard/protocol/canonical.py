@@ -10,10 +10,13 @@ every audited entry, and ``rfc8785`` costs ~38 µs for a receipt. ``orjson``
 with sorted keys produces the same bytes, ~20x faster, for documents made
 only of strings, safe integers, booleans, null, lists and objects whose keys
 are in the Basic Multilingual Plane (RFC 8785 §3.2.3 sorts keys by UTF-16 code
-units, orjson by code points: they differ only beyond U+FFFF). Such
-documents take the fast path; anything else (floats above all, whose
-ECMAScript formatting differs) goes through ``rfc8785``. A property test
-compares the two on random documents.
+units, orjson by code points: they differ only beyond U+FFFF), and of the
+floats whose two spellings agree: not integral (ECMAScript writes ``1.0`` as
+``1``) and of magnitude in [1e-4, 1e15) (outside it the exponent notations
+differ). Both print a float's shortest round-trip digits, so inside that range
+the bytes are the same; amounts like ``0.01`` are the common case. Such
+documents take the fast path; anything else goes through ``rfc8785``.
+Property tests compare the two on random documents and random floats.
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ _MAX_DEPTH = 64
 
 
 _SCALARS = frozenset({str, bool, type(None)})
-_ALLOWED = frozenset({str, bool, type(None), int, dict, list})
+_ALLOWED = frozenset({str, bool, type(None), int, float, dict, list})
+#: Floats whose orjson spelling is their RFC 8785 spelling (see the module doc).
+_FLOAT_LOW, _FLOAT_HIGH = 1e-4, 1e15
+
+
+def _same_float(value: float) -> bool:
+    return _FLOAT_LOW <= abs(value) < _FLOAT_HIGH and not value.is_integer()
 
 
 def _fast_path_ok(value: Any, depth: int = 0) -> bool:
@@ -55,13 +64,16 @@ def _fast_path_ok(value: Any, depth: int = 0) -> bool:
     elif kind is list:
         values = value
     else:
-        return kind in _SCALARS or (kind is int and -_MAX_SAFE <= value <= _MAX_SAFE)
+        return kind in _SCALARS or (kind is int and -_MAX_SAFE <= value <= _MAX_SAFE) \
+            or (kind is float and _same_float(value))
     types = set(map(type, values))
     if types <= _SCALARS:
         return True
     if not types <= _ALLOWED or depth > _MAX_DEPTH:
         return False
     if int in types and not all(-_MAX_SAFE <= v <= _MAX_SAFE for v in values if type(v) is int):
+        return False
+    if float in types and not all(_same_float(v) for v in values if type(v) is float):
         return False
     if dict in types or list in types:
         return all(_fast_path_ok(v, depth + 1) for v in values if type(v) in (dict, list))

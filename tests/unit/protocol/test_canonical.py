@@ -68,9 +68,21 @@ def test_fast_path_is_byte_identical_to_rfc8785(value: object) -> None:
     assert canonical_json(value) == expected
 
 
+@given(st.floats(allow_nan=False, allow_infinity=False)
+       | st.floats(min_value=1e-4, max_value=1e15)
+       | st.decimals(places=4, min_value=-10**9, max_value=10**9).map(float))
+def test_fast_path_floats_are_byte_identical_to_rfc8785(value: float) -> None:
+    """Floats, alone and inside a document, above all near the fast path's bounds."""
+    assert canonical_json(value) == rfc8785.dumps(value)
+    assert canonical_json({"amount": value, "n": [value, 1]}) == \
+        rfc8785.dumps({"amount": value, "n": [value, 1]})
+
+
 @pytest.mark.parametrize("value", [
     {"\U0001f600": 1, "\ue000": 2},           # UTF-16 order differs from code-point order
     {"f": 1.0, "g": -0.0, "h": 1e-07, "i": 1e21},  # ECMAScript number formatting
+    {"a": 0.01, "b": 1e-4, "c": 9.999e-5, "d": 1e15 - 0.5, "e": 1e15, "f": 123456.789},
+    [0.1, 0.2, 0.30000000000000004, -2.5, 1e14 + 0.5, 5e-324, 1.7976931348623157e308],
     {"big": 2**53 - 1, "neg": -(2**53 - 1)},
     {"s": "\x00\x1f\u2028\U0001f600\"\\"},
 ])
