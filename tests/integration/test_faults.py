@@ -23,6 +23,11 @@ PostgreSQL
   which is cut (every connection reset, new ones refused) and restored.
 - read-only: ``default_transaction_read_only`` is set on the database and its
   sessions are terminated (what a demoted primary looks like), then reset.
+- disk full: the database lives in a tablespace on a small tmpfs, and a filler
+  takes every free byte. Rows that still fit in allocated pages go in; the
+  first write that needs a new page fails ("No space left on device"), so the
+  fault counts as injected once a decision has been refused. The server's own
+  WAL is elsewhere: PostgreSQL itself stays up, as when one volume fills.
 
 For each: every request during the fault is a 503 ``storage_unavailable``
 naming the cause, with no token; a permit issued before cannot be consumed;
@@ -41,6 +46,7 @@ import secrets
 import shutil
 import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -341,6 +347,72 @@ def test_postgres_that_stops(tmp_path: Path, own_database: str) -> None:
         finally:
             proxy.restore()
             stop(gateway)
+
+
+@pytest.fixture
+def full_disk_database() -> Iterator[tuple[str, Path]]:
+    """A database of this test's own in a tablespace on a 16 MB tmpfs; yields (URL, mount)."""
+    psycopg = pytest.importorskip("psycopg")
+    # Not under tmp_path: the server's user must reach the directory, and pytest's own
+    # directories are private. The mount's root is the tablespace, owned by that user.
+    space = Path(tempfile.mkdtemp(prefix="execguard-tablespace-"))
+    require("mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(space),
+            reason="mounting a small tmpfs is not permitted here")
+    name = f"execguard_full_{os.getpid()}_{secrets.token_hex(3)}"
+    created = []
+    try:
+        try:
+            shutil.chown(space, "postgres", "postgres")
+        except (LookupError, PermissionError) as exc:
+            pytest.skip(f"the PostgreSQL server's user cannot own a local directory: {exc}")
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            # A server elsewhere cannot see this directory: nothing to test then.
+            try:
+                conn.execute(f"CREATE TABLESPACE \"{name}\" LOCATION '{space}'")
+            except psycopg.Error as exc:
+                pytest.skip(f"no tablespace on a local tmpfs: {exc}")
+            created.append("tablespace")
+            conn.execute(f'CREATE DATABASE "{name}" TABLESPACE "{name}"')
+            created.append("database")
+        yield f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{name}", space
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            if "database" in created:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            if "tablespace" in created:
+                conn.execute(f'DROP TABLESPACE IF EXISTS "{name}"')
+        unmount(space)
+        space.rmdir()
+
+
+def test_postgres_disk_full(tmp_path: Path, full_disk_database: tuple[str, Path]) -> None:
+    database, space = full_disk_database
+    filler = space / "filler"
+    gateway = None
+
+    def disk_full() -> None:
+        fill(filler)
+        # Pages allocated before the disk filled still take rows: decide until a write
+        # needs a new one. Those decisions are durable (their commit went through).
+        assert gateway is not None
+        with gateway.client() as client:
+            for i in range(500):
+                answer = client.post("/execute", json={"surface": "payment.execute",
+                                                       "context": PAY},
+                                     headers={"Idempotency-Key": f"filling-{i}"})
+                if answer.status_code == 503:
+                    return
+                assert answer.status_code == 200, answer.text
+        raise AssertionError("500 decisions still fitted on a full disk")
+
+    try:
+        gateway = start(tmp_path / "data", database)
+        fails_closed_and_recovers(gateway, Fault(
+            inject=disk_full, clear=lambda: filler.unlink(missing_ok=True),
+            cause=r"no space left on device"))
+    finally:
+        filler.unlink(missing_ok=True)
+        stop(gateway)
 
 
 def test_postgres_turning_read_only(tmp_path: Path, own_database: str) -> None:

@@ -65,6 +65,9 @@ class GroupCommitter:
         self.batches_failed = 0
         #: ``time.monotonic()`` of the last failed transaction (readiness rechecks after it).
         self.last_failure_at: float | None = None
+        #: Why it failed, and ``time.monotonic()`` of the last transaction that committed.
+        self.last_failure: str | None = None
+        self.last_success_at: float | None = None
         #: ``time.monotonic()`` when the transaction now running began; None when idle.
         self._busy_since: float | None = None
         #: Called on the writer thread after each commit, before any waiter wakes (metrics).
@@ -96,6 +99,23 @@ class GroupCommitter:
         """Seconds the transaction now running has taken so far (0.0 when idle)."""
         started = self._busy_since
         return 0.0 if started is None else max(0.0, time.monotonic() - started)
+
+    def failing(self, within: float) -> str | None:
+        """Why the last transaction failed, if it did less than ``within`` s ago and
+        none has committed since; else None.
+
+        For readiness: a test write can go through while appends cannot (a full
+        disk leaves room in pages already allocated to a small table, not in the
+        log's), so a failed append is reported as it is. Only for ``within``
+        seconds: with no traffic (a load balancer that stopped sending any) nothing
+        else would ever show that the fault has cleared.
+        """
+        failed_at, failure = self.last_failure_at, self.last_failure
+        if failed_at is None or failure is None or time.monotonic() - failed_at >= within:
+            return None
+        if self.last_success_at is not None and self.last_success_at > failed_at:
+            return None
+        return failure
 
     def take_grown_tenants(self) -> set[str]:
         """Tenants whose logs grew since the last call (for the checkpoint schedule)."""
@@ -170,18 +190,19 @@ class GroupCommitter:
             results = self.store.commit_batch([entry for entry, _, _ in batch], self._clock())
         except Exception as exc:  # every failure must reach every waiter
             self.batches_failed += 1
-            self.last_failure_at = time.monotonic()
             if not isinstance(exc, StorageUnavailable):
                 log.exception("ledger commit failed")
                 exc = StorageUnavailable(f"appending to the log failed: {exc}")
             else:
                 log.warning("ledger commit failed, %d waiting request(s) answered 503: %s",
                             len(batch), exc)
-            for _, loop, future in batch:
-                _wake(loop, future, None, exc)
+            self.last_failure = str(exc)
+            self.last_failure_at = time.monotonic()
+            _wake_all([(loop, future, None, exc) for _, loop, future in batch])
             return
         finally:
             self._busy_since = None
+        self.last_success_at = time.monotonic()
         self.batches_committed += 1
         self.entries_committed += len(batch)
         with self._grown_lock:
@@ -191,15 +212,32 @@ class GroupCommitter:
                 self.on_batch([entry for entry, _, _ in batch], results)
             except Exception:  # observing must never fail a commit
                 log.exception("batch observer failed")
-        for (_, loop, future), result in zip(batch, results, strict=True):
-            _wake(loop, future, result, None)
+        _wake_all([(loop, future, result, None)
+                   for (_, loop, future), result in zip(batch, results, strict=True)])
 
 
-def _wake(loop: asyncio.AbstractEventLoop, future: asyncio.Future[CommitResult],
-          result: CommitResult | None, error: BaseException | None) -> None:
-    # RuntimeError: the loop has closed (shutdown), so nobody is waiting any more.
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(_resolve, future, result, error)
+_Answer = tuple[asyncio.AbstractEventLoop, "asyncio.Future[CommitResult]",
+                CommitResult | None, BaseException | None]
+
+
+def _wake_all(answers: list[_Answer]) -> None:
+    """Answer a batch's waiters: one wake-up per event loop, not one per waiter.
+
+    Each ``call_soon_threadsafe`` writes to the loop's self-pipe (a system call
+    here, a read and a GIL hand-over there); a batch usually has one loop.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Answer]] = {}
+    for answer in answers:
+        by_loop.setdefault(answer[0], []).append(answer)
+    for loop, group in by_loop.items():
+        # RuntimeError: the loop has closed (shutdown), so nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_resolve_all, group)
+
+
+def _resolve_all(answers: list[_Answer]) -> None:
+    for _, future, result, error in answers:
+        _resolve(future, result, error)
 
 
 def _time_out(future: asyncio.Future[CommitResult], seconds: float) -> None:

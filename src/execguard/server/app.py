@@ -10,12 +10,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp
 
 from execguard import __version__
 from execguard.ledger import GroupCommitter, SQLStore
@@ -45,6 +47,8 @@ log = logging.getLogger("execguard.server")
 
 IDEMPOTENCY_PURGE_INTERVAL_SECONDS = 600
 APPROVAL_SWEEP_SECONDS = 2.0
+#: How long ``/readyz`` reports a failed append when nothing has committed since.
+APPEND_FAILURE_READY_SECONDS = 5.0
 
 
 def _log_background_failure(what: str, exc: Exception) -> None:
@@ -78,6 +82,21 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class _ExecGuardApp(FastAPI):
+    """FastAPI, with ``POST /execute`` answered in front of all of its layers.
+
+    ``add_middleware`` always sits inside the framework's own error, telemetry and
+    body-limit wrappers; the fast path handles its errors and limits itself, so it
+    goes in front of them (each costs a call per request for nothing).
+    """
+
+    fast_path: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return stack if self.fast_path is None else self.fast_path(stack)
 
 
 def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
@@ -150,14 +169,14 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
             storage_probe.close()
             await asyncio.to_thread(checkpoint_grown_logs)
 
-    app = FastAPI(title="ExecGuard", version=__version__, lifespan=lifespan,
-                  description="Execution governance: no PERMIT, no execution.")
+    app = _ExecGuardApp(title="ExecGuard", version=__version__, lifespan=lifespan,
+                        description="Execution governance: no PERMIT, no execution.")
     app.state.gateway = gateway
     app.add_middleware(RequestLogMiddleware, metrics=metrics)  # inside the request id
     app.add_middleware(RequestIdMiddleware)
     # Outermost: POST /execute answered without the framework's layers (middleware.py).
-    app.add_middleware(ExecuteFastPath, gateway=gateway, max_body_bytes=settings.max_body_bytes,
-                       metrics=metrics)
+    app.fast_path = partial(ExecuteFastPath, gateway=gateway,
+                            max_body_bytes=settings.max_body_bytes, metrics=metrics)
     install_error_handlers(app)
 
     def caller_of(request: Request) -> Caller:
@@ -304,8 +323,11 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
         if stalled > committer.commit_timeout:
             problems.append(f"the database is not responding: a write to the log has been "
                             f"waiting for {stalled:.0f} s")
+        failing = committer.failing(within=APPEND_FAILURE_READY_SECONDS)
+        if failing is not None:
+            problems.append(f"the last write to the log failed: {failing}")
         storage = await storage_probe.problem(stale_before=committer.last_failure_at)
-        if storage is not None and storage not in problems:
+        if storage is not None and storage not in problems and storage != failing:
             problems.append(storage)
         if problems:
             return _json({"status": "unavailable", "problems": problems}, request, 503)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,6 +86,23 @@ def test_a_failed_batch_answers_503_and_the_writer_recovers(
 
     asyncio.run(scenario())
     assert store.committed == ["good"]  # nothing of the failed batches was kept
+
+
+def test_a_failed_append_is_reported_until_one_commits_or_for_a_while(
+        store: ScriptedStore, committer: GroupCommitter) -> None:
+    async def scenario() -> None:
+        assert committer.failing(within=60) is None
+        store.failure = StorageUnavailable("appending to the log failed: No space left")
+        with pytest.raises(StorageUnavailable):
+            await committer.submit(entry("bad"))
+        assert committer.failing(within=60) == "appending to the log failed: No space left"
+        time.sleep(0.05)
+        assert committer.failing(within=0.01) is None  # no traffic: not reported forever
+        store.failure = None
+        await committer.submit(entry("good"))
+        assert committer.failing(within=60) is None  # an append went through since
+
+    asyncio.run(scenario())
 
 
 def test_an_unexpected_error_is_a_503_too(store: ScriptedStore,
