@@ -90,11 +90,14 @@ def measure(gen: LoadGenerator, server: Server, spec: LoadSpec, warmup: float,
     """A warm-up run (discarded), then the timed run with CPU read around it."""
     warm = gen.run(LoadSpec(**{**asdict(spec), "duration": warmup})) if warmup > 0 else None
     cpu_before, children_before = server.cpu_seconds(), _children_cpu()
+    loop_before = server.main_thread_cpu_seconds()
     started = time.perf_counter()
     result = gen.run(spec)
     wall = time.perf_counter() - started
     cpu_after, children_after = server.cpu_seconds(), _children_cpu()
+    loop_after = server.main_thread_cpu_seconds()
     server_cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    loop_cpu = None if loop_before is None or loop_after is None else loop_after - loop_before
     return Measurement(
         round=round_, target=server.name, connections=spec.connections, rate=spec.rate,
         result=result,
@@ -102,6 +105,8 @@ def measure(gen: LoadGenerator, server: Server, spec: LoadSpec, warmup: float,
         server_cpu_us=round(server_cpu / result.requests * 1e6, 1)
         if server_cpu is not None and result.requests else None,
         server_cpu_pct=None if server_cpu is None else round(server_cpu / wall * 100, 1),
+        loop_cpu_us=round(loop_cpu / result.requests * 1e6, 1)
+        if loop_cpu is not None and result.requests else None,
         loadgen_cpu_pct=round((children_after - children_before) / wall * 100, 1))
 
 

@@ -43,6 +43,9 @@ class Measurement:
     server_cpu_pct: float | None
     #: Load generator CPU over the run, in percent of one core.
     loadgen_cpu_pct: float
+    #: The server's main thread's share of ``server_cpu_us`` (uvicorn's event loop; the
+    #: rest is the gateway's ledger writer and log threads).
+    loop_cpu_us: float | None = None
 
 
 def _median(values: Iterable[float | None]) -> float | None:
@@ -68,6 +71,7 @@ def summarise(runs: list[Measurement], connections: list[int],
                 "requests": sum(m.result.requests for m in mine),
                 "failures": sum(m.result.failures + m.warmup_failures for m in mine),
                 "server_cpu_us_per_request": _median([m.server_cpu_us for m in mine]),
+                "loop_cpu_us_per_request": _median([m.loop_cpu_us for m in mine]),
                 "server_cpu_pct": _median([m.server_cpu_pct for m in mine]),
                 "loadgen_cpu_pct": _median([m.loadgen_cpu_pct for m in mine])}
         for target in targets[1:]:
@@ -125,9 +129,10 @@ def print_table(report: dict[str, Any]) -> None:
     out.print(f"load generator: {escape(report['load_generator'])}; {report.get('actors', 1)} "
               "actors, a fresh idempotency key per request")
     table = Table("conns", "server", "req/s", "p50 ms", "p99 ms", "failed", "CPU µs/req",
-                  "server CPU %", "loadgen CPU %", "ratio",
-                  caption="CPU µs/req: server CPU (all its threads) per request. CPU %: of one "
-                  "core. ratio: gateway ÷ baseline req/s (median of per-round ratios).")
+                  "loop µs/req", "server CPU %", "loadgen CPU %", "ratio",
+                  caption="CPU µs/req: server CPU (all its threads) per request; loop: its "
+                  "main thread's (the event loop) part of it. CPU %: of one core. ratio: "
+                  "gateway ÷ baseline req/s (median of per-round ratios).")
 
     def num(value: float | None, digits: int = 1) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
@@ -143,6 +148,7 @@ def print_table(report: dict[str, Any]) -> None:
             ratio = row.get(f"ratio:{target}")
             table.add_row(str(row["connections"]), target, rps, num(fig["p50_ms"], 2),
                           num(fig["p99_ms"], 2), failed, num(fig["server_cpu_us_per_request"], 0),
+                          num(fig.get("loop_cpu_us_per_request"), 0),
                           num(fig["server_cpu_pct"], 0), num(fig["loadgen_cpu_pct"], 0),
                           "" if ratio is None else num(ratio, 2))
     out.print(table)

@@ -44,6 +44,16 @@ def init_datadir(python: str, data: Path, db: str | None = None,
     return lines[-1].split("=", 1)[1]
 
 
+def _stat_cpu(path: Path) -> float | None:
+    """utime + stime of a /proc ``stat`` file (a process or one of its threads), in seconds."""
+    try:
+        stat = path.read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
 @dataclass
 class Server:
     """One server subprocess listening on ``port``; its output goes to ``log``."""
@@ -61,12 +71,11 @@ class Server:
 
     def cpu_seconds(self) -> float | None:
         """User plus system CPU time of the process (all its threads), if /proc tells."""
-        try:
-            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        except OSError:
-            return None
-        fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        return _stat_cpu(Path(f"/proc/{self.process.pid}/stat"))
+
+    def main_thread_cpu_seconds(self) -> float | None:
+        """The same for its main thread alone: the event loop, for an asyncio server."""
+        return _stat_cpu(Path(f"/proc/{self.process.pid}/task/{self.process.pid}/stat"))
 
     def wait_ready(self, timeout: float) -> None:
         """Poll ``GET /readyz`` until it answers 200; fail if the process ends or time runs out."""
