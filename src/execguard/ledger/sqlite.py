@@ -28,6 +28,12 @@ from execguard.protocol.errors import ConfigError, StorageUnavailable
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "sqlite_errors"]
 
 _BUSY_RETRY_SECONDS = 10.0
+#: Page size of a new database file (an existing one keeps its own). SQLite's default,
+#: 4 KiB, is too small for this schema: a log row (its receipt, ~1 KiB) exceeds what a
+#: WITHOUT ROWID table keeps in a 4 KiB page and spills into an overflow page of its
+#: own, and an executions row (~2.5 KiB) leaves a 4 KiB page mostly empty. With 8 KiB
+#: both fit: measured, the file is about a third smaller per decision.
+PAGE_SIZE = 8192
 
 
 def sqlite_errors(what: str) -> AbstractContextManager[None]:
@@ -66,6 +72,7 @@ class SQLiteStore(SQLStore):
             else:
                 conn = sqlite3.connect(self.path, isolation_level=None,
                                        check_same_thread=False, timeout=0.0)
+                conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # before the file has one
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA foreign_keys=ON")

@@ -10,7 +10,6 @@ import asyncio
 import json
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,6 +37,7 @@ from execguard.protocol.errors import (
     ServiceUnavailable,
     UnknownSurface,
 )
+from execguard.protocol.ids import new_execution_id
 from execguard.protocol.outcome import PROTOCOL_VERSION
 from execguard.protocol.request import (
     ExecutionRequest,
@@ -258,7 +258,7 @@ class Gateway:
                            signer: Signer, requester_key: str) -> dict[str, Any]:
         now = self.clock()
         given = DecisionInput(tenant, request, spec, compiled, normalized, digest, mode,
-                              str(uuid.uuid4()), now, self.settings.authority_id,
+                              new_execution_id(), now, self.settings.authority_id,
                               self.settings.token_ttl_seconds, requester_key=requester_key,
                               shadow=self._shadow_bundle(tenant, spec.name))
         claim = None

@@ -12,10 +12,13 @@ import pytest
 from execguard.ledger import (
     Committed,
     Conflicted,
+    FactReader,
     GroupCommitter,
     IdempotencyClaim,
     PendingEntry,
+    PreparedDecision,
     Replayed,
+    Reservation,
     SQLiteStore,
     SQLStore,
     open_ledger,
@@ -139,6 +142,34 @@ def test_idempotency_holds_within_one_batch(store: SQLStore) -> None:
     # And the next batch sees what this one claimed.
     again = store.commit_batch([decision("acme", "e5", fresh)], 1)[0]
     assert isinstance(again, Replayed) and again.record.execution_id == "e4"
+
+
+def test_limits_count_the_reservations_of_the_same_batch(store: SQLStore) -> None:
+    """Stateful decisions in one batch see each other's reservations (not yet inserted)."""
+    seen: list[tuple[int, int, int, int]] = []
+
+    def stateful(execution_id: str, actor: str, units: int) -> PendingEntry:
+        plain = decision("acme", execution_id)
+
+        def decide(reader: FactReader) -> PreparedDecision:
+            seen.append((reader.count("payment.execute", actor, 0.0, 100.0),
+                         reader.total("payment.execute", actor, "amount", 0.0, 100.0),
+                         reader.count("payment.execute", None, 0.0, 100.0),
+                         reader.total("payment.execute", None, "amount", 0.0, 100.0)))
+            return PreparedDecision(
+                plain.seal, {**(plain.execution or {}), "actor_id": actor}, plain.response or {},
+                Reservation("payment.execute", actor, {"amount": units}, 50.0, 200.0))
+        return PendingEntry(tenant="acme", kind="decision", execution_id=execution_id,
+                            seal=plain.seal, decide=decide)
+
+    store.commit_batch([stateful("s1", "ann", 10)], 60.0)
+    results = store.commit_batch([stateful("s2", "ann", 20), stateful("s3", "bob", 5),
+                                  stateful("s4", "ann", 30)], 60.0)
+    assert all(isinstance(r, Committed) for r in results)
+    # Per actor and for everyone, before each decision: stored ones plus the batch's own.
+    assert seen == [(0, 0, 0, 0), (1, 10, 1, 10), (0, 0, 2, 30), (2, 30, 3, 35)]
+    store.commit_batch([stateful("s5", "ann", 1)], 60.0)  # and all of them were stored
+    assert seen[-1] == (3, 60, 4, 65)
 
 
 def test_an_outcome_is_recorded_once(store: SQLStore) -> None:
@@ -275,6 +306,24 @@ def test_two_writers_on_one_database_keep_one_tree(store: SQLStore, tmp_path: Pa
     tree = MemoryTree(e.leaf_hash for e in store.log_entries("acme", 0, size))
     for n in range(1, size + 1):
         assert store.tree_root("acme", n) == tree.root(n)
+
+
+def test_new_sqlite_files_use_8k_pages_and_older_4k_files_keep_working(tmp_path: Path) -> None:
+    fresh = SQLiteStore(tmp_path / "new.db")
+    older_path = tmp_path / "older.db"
+    with sqlite3.connect(older_path) as conn:  # as files made before the page size was set
+        conn.execute("PRAGMA page_size=4096")
+        conn.execute("PRAGMA journal_mode=WAL")
+    older = SQLiteStore(older_path)
+    try:
+        for store, size in ((fresh, 8192), (older, 4096)):
+            store.create_tenant("acme", "t0")
+            assert isinstance(store.commit_batch([decision("acme", "e1")], 1.0)[0], Committed)
+            with store._read("test") as conn:
+                assert conn.execute("PRAGMA page_size").fetchone()[0] == size
+    finally:
+        fresh.close()
+        older.close()
 
 
 def test_a_version_1_database_is_upgraded_with_its_tree(tmp_path: Path) -> None:
