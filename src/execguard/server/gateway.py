@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -37,7 +38,7 @@ from execguard.protocol.errors import (
     ServiceUnavailable,
     UnknownSurface,
 )
-from execguard.protocol.ids import new_execution_id
+from execguard.protocol.ids import ENTROPY_BYTES, execution_id
 from execguard.protocol.outcome import PROTOCOL_VERSION
 from execguard.protocol.request import (
     ExecutionRequest,
@@ -257,8 +258,9 @@ class Gateway:
                            normalized: Mapping[str, Any], digest: str, mode: str,
                            signer: Signer, requester_key: str) -> dict[str, Any]:
         now = self.clock()
+        minted = execution_id(int(now * 1000), os.urandom(ENTROPY_BYTES))
         given = DecisionInput(tenant, request, spec, compiled, normalized, digest, mode,
-                              new_execution_id(), now, self.settings.authority_id,
+                              minted, now, self.settings.authority_id,
                               self.settings.token_ttl_seconds, requester_key=requester_key,
                               shadow=self._shadow_bundle(tenant, spec.name))
         claim = None
