@@ -15,6 +15,12 @@ cannot keep clients waiting: a waiter not answered within ``commit_timeout``
 gets :class:`StorageUnavailable`, an entry whose waiter has already been
 answered that way is not written, and while one transaction has been running
 for longer than ``commit_timeout`` new entries are refused at once.
+
+Other writes that must not contend with the appends (checkpoints) run on the
+writer thread too, between two batches (:meth:`GroupCommitter.run_between_batches`):
+on a thread of their own they would take the database's write lock while a
+batch waits for it, and hand the GIL back and forth with the writer and the
+event loop; both showed in the tail latency of decisions.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from execguard.ledger.records import CommitResult, PendingEntry
 from execguard.ledger.store import LedgerStore
@@ -38,6 +46,15 @@ log = logging.getLogger(__name__)
 #: Sees each committed batch: its entries and their results, in order.
 BatchObserver = Callable[[list[PendingEntry], list[CommitResult]], None]
 _Waiter = tuple[PendingEntry, asyncio.AbstractEventLoop, "asyncio.Future[CommitResult]"]
+
+
+@dataclass
+class _Job:
+    """Work for the writer thread between two batches, and who waits for its result."""
+
+    work: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
 
 #: How long a request waits for its transaction before it is answered 503. Well
 #: below the clients' own timeouts, so they hear "storage unavailable", not silence;
@@ -56,7 +73,7 @@ class GroupCommitter:
         self.max_delay = max_delay
         self.commit_timeout = commit_timeout
         self._clock = clock
-        self._queue: queue.SimpleQueue[_Waiter | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Waiter | _Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = False
         #: Counters, for metrics and tests.
@@ -149,6 +166,19 @@ class GroupCommitter:
         finally:
             timer.cancel()
 
+    async def run_between_batches(self, work: Callable[[], Any]) -> Any:
+        """Run ``work`` on the writer thread after the batch being gathered; its result.
+
+        For writes that would otherwise contend with the appends (see the module doc).
+        ``work`` must not append through this committer (it would wait for itself).
+        """
+        if self._stopping or not self.running:
+            raise ServiceUnavailable("the ledger writer is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.put(_Job(work, loop, future))
+        return await future
+
     def _run(self) -> None:
         previous_size = 0
         while True:
@@ -161,29 +191,49 @@ class GroupCommitter:
                 return
 
     def _run_once(self, previous_size: int) -> tuple[int, bool]:
-        """Take one batch from the queue and commit it; return its size and "stop"."""
-        first = self._queue.get()
-        batch: list[_Waiter] = [] if first is None else [first]
-        stop = first is None
-        deadline = time.monotonic() + (self.max_delay if previous_size > 1 else 0.0)
-        while len(batch) < self.max_batch:
-            try:
-                timeout = deadline - time.monotonic()
-                item = self._queue.get(timeout=timeout) if timeout > 0 else \
-                    self._queue.get_nowait()
-            except queue.Empty:
-                break
+        """Take one batch from the queue and commit it, then run the jobs that came with
+        it; return the batch's size and "stop"."""
+        batch: list[_Waiter] = []
+        jobs: list[_Job] = []
+        stop = False
+
+        def take(item: _Waiter | _Job | None) -> None:
+            nonlocal stop
             if item is None:
                 stop = True
-                continue
-            batch.append(item)
+            elif isinstance(item, _Job):
+                jobs.append(item)
+            else:
+                batch.append(item)
+
+        take(self._queue.get())
+        deadline = time.monotonic() + (self.max_delay if previous_size > 1 else 0.0)
+        while len(batch) < self.max_batch and batch:
+            try:
+                timeout = deadline - time.monotonic()
+                take(self._queue.get(timeout=timeout) if timeout > 0 else
+                     self._queue.get_nowait())
+            except queue.Empty:
+                break
         # Waiters already answered 503 (timed out) are not written: their clients were
         # told nothing was recorded, so recording it now would only surprise them.
         batch = [w for w in batch if not w[2].done()]
         if batch:
             self._commit(batch)
+        for job in jobs:
+            self._run_job(job)
         return len(batch), stop
 
+    def _run_job(self, job: _Job) -> None:
+        self._busy_since = time.monotonic()  # a job that hangs is a stalled writer too
+        try:
+            result, error = job.work(), None
+        except Exception as exc:  # the job's caller hears of it; the writer carries on
+            result, error = None, exc
+        finally:
+            self._busy_since = None
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            job.loop.call_soon_threadsafe(_settle, job.future, result, error)
     def _commit(self, batch: list[_Waiter]) -> None:
         self._busy_since = time.monotonic()
         try:
@@ -233,6 +283,15 @@ def _wake_all(answers: list[_Answer]) -> None:
         # RuntimeError: the loop has closed (shutdown), so nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_resolve_all, group)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # cancelled meanwhile (shutdown)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _resolve_all(answers: list[_Answer]) -> None:

@@ -146,10 +146,14 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
                 _log_background_failure("could not expire overdue approvals", exc)
 
     async def checkpoint_on_schedule() -> None:
-        # Entries are durable before they are checkpointed: this runs after their commit.
+        # Entries are durable before they are checkpointed: this runs after their commit,
+        # on the ledger's writer thread between two batches (see group_commit.py).
         while True:
             await asyncio.sleep(settings.checkpoint_interval_seconds)
-            await asyncio.to_thread(checkpoint_grown_logs)
+            try:
+                await committer.run_between_batches(checkpoint_grown_logs)
+            except ServiceUnavailable:  # the writer has stopped: shutting down
+                return
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -17,7 +17,7 @@ import pytest
 
 from execguard.ledger import Committed, GroupCommitter, PendingEntry
 from execguard.ledger.records import CommitResult
-from execguard.protocol.errors import StorageUnavailable
+from execguard.protocol.errors import ServiceUnavailable, StorageUnavailable
 from execguard.server.readiness import StorageProbe
 
 
@@ -103,6 +103,41 @@ def test_a_failed_append_is_reported_until_one_commits_or_for_a_while(
         assert committer.failing(within=60) is None  # an append went through since
 
     asyncio.run(scenario())
+
+
+def test_jobs_run_on_the_writer_thread_after_the_entries_queued_before_them(
+        store: ScriptedStore, committer: GroupCommitter) -> None:
+    async def scenario() -> None:
+        store.gate.clear()  # hold the writer in a commit while more work is queued
+        first = asyncio.ensure_future(committer.submit(entry("e0")))
+        await asyncio.to_thread(store.entered.wait, 5)
+        queued = [asyncio.ensure_future(committer.submit(entry(f"e{i}"))) for i in (1, 2)]
+        await asyncio.sleep(0.05)  # the submissions reach the queue before the job
+
+        def job() -> tuple[str, list[str]]:
+            return threading.current_thread().name, list(store.committed)
+
+        ran = asyncio.ensure_future(committer.run_between_batches(job))
+        await asyncio.sleep(0.05)
+        store.gate.set()
+        thread, seen = await ran
+        assert thread == "execguard-writer"
+        assert seen == ["e0", "e1", "e2"]  # everything queued before it was committed
+        await asyncio.gather(first, *queued)
+
+        def broken() -> None:
+            raise ValueError("checkpoint went wrong")
+        with pytest.raises(ValueError, match="checkpoint went wrong"):
+            await committer.run_between_batches(broken)
+        assert isinstance(await committer.submit(entry("after")), Committed)  # carries on
+
+    asyncio.run(scenario())
+    committer.stop()
+
+    async def stopped() -> None:
+        with pytest.raises(ServiceUnavailable):
+            await committer.run_between_batches(lambda: None)
+    asyncio.run(stopped())
 
 
 def test_an_unexpected_error_is_a_503_too(store: ScriptedStore,
