@@ -15,9 +15,10 @@ a store refuses to open a database whose version differs from its own.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -27,6 +28,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from execguard.ledger._postgres_schema import MIGRATIONS, SCHEMA_VERSION
 from execguard.ledger._sql_util import translate_errors
 from execguard.ledger._urls import is_postgres_url, redact_url
+from execguard.ledger.records import CommitResult, PendingEntry
 from execguard.ledger.sql import SQLStore
 from execguard.protocol.errors import ConfigError, StorageUnavailable
 
@@ -39,6 +41,11 @@ _MIGRATE_LOCK = 0x45474D47  # "EGMG"
 _READ_RETRY_SECONDS = 1.0
 #: ...waiting at most this long for a connection (the others fail at once).
 _READ_PROBE_TIMEOUT = 1.0
+#: Statistics are refreshed after this many appended entries, then at each doubling
+#: up to the second number; autovacuum keeps them current from then on.
+_ANALYZE_FIRST, _ANALYZE_UNTIL = 1_000, 1_000_000
+
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=512)
@@ -89,6 +96,9 @@ class PostgresStore(SQLStore):
         self.url = url
         self.location = redact_url(url)
         self.readonly = readonly
+        # Entries this process appended, and when to refresh statistics next (_analyze).
+        self._appended = 0
+        self._analyze_at: float = _ANALYZE_FIRST
         # Set when an operation could not reach the database; cleared by the next success.
         self._unreachable: str | None = None
         self._next_read_probe = 0.0
@@ -184,6 +194,33 @@ class PostgresStore(SQLStore):
             conn.close()
             self._pool.drain()
             raise
+
+    def commit_batch(self, entries: Sequence[PendingEntry],
+                     now_epoch: float) -> list[CommitResult]:
+        """Append (see SQLStore); refresh the planner's statistics while the log is young."""
+        results = super().commit_batch(entries, now_epoch)
+        self._appended += len(entries)
+        if self._appended >= self._analyze_at:
+            self._analyze_at = self._appended * 2 if self._appended < _ANALYZE_UNTIL else \
+                float("inf")
+            self._analyze()
+        return results
+
+    def _analyze(self) -> None:
+        """``ANALYZE`` the tables the decision path queries inside the write lock.
+
+        A new database has no statistics, and PostgreSQL then plans the per-actor
+        limit query on the per-surface index: it reads every reservation of the
+        surface (measured: 3.6 ms at 10,000, growing with them) instead of the
+        actor's few (0.4 ms). Autovacuum analyzes only after its next round, a minute
+        or more; until then a young log is slow. Analyzing at 1,000 appended entries,
+        then at each doubling up to a million, costs a few milliseconds each time.
+        """
+        try:
+            with _errors("analyzing tables"), self._connection() as conn:
+                conn.execute("ANALYZE reservations, reservation_amounts, idempotency")
+        except StorageUnavailable as exc:  # statistics are an optimisation: never fail for it
+            log.warning("could not refresh the planner's statistics: %s", exc)
 
     def _write(self, what: str) -> AbstractContextManager[_Connection]:
         """One transaction holding the writers' advisory lock, committed or rolled back whole."""

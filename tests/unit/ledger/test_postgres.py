@@ -169,3 +169,22 @@ def test_a_busy_pool_is_not_taken_for_an_unreachable_database(migrated: Postgres
         assert store.tenants() == ["acme"]  # at once: no outage was assumed
     finally:
         store.close()
+
+
+def test_a_young_log_gets_planner_statistics(migrated: PostgresStore, url: str) -> None:
+    """Without them the limit query reads every reservation of a surface (see _analyze)."""
+
+    def analyzed() -> bool:
+        # -1: never analyzed (nor vacuumed); ANALYZE sets the row count it found.
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute("SELECT reltuples FROM pg_class WHERE oid ="
+                               " to_regclass('reservations')").fetchone()
+        assert row is not None
+        return bool(row[0] >= 0)
+
+    assert not analyzed()
+    for batch in range(3):  # 750 entries: not yet
+        migrated.commit_batch([decision("acme", f"young-{batch}-{i}") for i in range(250)], 0)
+    assert not analyzed()
+    migrated.commit_batch([decision("acme", f"young-3-{i}") for i in range(250)], 0)
+    assert analyzed()
