@@ -75,6 +75,12 @@ class SQLStore(AdminMixin, ABC):
 
     #: Where the data lives, for messages (a file path or a redacted URL).
     location: str
+    #: Whether other writes (checkpoints) go through the group commit's writer thread,
+    #: between two batches, rather than a thread of their own. Yes where a second writer
+    #: would only wait for the batch's lock and trade the GIL with it (SQLite); no where
+    #: the writer thread must never wait on anything but appends (PostgreSQL: a pooled
+    #: connection that stops answering would stall every append behind a checkpoint).
+    maintenance_on_writer: bool = False
 
     def __init__(self) -> None:
         # Each tenant's tree edge after the last batch this store committed, keyed by

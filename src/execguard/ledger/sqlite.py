@@ -44,6 +44,8 @@ def sqlite_errors(what: str) -> AbstractContextManager[None]:
 class SQLiteStore(SQLStore):
     """The ledger in one SQLite file. Thread-safe; usable by several processes."""
 
+    maintenance_on_writer = True  # one file lock: see SQLStore
+
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         super().__init__()
         self.path = str(path)

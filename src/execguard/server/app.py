@@ -147,9 +147,12 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
 
     async def checkpoint_on_schedule() -> None:
         # Entries are durable before they are checkpointed: this runs after their commit,
-        # on the ledger's writer thread between two batches (see group_commit.py).
+        # on SQLite on the ledger's writer thread between two batches (group_commit.py).
         while True:
             await asyncio.sleep(settings.checkpoint_interval_seconds)
+            if not store.maintenance_on_writer:
+                await asyncio.to_thread(checkpoint_grown_logs)
+                continue
             try:
                 await committer.run_between_batches(checkpoint_grown_logs)
             except ServiceUnavailable:  # the writer has stopped: shutting down
