@@ -16,8 +16,9 @@ gets :class:`StorageUnavailable`, an entry whose waiter has already been
 answered that way is not written, and while one transaction has been running
 for longer than ``commit_timeout`` new entries are refused at once.
 
-Other writes that must not contend with the appends (checkpoints) run on the
-writer thread too, between two batches (:meth:`GroupCommitter.run_between_batches`):
+Other writes that must not contend with the appends (checkpoints, on SQLite: see
+``SQLStore.maintenance_on_writer``) can run on the writer thread too, between two
+batches (:meth:`GroupCommitter.run_between_batches`):
 on a thread of their own they would take the database's write lock while a
 batch waits for it, and hand the GIL back and forth with the writer and the
 event loop; both showed in the tail latency of decisions.
@@ -234,6 +235,7 @@ class GroupCommitter:
             self._busy_since = None
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
             job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+
     def _commit(self, batch: list[_Waiter]) -> None:
         self._busy_since = time.monotonic()
         try:
@@ -286,7 +288,9 @@ def _wake_all(answers: list[_Answer]) -> None:
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # cancelled meanwhile (shutdown)
+    """Give a waiter its answer, on its event loop; one that already has one (timed out,
+    cancelled at shutdown) keeps it."""
+    if future.done():
         return
     if error is not None:
         future.set_exception(error)
@@ -296,7 +300,7 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 def _resolve_all(answers: list[_Answer]) -> None:
     for _, future, result, error in answers:
-        _resolve(future, result, error)
+        _settle(future, result, error)
 
 
 def _time_out(future: asyncio.Future[CommitResult], seconds: float) -> None:
@@ -308,13 +312,3 @@ def _time_out(future: asyncio.Future[CommitResult], seconds: float) -> None:
         # Nobody may be left to retrieve it (a client that went away): no "never retrieved".
         future.exception()
 
-
-def _resolve(future: asyncio.Future[CommitResult], result: CommitResult | None,
-             error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        assert result is not None
-        future.set_result(result)
