@@ -1,24 +1,27 @@
 """The in-process cost of one decision, against the floor of its parts, in one run.
 
-No HTTP: the gateway object that ``execguard serve`` builds, on a fresh data
-directory (``execguard init``: the demo tenant and policy, SQLite, a signing key),
-called directly. Every request is a PERMIT on ``payment.execute`` under the demo
-policy (a stateful surface: its per-actor limits are read from the live
-reservations inside the write transaction), with its own idempotency key.
+No HTTP: the decision worker that ``execguard serve`` runs in its decision process
+(``server/decision_worker.py``), on a fresh data directory (``execguard init``: the
+demo tenant and policy, SQLite, a signing key), called directly. Every request is
+a PERMIT on ``payment.execute`` under the demo policy (a stateful surface: its
+per-actor limits are read from the live reservations inside the write
+transaction), with its own idempotency key.
 
 Measured, each over ``--decisions`` calls after a warm-up, interleaved in rounds
 so that a noisy moment is spread over all of them:
 
-- ``decision``: ``Gateway.decide`` awaited alone (one in flight): validate-to-answer,
+- ``decision``: ``DecisionWorker.decide_batch`` with one request: parse and validate,
   Cedar evaluation, token and receipt signatures, durable (fsync'd) append to the
-  log, as on ``POST /execute`` without HTTP. Wall time per call, and process CPU.
+  log, the answer's bytes, as on ``POST /execute`` without HTTP. Wall time per call,
+  and process CPU.
 - ``decision, no storage``: ``prepare_decision``: the same evaluation, token and
   sealed receipt, with the facts of an empty history and no append.
 - floors: ``Cedar evaluation`` (``CompiledBundle.evaluate`` with computed facts),
   ``cedarpy.is_authorized`` alone (the native call with the same arguments), and
   ``Ed25519 signature`` (one signature over 32 bytes, as a receipt's).
-- ``decisions in flight``: ``--concurrency`` decisions at a time through the group
-  commit, decisions/s and CPU per decision: the in-process ceiling.
+- ``batches``: ``--concurrency`` requests per ``decide_batch`` (one transaction, one
+  fsync, as under load), decisions/s and CPU per decision: the decision process's
+  ceiling.
 
 Run: ``.venv/bin/python bench/decision.py [--decisions 2000] [--rounds 5] [--json]``.
 """
@@ -26,7 +29,6 @@ Run: ``.venv/bin/python bench/decision.py [--decisions 2000] [--rounds 5] [--jso
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -34,18 +36,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from execguard.ledger import GroupCommitter
 from execguard.protocol.request import parse_execution_request
 from execguard.server.datadir import DataDir
+from execguard.server.decision_worker import DecisionWorker
 from execguard.server.decisions import DecisionInput, NoHistory, facts_for, prepare_decision
-from execguard.server.gateway import Caller, Gateway
+from execguard.server.gateway import Gateway
 from execguard.server.settings import Settings
 from loadgen import percentile
 from report import machine
@@ -79,9 +81,8 @@ class Bench:
                 return signer
 
         self.settings = Settings.from_env(data_dir=data)
-        self.committer = GroupCommitter(self.store)
-        self.gateway = Gateway(self.settings, self.store, self.committer, Keys())
-        self.caller = Caller("demo", "agent", "bench")
+        self.gateway = Gateway(self.settings, self.store, Keys())
+        self.worker = DecisionWorker(self.gateway, self.store)
         self.actors = actors
         self.seq = 0
         bundle, self.compiled = self.gateway.active_bundle("demo")
@@ -93,10 +94,21 @@ class Bench:
         return parse_execution_request(_request(self.seq, self.actors),
                                        idempotency_header=f"bench-{self.seq}")
 
-    async def decision(self) -> None:
-        answer = await self.gateway.decide(self.caller, self._next())
-        if answer["decision"] != "PERMIT":
-            raise RuntimeError(f"expected a PERMIT, got {answer['decision']}")
+    def _frame(self) -> tuple[dict[str, Any], bytes]:
+        """A request as the server hands it to its decision process."""
+        self.seq += 1
+        return ({"id": self.seq, "tenant": "demo", "role": "agent", "keyHash": "bench",
+                 "idempotencyKey": f"bench-{self.seq}"}, _request(self.seq, self.actors))
+
+    def batch(self, size: int) -> None:
+        for header, body in self.worker.decide_batch([self._frame() for _ in range(size)]):
+            if "batch" in header:
+                continue
+            if b'"decision":"PERMIT"' not in body:
+                raise RuntimeError(f"expected a PERMIT, got {header} {body[:200]!r}")
+
+    def decision(self) -> None:
+        self.batch(1)
 
     def prepared(self) -> None:
         from execguard.protocol.request import normalized_request, request_hash
@@ -157,42 +169,26 @@ def _time_sync(fn: Callable[[], None], n: int) -> tuple[list[int], float]:
     return samples, time.process_time() - cpu
 
 
-async def _time_async(fn: Callable[[], Awaitable[None]], n: int) -> tuple[list[int], float]:
-    samples = []
-    cpu = time.process_time()
-    for _ in range(n):
-        start = time.perf_counter_ns()
-        await fn()
-        samples.append(time.perf_counter_ns() - start)
-    return samples, time.process_time() - cpu
-
-
-async def _in_flight(bench: Bench, n: int, concurrency: int) -> tuple[float, float]:
-    """(decisions/s, CPU µs per decision) with ``concurrency`` decisions in flight."""
-    left = n
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            await bench.decision()
-
+def _in_batches(bench: Bench, n: int, size: int) -> tuple[float, float]:
+    """(decisions/s, CPU µs per decision) deciding ``size`` requests per transaction."""
+    batches = max(1, n // size)
     cpu, wall = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    for _ in range(batches):
+        bench.batch(size)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return n / wall, cpu / n * 1e6
+    return batches * size / wall, cpu / (batches * size) * 1e6
 
 
 MEASURES = ("decision", "decision, no storage", "Cedar evaluation", "cedarpy.is_authorized",
             "Ed25519 signature")
 
 
-async def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     bench.prepare_floors()
-    sync = {"decision, no storage": bench.prepared, "Cedar evaluation": bench.cedar,
-            "cedarpy.is_authorized": bench.native, "Ed25519 signature": bench.signature}
+    sync = {"decision": bench.decision, "decision, no storage": bench.prepared,
+            "Cedar evaluation": bench.cedar, "cedarpy.is_authorized": bench.native,
+            "Ed25519 signature": bench.signature}
     for _ in range(args.warmup):  # warm-up: caches, compiled bundle, SQLite pages
-        await bench.decision()
         for fn in sync.values():
             fn()
     samples: dict[str, list[int]] = {name: [] for name in MEASURES}
@@ -203,10 +199,7 @@ async def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         names = list(MEASURES)
         names = names[round_ % len(names):] + names[:round_ % len(names)]
         for name in names:
-            if name == "decision":
-                got, spent = await _time_async(bench.decision, per_round)
-            else:
-                got, spent = _time_sync(sync[name], per_round)
+            got, spent = _time_sync(sync[name], per_round)
             samples[name] += got
             cpu[name] += spent
     rows = []
@@ -217,7 +210,7 @@ async def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
                      "p99_us": round(percentile(ordered, 0.99) / 1e3, 1),
                      "mean_us": round(sum(ordered) / len(ordered) / 1e3, 1),
                      "cpu_us": round(cpu[name] / len(ordered) * 1e6, 1)})
-    rate, cpu_each = await _in_flight(bench, args.decisions, args.concurrency)
+    rate, cpu_each = _in_batches(bench, args.decisions, args.concurrency)
     return {"machine": machine(), "decisions": args.decisions, "rounds": args.rounds,
             "concurrency": args.concurrency, "rows": rows,
             "in_flight": {"concurrency": args.concurrency, "decisions_per_s": round(rate, 1),
@@ -242,7 +235,7 @@ def print_report(report: dict[str, Any]) -> None:
                       f"{row['mean_us']:,.1f}", f"{row['cpu_us']:,.1f}", ratio)
     out.print(table)
     flight = report["in_flight"]
-    out.print(f"{flight['concurrency']} decisions in flight (group commit): "
+    out.print(f"batches of {flight['concurrency']} (one transaction each): "
               f"{flight['decisions_per_s']:,.0f} decisions/s, "
               f"{flight['cpu_us_per_decision']:,.0f} µs CPU per decision")
 
@@ -253,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--actors", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=32,
+                        help="requests per transaction in the batch measure")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if min(args.decisions, args.rounds, args.actors, args.concurrency) < 1 or args.warmup < 0:
@@ -262,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = None
     try:
         bench = Bench(workdir / "data", args.actors)
-        bench.committer.start()
-        report = asyncio.run(measure(bench, args))
+        report = measure(bench, args)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         console.print(f"benchmark failed: {exc}", style="red")
         return 1
@@ -271,7 +264,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if bench is not None:
-            bench.committer.stop()
             bench.store.close()
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:

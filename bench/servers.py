@@ -54,6 +54,17 @@ def _stat_cpu(path: Path) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def _children(pid: int) -> list[int]:
+    """The running child processes of ``pid`` (Linux: ``/proc/<pid>/task/*/children``)."""
+    found: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found.extend(int(c) for c in children.read_text().split())
+        except OSError:
+            continue
+    return found
+
+
 @dataclass
 class Server:
     """One server subprocess listening on ``port``; its output goes to ``log``."""
@@ -70,8 +81,15 @@ class Server:
             return ""
 
     def cpu_seconds(self) -> float | None:
-        """User plus system CPU time of the process (all its threads), if /proc tells."""
-        return _stat_cpu(Path(f"/proc/{self.process.pid}/stat"))
+        """User plus system CPU time of the process (all its threads) and of its child
+        processes (the gateway's decision process), if /proc tells."""
+        total = 0.0
+        for pid in [self.process.pid, *_children(self.process.pid)]:
+            cpu = _stat_cpu(Path(f"/proc/{pid}/stat"))
+            if cpu is None:
+                return None
+            total += cpu
+        return total
 
     def main_thread_cpu_seconds(self) -> float | None:
         """The same for its main thread alone: the event loop, for an asyncio server."""

@@ -63,6 +63,7 @@ def serve(
 
     from execguard.protocol.errors import NoSigningKey
     from execguard.server.app import create_app
+    from execguard.server.decision_process import DecisionProcess
     from execguard.server.logs import configure_logging
     from execguard.server.run import serve_until_signalled
     from execguard.server.settings import Settings
@@ -71,12 +72,15 @@ def serve(
     settings = Settings.from_env(data_dir=data, host=host, port=port)
     directory = datadir(settings.data_dir, db)
     store = directory.open_store()
+    # Started first: it opens the ledger while this process finishes starting.
+    decisions = DecisionProcess(settings, directory.database_url, LogFormat(log_format).value)
+    decisions.spawn()
     signers = directory.signer_source(store)
     try:
         signers.current()
     except NoSigningKey as exc:
         logging.getLogger("execguard").error("%s: decisions will fail closed (503)", exc)
-    application = create_app(settings, store, signers)
+    application = create_app(settings, store, signers, decisions)
     out.print(f"ExecGuard gateway on http://{host}:{port}  (data: {data}, ledger: "
               f"{directory.database_label})")
     if directory.demo_key_path.exists():

@@ -40,7 +40,7 @@ from execguard.ledger.records import CommitResult, PendingEntry
 from execguard.ledger.store import LedgerStore
 from execguard.protocol.errors import ServiceUnavailable, StorageUnavailable
 
-__all__ = ["GroupCommitter"]
+__all__ = ["GroupCommitter", "commit_failure", "recent_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ class GroupCommitter:
         self._busy_since: float | None = None
         #: Called on the writer thread after each commit, before any waiter wakes (metrics).
         self.on_batch: BatchObserver | None = None
+        #: Why another writer's transaction on the same database is stuck, if it is: new
+        #: entries are then refused at once, as when this writer's own is.
+        self.stalled_elsewhere: Callable[[], str | None] | None = None
         self._grown: set[str] = set()
         self._grown_lock = threading.Lock()
 
@@ -128,12 +131,8 @@ class GroupCommitter:
         seconds: with no traffic (a load balancer that stopped sending any) nothing
         else would ever show that the fault has cleared.
         """
-        failed_at, failure = self.last_failure_at, self.last_failure
-        if failed_at is None or failure is None or time.monotonic() - failed_at >= within:
-            return None
-        if self.last_success_at is not None and self.last_success_at > failed_at:
-            return None
-        return failure
+        return recent_failure(self.last_failure, self.last_failure_at, self.last_success_at,
+                              within)
 
     def take_grown_tenants(self) -> set[str]:
         """Tenants whose logs grew since the last call (for the checkpoint schedule)."""
@@ -156,6 +155,9 @@ class GroupCommitter:
             raise StorageUnavailable(
                 f"the database is not responding: a write to the log has been waiting for "
                 f"{stalled:.0f} s")
+        elsewhere = self.stalled_elsewhere() if self.stalled_elsewhere is not None else None
+        if elsewhere is not None:
+            raise StorageUnavailable(elsewhere)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[CommitResult] = loop.create_future()
         # A timer rather than asyncio.wait_for: one heap entry, nothing on the fast path.
@@ -240,14 +242,9 @@ class GroupCommitter:
         self._busy_since = time.monotonic()
         try:
             results = self.store.commit_batch([entry for entry, _, _ in batch], self._clock())
-        except Exception as exc:  # every failure must reach every waiter
+        except Exception as error:  # every failure must reach every waiter
             self.batches_failed += 1
-            if not isinstance(exc, StorageUnavailable):
-                log.exception("ledger commit failed")
-                exc = StorageUnavailable(f"appending to the log failed: {exc}")
-            else:
-                log.warning("ledger commit failed, %d waiting request(s) answered 503: %s",
-                            len(batch), exc)
+            exc = commit_failure(error, len(batch))
             self.last_failure = str(exc)
             self.last_failure_at = time.monotonic()
             _wake_all([(loop, future, None, exc) for _, loop, future in batch])
@@ -266,6 +263,27 @@ class GroupCommitter:
                 log.exception("batch observer failed")
         _wake_all([(loop, future, result, None)
                    for (_, loop, future), result in zip(batch, results, strict=True)])
+
+
+def commit_failure(error: Exception, waiting: int) -> StorageUnavailable:
+    """What the requests of a batch whose transaction failed are answered (logged once)."""
+    if isinstance(error, StorageUnavailable):
+        log.warning("ledger commit failed, %d waiting request(s) answered 503: %s",
+                    waiting, error)
+        return error
+    log.error("ledger commit failed", exc_info=error)
+    return StorageUnavailable(f"appending to the log failed: {error}")
+
+
+def recent_failure(failure: str | None, failed_at: float | None, succeeded_at: float | None,
+                   within: float) -> str | None:
+    """``failure`` if it happened (``time.monotonic()``) less than ``within`` s ago and
+    nothing has succeeded since; else None."""
+    if failed_at is None or failure is None or time.monotonic() - failed_at >= within:
+        return None
+    if succeeded_at is not None and succeeded_at > failed_at:
+        return None
+    return failure
 
 
 _Answer = tuple[asyncio.AbstractEventLoop, "asyncio.Future[CommitResult]",

@@ -16,18 +16,24 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from execguard.ledger._sql_util import translate_errors
 from execguard.ledger._sqlite_schema import SCHEMA, SCHEMA_VERSION, upgrade
+from execguard.ledger.group_commit import COMMIT_TIMEOUT_SECONDS
+from execguard.ledger.records import CommitResult, PendingEntry
 from execguard.ledger.sql import SQLStore
 from execguard.protocol.errors import ConfigError, StorageUnavailable
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "sqlite_errors"]
 
 _BUSY_RETRY_SECONDS = 10.0
+#: How long an append waits for the write lock that another connection (another
+#: process: the server and its decision process both write) holds: less than a client
+#: waits for its answer (``COMMIT_TIMEOUT_SECONDS``).
+APPEND_LOCK_WAIT_SECONDS = COMMIT_TIMEOUT_SECONDS - 1.0
 #: Page size of a new database file (an existing one keeps its own). SQLite's default,
 #: 4 KiB, is too small for this schema: a log row (its receipt, ~1 KiB) exceeds what a
 #: WITHOUT ROWID table keeps in a 4 KiB page and spills into an overflow page of its
@@ -97,28 +103,66 @@ class SQLiteStore(SQLStore):
             yield self._conn
 
     @contextmanager
-    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction: taken with retries, committed or rolled back whole."""
+    def _write(self, what: str,
+               lock_wait: float = _BUSY_RETRY_SECONDS) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: taken with retries (for up to ``lock_wait`` s while
+        another connection writes), committed or rolled back whole."""
         self._check_files(what)  # nothing is written into files that are gone...
         with sqlite_errors(what):
             conn = self._conn
-            deadline = time.monotonic() + _BUSY_RETRY_SECONDS
-            while True:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    break
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.0002)
             try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                deadline = time.monotonic() + lock_wait
+                while True:
+                    try:
+                        conn.execute("BEGIN IMMEDIATE")
+                        break
+                    except sqlite3.OperationalError as exc:
+                        if "locked" not in str(exc):
+                            raise
+                        if time.monotonic() > deadline:
+                            raise StorageUnavailable(
+                                f"{what} failed: the database is not responding: another "
+                                f"writer has held its lock for over {lock_wait:g} s") from None
+                        time.sleep(0.0002)
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                if "readonly" in str(exc):
+                    # SQLite opens a file it cannot write read-only, silently, and such a
+                    # connection stays read-only: the next write opens a new one.
+                    self._forget_connection(conn)
+                    self._local.replaced = True
                 raise
         self._check_files(what)  # ...and a commit counts only if they are still there
+
+    def _append_transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        # Waiting for the lock longer than a client waits for its answer would commit
+        # entries whose clients were already told that nothing was recorded.
+        return self._write("appending to the log", lock_wait=APPEND_LOCK_WAIT_SECONDS)
+
+    def commit_batch(self, entries: Sequence[PendingEntry],
+                     now_epoch: float) -> list[CommitResult]:
+        """As :meth:`SQLStore.commit_batch`; tried once more on a new connection when this
+        thread's was read-only (opened while the file was): the file may be writable now."""
+        self._local.replaced = False
+        try:
+            return super().commit_batch(entries, now_epoch)
+        except StorageUnavailable:
+            if not getattr(self._local, "replaced", False):
+                raise
+        return super().commit_batch(entries, now_epoch)
+
+    def _forget_connection(self, conn: sqlite3.Connection) -> None:
+        self._local.conn = None
+        with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        conn.close()
 
     def _check_files(self, what: str) -> None:
         """After a commit: is it in the files at our path, or in ones nobody will open again?

@@ -27,13 +27,13 @@ from execguard.protocol.errors import (
     ServiceUnavailable,
 )
 from execguard.protocol.outcome import format_timestamp, parse_timestamp
-from execguard.protocol.request import parse_execution_request
 from execguard.server.approvals import Approvals
+from execguard.server.decision_process import DecisionProcess, RelayedError
 from execguard.server.errors import install_error_handlers, request_id_of
 from execguard.server.gateway import Caller, Gateway, SigningKeys, explain_record
-from execguard.server.logs import RequestLogMiddleware, noting_tenant
+from execguard.server.logs import RequestLogMiddleware, log_background_failure, noting_tenant
 from execguard.server.metrics import CONTENT_TYPE, Metrics
-from execguard.server.middleware import ExecuteFastPath, RequestIdMiddleware
+from execguard.server.middleware import ExecuteFastPath, RequestIdMiddleware, with_request_id
 from execguard.server.openapi import EXECUTE_REQUEST_SCHEMA
 from execguard.server.permits import Permits
 from execguard.server.readiness import StorageProbe
@@ -49,14 +49,6 @@ IDEMPOTENCY_PURGE_INTERVAL_SECONDS = 600
 APPROVAL_SWEEP_SECONDS = 2.0
 #: How long ``/readyz`` reports a failed append when nothing has committed since.
 APPEND_FAILURE_READY_SECONDS = 5.0
-
-
-def _log_background_failure(what: str, exc: Exception) -> None:
-    # Storage faults are expected and already explained; anything else needs its traceback.
-    if isinstance(exc, ServiceUnavailable):
-        log.warning("%s: %s", what, exc)
-    else:
-        log.error("%s", what, exc_info=exc)
 
 
 def _json(body: dict[str, Any], request: Request, status: int = 200,
@@ -100,11 +92,13 @@ class _ExecGuardApp(FastAPI):
 
 
 def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
-               committer: GroupCommitter | None = None) -> FastAPI:
-    """Build the ASGI app. The committer's writer thread runs for the app's lifespan."""
+               decisions: DecisionProcess, committer: GroupCommitter | None = None) -> FastAPI:
+    """Build the ASGI app. The committer's writer thread and the decision process run for
+    the app's lifespan: ``POST /execute`` is decided and appended by ``decisions``, every
+    other write (consumption, outcomes, approvals) by ``committer``."""
     committer = committer or GroupCommitter(store)
     storage_probe = StorageProbe(store)
-    gateway = Gateway(settings, store, committer, signers)
+    gateway = Gateway(settings, store, signers)
     transparency = Transparency(settings, store, signers)
     permits = Permits(settings, store, committer, signers)
     approvals = Approvals(settings, store, committer, signers, gateway)
@@ -113,6 +107,8 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
     # Operations: metrics (server/metrics.py) and request logs (server/logs.py).
     metrics = Metrics(store)
     committer.on_batch = metrics.observe_batch
+    decisions.metrics = metrics
+    committer.stalled_elsewhere = decisions.database_stalled
     gateway.authenticate = noting_tenant(gateway.authenticate)  # type: ignore[method-assign]
 
     async def forget_expired_idempotency_keys() -> None:
@@ -121,18 +117,8 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
             try:
                 await asyncio.to_thread(store.purge_idempotency, time.time())
             except Exception as exc:  # a storage fault must not end the task for good
-                _log_background_failure("could not purge expired idempotency keys", exc)
+                log_background_failure(log, "could not purge expired idempotency keys", exc)
             await asyncio.sleep(IDEMPOTENCY_PURGE_INTERVAL_SECONDS)
-
-    def checkpoint_grown_logs() -> None:
-        for tenant in committer.take_grown_tenants():
-            try:
-                transparency.issue_checkpoint(tenant)
-            except Exception as exc:
-                _log_background_failure(f"no checkpoint for tenant {tenant} this time", exc)
-                # Retried at the next tick: otherwise a log that stops growing during a
-                # fault would keep its last entries out of any checkpoint.
-                committer.note_grown(tenant)
 
     async def expire_approvals() -> None:
         while True:
@@ -143,26 +129,14 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
                 if await asyncio.to_thread(store.due_approvals, approvals.clock()):
                     await approvals.expire_due()
             except Exception as exc:
-                _log_background_failure("could not expire overdue approvals", exc)
-
-    async def checkpoint_on_schedule() -> None:
-        # Entries are durable before they are checkpointed: this runs after their commit,
-        # on SQLite on the ledger's writer thread between two batches (group_commit.py).
-        while True:
-            await asyncio.sleep(settings.checkpoint_interval_seconds)
-            if not store.maintenance_on_writer:
-                await asyncio.to_thread(checkpoint_grown_logs)
-                continue
-            try:
-                await committer.run_between_batches(checkpoint_grown_logs)
-            except ServiceUnavailable:  # the writer has stopped: shutting down
-                return
+                log_background_failure(log, "could not expire overdue approvals", exc)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         committer.start()
+        await decisions.start()
         background = [asyncio.create_task(forget_expired_idempotency_keys()),
-                      asyncio.create_task(checkpoint_on_schedule()),
+                      asyncio.create_task(transparency.checkpoint_on_schedule(committer)),
                       asyncio.create_task(expire_approvals())]
         try:
             yield
@@ -171,10 +145,11 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
                 task.cancel()
             await notifier.drain()
             # In-flight requests have finished when uvicorn runs this: drain and stop,
-            # then checkpoint what was committed last.
+            # then checkpoint what was committed last (the decision process its own).
+            await decisions.stop()
             committer.stop()
             storage_probe.close()
-            await asyncio.to_thread(checkpoint_grown_logs)
+            await asyncio.to_thread(transparency.checkpoint_grown, committer)
 
     app = _ExecGuardApp(title="ExecGuard", version=__version__, lifespan=lifespan,
                         description="Execution governance: no PERMIT, no execution.")
@@ -182,7 +157,7 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
     app.add_middleware(RequestLogMiddleware, metrics=metrics)  # inside the request id
     app.add_middleware(RequestIdMiddleware)
     # Outermost: POST /execute answered without the framework's layers (middleware.py).
-    app.fast_path = partial(ExecuteFastPath, gateway=gateway,
+    app.fast_path = partial(ExecuteFastPath, gateway=gateway, decisions=decisions,
                             max_body_bytes=settings.max_body_bytes, metrics=metrics)
     install_error_handlers(app)
 
@@ -196,10 +171,15 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
     async def execute(request: Request) -> Response:
         caller = caller_of(request)
         body = await read_body(request, settings.max_body_bytes)
-        parsed = parse_execution_request(
-            body, idempotency_header=request.headers.get("idempotency-key"))
-        answer = await gateway.decide(caller, parsed)
-        return _json({**answer, "request_id": request_id_of(request)}, request)
+        try:
+            decided = await decisions.decide(caller, body, request.headers.get("idempotency-key"))
+        except RelayedError as exc:
+            return _json({**exc.body, "request_id": request_id_of(request)}, request,
+                         exc.status, exc.headers)
+        for tenant, event, payload in decided.events:
+            gateway.notify(tenant, event, payload)
+        return Response(with_request_id(decided.answer, request_id_of(request) or ""),
+                        media_type="application/json")
 
     @app.get("/.well-known/trigguard/keys.json", summary="Published signing keys")
     def keys_document(request: Request) -> Response:
@@ -326,14 +306,22 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
             problems.append(str(exc))
         if not committer.running:
             problems.append("ledger writer not running")
+        if not decisions.running:
+            problems.append("the decision process is not running (starting or restarting)")
         stalled = committer.stalled_for()
         if stalled > committer.commit_timeout:
             problems.append(f"the database is not responding: a write to the log has been "
                             f"waiting for {stalled:.0f} s")
-        failing = committer.failing(within=APPEND_FAILURE_READY_SECONDS)
+        silent = decisions.stalled_for()
+        if silent > decisions.answer_timeout:
+            problems.append(f"the decision process has not answered for {silent:.0f} s")
+        failing = (committer.failing(within=APPEND_FAILURE_READY_SECONDS)
+                   or decisions.failing(within=APPEND_FAILURE_READY_SECONDS))
         if failing is not None:
             problems.append(f"the last write to the log failed: {failing}")
-        storage = await storage_probe.problem(stale_before=committer.last_failure_at)
+        failed_at = max((t for t in (committer.last_failure_at, decisions.last_failure_at)
+                         if t is not None), default=None)
+        storage = await storage_probe.problem(stale_before=failed_at)
         if storage is not None and storage not in problems and storage != failing:
             problems.append(storage)
         if problems:

@@ -8,11 +8,7 @@ answered 200 with a receipt: it never passes through here.
 from __future__ import annotations
 
 import logging
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from typing import TYPE_CHECKING
 
 from execguard.protocol.errors import (
     AuthError,
@@ -28,6 +24,10 @@ from execguard.protocol.errors import (
     ServiceUnavailable,
     UnknownSurface,
 )
+
+if TYPE_CHECKING:  # the decision process uses the pure part and need not load FastAPI
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
 
 __all__ = ["STATUS_BY_ERROR", "error_parts", "execguard_error_parts", "install_error_handlers",
            "status_for"]
@@ -74,9 +74,11 @@ def error_parts(request_id: str | None, status: int, code: str, message: str,
     return body, headers
 
 
-def execguard_error_parts(request_id: str | None, exc: ExecGuardError
+def execguard_error_parts(request_id: str | None, exc: ExecGuardError, *, logged: bool = True
                           ) -> tuple[int, dict[str, object], dict[str, str]]:
-    """Status, body and headers answering an ExecGuard error."""
+    """Status, body and headers answering an ExecGuard error (a 5xx is logged as failing
+    closed, unless ``logged`` is False: the decision process leaves that to the server,
+    whose log line carries the request id)."""
     status = status_for(exc)
     extra: dict[str, object] = {}
     if isinstance(exc, MalformedRequest):
@@ -84,7 +86,7 @@ def execguard_error_parts(request_id: str | None, exc: ExecGuardError
     if isinstance(exc, PermitRefused):
         extra = {"executionId": exc.execution_id, "refusalReason": exc.reason,
                  "receipt": exc.receipt}
-    if status >= 500:
+    if status >= 500 and logged:
         log.warning("failing closed: %s", exc)
     message = exc.diagnostics() if status < 500 else str(exc)
     body, headers = error_parts(request_id, status, exc.code, message, **extra)
@@ -94,12 +96,17 @@ def execguard_error_parts(request_id: str | None, exc: ExecGuardError
 def error_response(request: Request, status: int, code: str, message: str,
                    **extra: object) -> JSONResponse:
     """An error answer in the one shape."""
+    from fastapi.responses import JSONResponse
+
     body, headers = error_parts(request_id_of(request), status, code, message, **extra)
     return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register one handler per branch of the tree, plus the framework's and a catch-all."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     async def on_execguard_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ExecGuardError)

@@ -1,12 +1,12 @@
-"""The decision path, wired: authenticate, evaluate, seal, append, answer.
+"""The decision path, wired: authenticate, plan (evaluate, seal), answer.
 
+The append between plan and answer is the decision process's (``decision_worker.py``).
 The gateway holds no policy logic (that is the arbiter's) and no storage
 logic (the ledger's); it puts them in order and fails closed between them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import threading
@@ -19,9 +19,9 @@ from execguard.arbiter import CompiledBundle, PolicyBundle
 from execguard.arbiter.registry import SurfaceSpec
 from execguard.ledger import (
     ApiKeyRecord,
+    CommitResult,
     Committed,
     ExecutionRecord,
-    GroupCommitter,
     IdempotencyClaim,
     PendingEntry,
     Replayed,
@@ -85,18 +85,21 @@ class Caller:
 
 
 class Gateway:
-    """Decides, records and answers. One per running server."""
+    """Authenticates, plans decisions and answers them, explains what was decided.
 
-    def __init__(self, settings: Settings, store: SQLStore, committer: GroupCommitter,
-                 signers: SigningKeys, *, clock: Callable[[], float] = time.time) -> None:
+    A decision is planned here (:meth:`plan`), appended by whoever owns the log's
+    writes (the decision process: ``decision_worker.py``), and answered here
+    (:meth:`answer`).
+    """
+
+    def __init__(self, settings: Settings, store: SQLStore, signers: SigningKeys, *,
+                 clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
-        self.committer = committer
         self.signers = signers
         self.clock = clock
         self._bundles: dict[tuple[str, str], tuple[PolicyBundle, CompiledBundle]] = {}
         self._bundles_lock = threading.Lock()
-        self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._keys: dict[str, tuple[ApiKeyRecord, float]] = {}
         #: tenant -> (active version, shadow version, read until (monotonic)).
         self._versions: dict[str, tuple[str | None, str | None, float]] = {}
@@ -204,8 +207,15 @@ class Gateway:
 
     # -- decisions ---------------------------------------------------------------------
 
-    async def decide(self, caller: Caller, request: ExecutionRequest) -> dict[str, Any]:
-        """Evaluate and durably record one request; return the response body."""
+    def plan(self, caller: Caller, request: ExecutionRequest) -> PendingEntry:
+        """The log entry that decides ``request``: evaluated now, or, for a surface with
+        stateful facts, inside the append's transaction (see decisions.py).
+
+        Nothing is read before the append to learn whether the idempotency key was used:
+        the append checks it inside its transaction (a live key gives the stored answer,
+        or IdempotencyKeyReuse, before any stateful decision is taken), so a fresh key,
+        the common case, costs no read.
+        """
         tenant = caller.tenant
         bundle, compiled = self.active_bundle(tenant, cached=True)
         spec = self._surface(bundle, request.surface)
@@ -214,79 +224,36 @@ class Gateway:
         mode = "observe" if observe else "enforce"
         normalized = normalized_request(tenant, request, spec.sensitive)
         digest = request_hash(normalized)
-
-        key = request.idempotency_key
-        if key is None:
-            return await self._decide_once(tenant, request, compiled, spec, normalized,
-                                           digest, mode, signer, caller.key_hash)
-        slot = (tenant, key)
-        # No read of the key before deciding: the append checks it inside its
-        # transaction (a live key gives the stored answer, or IdempotencyKeyReuse, before
-        # any stateful decision is taken), so a fresh key, the common case, costs no read.
-        waited = False
-        while True:
-            if waited:
-                replay = self._replay(tenant, key, digest, mode)
-                if replay is not None:
-                    return replay
-            pending = self._inflight.get(slot)
-            if pending is None:
-                break
-            # Concurrent requests with one key are evaluated once: wait for the first.
-            await asyncio.shield(pending)
-            waited = True
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._inflight[slot] = done
-        try:
-            return await self._decide_once(tenant, request, compiled, spec, normalized,
-                                           digest, mode, signer, caller.key_hash)
-        finally:
-            del self._inflight[slot]
-            done.set_result(None)
-
-    def _replay(self, tenant: str, key: str, digest: str, mode: str) -> dict[str, Any] | None:
-        found = self.store.find_idempotent(tenant, key, self.clock())
-        if found is None:
-            return None
-        stored_hash, stored_mode, record = found
-        if (stored_hash, stored_mode) != (digest, mode):
-            raise IdempotencyKeyReuse(key)
-        return dict(record.response)
-
-    async def _decide_once(self, tenant: str, request: ExecutionRequest,
-                           compiled: CompiledBundle, spec: SurfaceSpec,
-                           normalized: Mapping[str, Any], digest: str, mode: str,
-                           signer: Signer, requester_key: str) -> dict[str, Any]:
         now = self.clock()
         minted = execution_id(int(now * 1000), os.urandom(ENTROPY_BYTES))
         given = DecisionInput(tenant, request, spec, compiled, normalized, digest, mode,
                               minted, now, self.settings.authority_id,
-                              self.settings.token_ttl_seconds, requester_key=requester_key,
+                              self.settings.token_ttl_seconds, requester_key=caller.key_hash,
                               shadow=self._shadow_bundle(tenant, spec.name))
         claim = None
         if request.idempotency_key is not None:
             claim = IdempotencyClaim(request.idempotency_key, digest, mode,
                                      now + self.settings.idempotency_ttl_seconds)
         if spec.facts:
-            # Stateful: decided by the ledger's writer, under its lock (see decisions.py).
-            entry = PendingEntry(tenant=tenant, kind="decision",
-                                 execution_id=given.execution_id, seal=_never,
-                                 idempotency=claim,
-                                 decide=lambda reader: prepare_decision(given, signer, reader))
-        else:
-            prepared = prepare_decision(given, signer, None)
-            entry = PendingEntry(tenant=tenant, kind="decision",
-                                 execution_id=given.execution_id, seal=prepared.seal,
-                                 execution=prepared.execution, response=prepared.response,
-                                 idempotency=claim, reservation=prepared.reservation,
-                                 approval=prepared.approval)
-        result = await self.committer.submit(entry)
+            # Stateful: decided under the ledger's write lock (see decisions.py).
+            return PendingEntry(tenant=tenant, kind="decision", execution_id=minted,
+                                seal=_never, idempotency=claim,
+                                decide=lambda reader: prepare_decision(given, signer, reader))
+        prepared = prepare_decision(given, signer, None)
+        return PendingEntry(tenant=tenant, kind="decision", execution_id=minted,
+                            seal=prepared.seal, execution=prepared.execution,
+                            response=prepared.response, idempotency=claim,
+                            reservation=prepared.reservation, approval=prepared.approval)
+
+    def answer(self, tenant: str, request: ExecutionRequest,
+               result: CommitResult) -> dict[str, Any]:
+        """The response body for a planned decision once its append has committed."""
         if isinstance(result, Committed):
             assert result.response is not None
             answer = dict(result.response)
             if "approval" in answer:
                 self.notify(tenant, "approval.requested", {
-                    "executionId": given.execution_id, "decision": answer["decision"],
+                    "executionId": answer["execution_id"], "decision": answer["decision"],
                     "reason": answer["reason"],
                     "approval": {**answer["approval"], "surface": request.surface,
                                  "actorId": request.actor_id}})

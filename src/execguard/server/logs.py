@@ -24,7 +24,7 @@ import logging
 import queue
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from logging.handlers import QueueHandler, QueueListener
@@ -33,12 +33,14 @@ from typing import IO, TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from execguard.protocol.errors import ServiceUnavailable
+
 if TYPE_CHECKING:
     from execguard.server.metrics import Metrics
 
 __all__ = ["LOG_FORMATS", "JsonFormatter", "RequestLogMiddleware", "TextFormatter",
-           "begin_request", "configure_logging", "log_access", "log_decision", "noting_tenant",
-           "request_id_var"]
+           "begin_request", "configure_logging", "decision_fields", "log_access",
+           "log_background_failure", "log_decision", "noting_tenant", "request_id_var"]
 
 LOG_FORMATS = ("json", "text")
 
@@ -167,12 +169,34 @@ class _BatchingListener(QueueListener):
             if lines:
                 with handler.lock:  # type: ignore[union-attr]
                     try:
-                        stream.write("".join(lines))
-                        stream.flush()
+                        for chunk in _whole_lines(lines, _ATOMIC_WRITE):
+                            stream.write(chunk)
+                            stream.flush()
                     except Exception:  # a closed or broken stream: as StreamHandler does
                         handler.handleError(batch[-1])
             if any(item is None or item is self._sentinel for item in batch):
                 return
+
+
+#: The server and its decision process write to one stderr; on a pipe, a write of at
+#: most this many bytes (POSIX PIPE_BUF) is never interleaved with another's.
+_ATOMIC_WRITE = 4096
+
+
+def _whole_lines(lines: list[str], limit: int) -> Iterator[str]:
+    """The lines joined into writes of at most ``limit`` bytes where each fits (a longer
+    line goes alone), never splitting a line."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line) if line.isascii() else len(line.encode("utf-8"))
+        if chunk and size + length > limit:
+            yield "".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += length
+    if chunk:
+        yield "".join(chunk)
 
 
 _listener: QueueListener | None = None
@@ -301,7 +325,7 @@ class RequestLogMiddleware:
             seconds = time.perf_counter() - started
             answer = _json_object(body) if body is not None and size <= _MAX_SNIFF else {}
             if is_execute and status == 200 and answer:
-                log_decision(answer)
+                log_decision(decision_fields(answer))
             error = answer.get("error")
             if self.metrics is not None:
                 self.metrics.observe_request(method, path, status, seconds,
@@ -317,12 +341,26 @@ def _json_object(chunks: list[bytes]) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def log_decision(answer: dict[str, Any]) -> None:
-    """The decision line: which decision, on what, why; never the request's context."""
+def decision_fields(answer: dict[str, Any]) -> dict[str, str]:
+    """What the decision line says of an answer: which decision, on what, why; never the
+    request's context. Plain strings (they cross from the decision process as JSON)."""
     fields = {"execution_id": answer.get("execution_id"), "surface": answer.get("surface"),
               "decision": answer.get("decision"), "reason_code": answer.get("reasonCode"),
               "mode": answer.get("executionMode"),
               "would_decision": answer.get("would_decision")}
-    decision_log.info("%s %s %s execution %s", fields["decision"], fields["surface"],
-                      fields["reason_code"], fields["execution_id"],
-                      extra={k: v for k, v in fields.items() if isinstance(v, str)})
+    return {k: v for k, v in fields.items() if isinstance(v, str)}
+
+
+def log_decision(fields: dict[str, str]) -> None:
+    """The decision line (``fields`` from :func:`decision_fields`)."""
+    decision_log.info("%s %s %s execution %s", fields.get("decision"), fields.get("surface"),
+                      fields.get("reason_code"), fields.get("execution_id"), extra=fields)
+
+
+def log_background_failure(logger: logging.Logger, what: str, exc: Exception) -> None:
+    """A background task's failure: storage faults are expected and already explained
+    (one line), anything else needs its traceback."""
+    if isinstance(exc, ServiceUnavailable):
+        logger.warning("%s: %s", what, exc)
+    else:
+        logger.error("%s", what, exc_info=exc)

@@ -36,14 +36,15 @@ import math
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from execguard.ledger import Committed
 
 if TYPE_CHECKING:
     from execguard.ledger import CommitResult, LedgerStore, PendingEntry
 
-__all__ = ["CONTENT_TYPE", "Counter", "Gauge", "Histogram", "Metrics", "Registry"]
+__all__ = ["CONTENT_TYPE", "BatchSummary", "Counter", "Gauge", "Histogram", "Metrics", "Registry",
+           "summarize_batch"]
 
 log = logging.getLogger("execguard.server")
 
@@ -231,6 +232,41 @@ class Registry:
         return "".join(parts)
 
 
+class BatchSummary(NamedTuple):
+    """What the metrics take from one committed transaction (plain data: it crosses
+    from the decision process to the server as JSON)."""
+
+    #: Log entries appended (an idempotent replay or a conflict rides in the
+    #: transaction, its key is checked there, but appends nothing).
+    appended: int
+    #: (decision, surface, mode) of each decision appended.
+    decisions: list[tuple[str, str, str]]
+    #: Permits consumed, and the reason of each refused consumption.
+    consumed: int
+    refusals: list[str]
+
+
+def summarize_batch(entries: Sequence[PendingEntry],
+                    results: Sequence[CommitResult]) -> BatchSummary:
+    """The metrics' view of one committed transaction."""
+    summary = BatchSummary(0, [], 0, [])
+    appended = consumed = 0
+    for entry, result in zip(entries, results, strict=False):
+        if not isinstance(result, Committed):
+            continue  # a replay or a conflict: nothing new was decided or consumed
+        appended += 1
+        if entry.kind == "decision" and result.response is not None:
+            answer = result.response
+            summary.decisions.append((str(answer.get("decision")), str(answer.get("surface")),
+                                      str(answer.get("executionMode") or "enforce")))
+        elif entry.kind in ("consume", "consume-refused"):
+            if result.receipt.get("consumeResult") == "CONSUMED":
+                consumed += 1
+            else:
+                summary.refusals.append(str(result.receipt.get("refusalReason")))
+    return summary._replace(appended=appended, consumed=consumed)
+
+
 class Metrics:
     """ExecGuard's metrics. One per app; observed through small hooks (see module doc)."""
 
@@ -291,23 +327,18 @@ class Metrics:
     def observe_batch(self, entries: Sequence[PendingEntry],
                       results: Sequence[CommitResult]) -> None:
         """A committed ledger transaction (called on the writer thread; cheap)."""
+        self.observe_summary(summarize_batch(entries, results))
+
+    def observe_summary(self, summary: BatchSummary) -> None:
+        """A committed ledger transaction, summarized (here or in the decision process)."""
         self.batches.inc()
-        # Log entries, as the help says: an idempotent replay or a conflict rides in the
-        # transaction (its key is checked there) but appends nothing.
-        self.batch_size.observe(sum(isinstance(r, Committed) for r in results))
-        for entry, result in zip(entries, results, strict=False):
-            if not isinstance(result, Committed):
-                continue  # a replay or a conflict: nothing new was decided or consumed
-            if entry.kind == "decision" and result.response is not None:
-                answer = result.response
-                self.decisions.inc(decision=str(answer.get("decision")),
-                                   surface=str(answer.get("surface")),
-                                   mode=str(answer.get("executionMode") or "enforce"))
-            elif entry.kind in ("consume", "consume-refused"):
-                if result.receipt.get("consumeResult") == "CONSUMED":
-                    self.permits_consumed.inc()
-                else:
-                    self.permit_refusals.inc(reason=str(result.receipt.get("refusalReason")))
+        self.batch_size.observe(summary.appended)
+        for decision, surface, mode in summary.decisions:
+            self.decisions.inc(decision=decision, surface=surface, mode=mode)
+        if summary.consumed:
+            self.permits_consumed.inc(summary.consumed)
+        for reason in summary.refusals:
+            self.permit_refusals.inc(reason=reason)
 
     def observe_request(self, method: str, path: str, status: int, seconds: float,
                         error_code: str | None) -> None:

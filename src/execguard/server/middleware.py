@@ -7,10 +7,11 @@ FastAPI (its schema is in the OpenAPI document, and it still answers if this
 layer is absent), but under load the framework's layers (routing, dependency
 solving, six middleware wrappers of ``send``, reading the response back for the
 logs) cost several times the HTTP parsing itself. This layer does the same
-work once: request id, API key, strict body parsing, the decision, orjson
-bytes, the access and decision log lines, the metrics, and errors in the one
-error shape (``server/errors.py``). Nothing is answered before the decision is
-durable (``Gateway.decide`` returns only after its group commit).
+work once: request id, API key, the body, the decision (asked of the decision
+process: ``decision_process.py``, which parses strictly, decides and appends),
+the access and decision log lines, the metrics, and errors in the one error
+shape (``server/errors.py``). Nothing is answered before the decision is
+durable (the decision process answers only after its group commit).
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from execguard.protocol.errors import ExecGuardError, MalformedRequest, PayloadTooLarge
-from execguard.protocol.request import parse_execution_request
+from execguard.server.decision_process import Decided, RelayedError
 from execguard.server.errors import error_parts, execguard_error_parts
 from execguard.server.logs import begin_request, log_access, log_decision, request_id_var
 
 if TYPE_CHECKING:
+    from execguard.server.decision_process import DecisionProcess
     from execguard.server.gateway import Gateway
     from execguard.server.metrics import Metrics
 
-__all__ = ["ExecuteFastPath", "RequestIdMiddleware", "new_request_id"]
+__all__ = ["ExecuteFastPath", "RequestIdMiddleware", "new_request_id", "with_request_id"]
 
 log = logging.getLogger("execguard.server")
 
@@ -105,10 +107,11 @@ class ExecuteFastPath:
     and feeds the metrics itself, exactly as they would have.
     """
 
-    def __init__(self, app: ASGIApp, *, gateway: Gateway, max_body_bytes: int,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, app: ASGIApp, *, gateway: Gateway, decisions: DecisionProcess,
+                 max_body_bytes: int, metrics: Metrics | None = None) -> None:
         self.app = app
         self.gateway = gateway
+        self.decisions = decisions
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
 
@@ -123,11 +126,16 @@ class ExecuteFastPath:
                 headers.setdefault(name, value)
         request_id = _request_id(headers.get(b"x-request-id"))
         begin_request(request_id)
-        status, error_code, answer = 500, None, None
+        status, error_code, decided = 500, None, None
         try:
             try:
-                answer = await self._decide(headers, receive, request_id)
-                status, content, extra = 200, orjson.dumps(answer), {}
+                decided = await self._decide(headers, receive)
+                status, content, extra = 200, with_request_id(decided.answer, request_id), {}
+            except RelayedError as exc:
+                status, body, extra = exc.status, {**exc.body, "request_id": request_id}, \
+                    exc.headers
+                error_code = exc.code
+                content = orjson.dumps(body)
             except ExecGuardError as exc:
                 status, body, extra = execguard_error_parts(request_id, exc)
                 error_code = exc.code
@@ -151,22 +159,21 @@ class ExecuteFastPath:
             await send({"type": "http.response.body", "body": content})
         finally:
             seconds = time.perf_counter() - started
-            if answer is not None and status == 200:
-                log_decision(answer)
+            if decided is not None and status == 200:
+                log_decision(decided.log_fields)
             if self.metrics is not None:
                 self.metrics.observe_request("POST", "/execute", status, seconds, error_code)
             log_access("POST", "/execute", status, seconds)
 
-    async def _decide(self, headers: dict[bytes, bytes], receive: Receive,
-                      request_id: str) -> dict[str, Any]:
+    async def _decide(self, headers: dict[bytes, bytes], receive: Receive) -> Decided:
         caller = self.gateway.authenticate(_text(headers.get(b"authorization")),
                                            _text(headers.get(b"x-consumer")))
         body = await self._read_body(headers.get(b"content-length"), receive)
-        parsed = parse_execution_request(
-            body, idempotency_header=_text(headers.get(b"idempotency-key")))
-        answer = await self.gateway.decide(caller, parsed)
-        answer["request_id"] = request_id  # ``decide`` returns a fresh dict
-        return answer
+        decided = await self.decisions.decide(caller, body,
+                                              _text(headers.get(b"idempotency-key")))
+        for tenant, event, payload in decided.events:
+            self.gateway.notify(tenant, event, payload)
+        return decided
 
     async def _read_body(self, declared: bytes | None, receive: Receive) -> bytes:
         """The body, refusing more than the limit without reading it all (as ``read_body``)."""
@@ -192,6 +199,14 @@ class ExecuteFastPath:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def with_request_id(answer: bytes, request_id: str) -> bytes:
+    """The worker's answer (a JSON object, orjson bytes) with ``request_id`` as its last
+    member, exactly as ``orjson.dumps({**answer, "request_id": request_id})`` would
+    write it: no parsing and re-encoding. ``request_id`` needs no escaping (``_SAFE_ID``
+    or hex digits)."""
+    return b"%s,\"request_id\":\"%s\"}" % (answer[:-1], request_id.encode("ascii"))
 
 
 def _text(value: bytes | None) -> str | None:

@@ -7,19 +7,26 @@ a stored size, so the service never signs a fork, also not after a crash.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
+from collections.abc import Iterable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
-from execguard.ledger import CheckpointRecord, SQLStore
+from execguard.ledger import CheckpointRecord, GroupCommitter, SQLStore
 from execguard.protocol.checkpoint import Checkpoint, sign_checkpoint
 from execguard.protocol.errors import MalformedRequest, NotFound, ServiceUnavailable
 from execguard.protocol.logentry import leaf_record
 from execguard.protocol.outcome import format_timestamp
 from execguard.server.gateway import SigningKeys
+from execguard.server.logs import log_background_failure
 from execguard.server.settings import Settings
 
 __all__ = ["BUNDLE_FORMAT", "MAX_ENTRIES_PER_PAGE", "Transparency"]
+
+log = logging.getLogger("execguard.server")
 
 BUNDLE_FORMAT = "execguard-bundle/1"
 MAX_ENTRIES_PER_PAGE = 1000
@@ -62,6 +69,40 @@ class Transparency:
                                self.settings.authority_id, signer)
         return self.store.add_checkpoint(CheckpointRecord(
             tenant, size, root, note, signer.key_id, format_timestamp(datetime.now(UTC))))
+
+    def checkpoint_tenants(self, tenants: Iterable[str]) -> set[str]:
+        """Checkpoint each tenant's log; the tenants whose checkpoint failed (logged)."""
+        failed = set()
+        for tenant in tenants:
+            try:
+                self.issue_checkpoint(tenant)
+            except Exception as exc:
+                log_background_failure(log, f"no checkpoint for tenant {tenant} this time", exc)
+                failed.add(tenant)
+        return failed
+
+    def checkpoint_grown(self, committer: GroupCommitter) -> None:
+        """Checkpoint each log that grew through ``committer`` since the last call."""
+        for tenant in self.checkpoint_tenants(committer.take_grown_tenants()):
+            # Retried at the next tick: otherwise a log that stops growing during a
+            # fault would keep its last entries out of any checkpoint.
+            committer.note_grown(tenant)
+
+    async def checkpoint_on_schedule(self, committer: GroupCommitter) -> None:
+        """Every ``checkpoint_interval_seconds``, checkpoint what ``committer`` appended.
+
+        Entries are durable before they are checkpointed: this runs after their commit,
+        on SQLite on the ledger's writer thread between two batches (group_commit.py).
+        """
+        while True:
+            await asyncio.sleep(self.settings.checkpoint_interval_seconds)
+            if not self.store.maintenance_on_writer:
+                await asyncio.to_thread(self.checkpoint_grown, committer)
+                continue
+            try:
+                await committer.run_between_batches(partial(self.checkpoint_grown, committer))
+            except ServiceUnavailable:  # the writer has stopped: shutting down
+                return
 
     def checkpoint(self, tenant: str) -> dict[str, Any]:
         """The latest checkpoint (issued now if the log grew since the last one)."""

@@ -1,0 +1,338 @@
+"""The server's side of its decision process (``decision_worker.py``): start, ask, supervise.
+
+The server authenticates a ``POST /execute`` request, reads its body, and hands
+both to its decision process, which parses, decides, appends and answers
+(``decision_worker.py`` says why it is a process of its own). This module
+keeps that process running and fails closed around it:
+
+- Nothing is answered that the worker did not answer, and the worker answers a
+  decision only after its transaction committed.
+- While the worker is not running (starting, restarting) requests get 503 at once.
+- A worker that exits is restarted (after 0.1 s, doubling to 5 s while it keeps
+  failing); the requests it had not answered get 503: they may or may not have
+  been recorded, and a retry with the same ``Idempotency-Key`` tells which.
+- The worker answers 503 itself when a write takes longer than
+  ``COMMIT_TIMEOUT_SECONDS`` (a database that stopped answering), as the group
+  commit does. A request it has not answered within ``answer_timeout`` (2 s
+  more) gets 503 here, and the worker will not write it. While the worker has
+  answered nothing for that long and requests wait, new ones get 503 at once; and
+  the worker, stuck itself, is killed and restarted.
+- A worker not ready within ``START_TIMEOUT_SECONDS`` is killed and restarted.
+- Requests reach the worker in one write per turn of the event loop, not one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from execguard.ledger.group_commit import COMMIT_TIMEOUT_SECONDS, recent_failure
+from execguard.protocol.errors import ServiceUnavailable, StorageUnavailable
+from execguard.server.frames import encode_frame, read_frame
+from execguard.server.gateway import Caller
+from execguard.server.metrics import BatchSummary, Metrics
+from execguard.server.settings import Settings
+
+__all__ = ["Decided", "DecisionProcess", "RelayedError"]
+
+log = logging.getLogger("execguard.server")
+
+#: How long the server waits for the worker to open the ledger at start.
+START_TIMEOUT_SECONDS = 60.0
+RESTART_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A decision the worker recorded: its answer (JSON bytes), log fields and events."""
+
+    answer: bytes
+    log_fields: dict[str, str]
+    events: list[list[Any]]
+
+
+class RelayedError(Exception):
+    """An error the worker answered, in the one error shape, without its request id."""
+
+    def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+        super().__init__(body.get("message"))
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+    @property
+    def code(self) -> str:
+        return str(self.body.get("error"))
+
+
+class _Worker:
+    """One running worker process and its socket."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "execguard.server.decision_worker",
+                 "--fd", str(theirs.fileno()), "--parent", str(os.getpid())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.sendall(encode_frame({"config": config}))
+        self.socket = ours
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGKILL)
+
+
+class DecisionProcess:
+    """Runs the decision worker for one server and relays its requests (see module doc)."""
+
+    def __init__(self, settings: Settings, database: str | None, log_format: str, *,
+                 answer_timeout: float = COMMIT_TIMEOUT_SECONDS + 2.0) -> None:
+        self.answer_timeout = answer_timeout
+        self.metrics: Metrics | None = None
+        self._config = {"settings": {**dataclasses.asdict(settings),
+                                     "data_dir": str(settings.data_dir)},
+                        "database": database, "logFormat": log_format}
+        self._worker: _Worker | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._outgoing: list[bytes] = []
+        self._ready = asyncio.Event()
+        self._waiting: dict[int, tuple[asyncio.Future[tuple[dict[str, Any], bytes]], float]] = {}
+        self._next_id = 0
+        self._heard_at = time.monotonic()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        #: The worker's process id while it runs (for operators and tests).
+        self.pid: int | None = None
+        self.restarts = 0
+        self.last_failure: str | None = None
+        self.last_failure_at: float | None = None
+        self.last_success_at: float | None = None
+        #: ``time.monotonic()`` when the worker last said a write of its has not finished.
+        self.stalled_at: float | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def spawn(self) -> None:
+        """Start the worker now (before the server's own start-up, to overlap the two)."""
+        if self._worker is None:
+            self._worker = _Worker(self._config)
+
+    async def start(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        """Supervise the worker; wait (up to ``timeout``) until it has opened the ledger.
+
+        If it is not ready by then, the server starts anyway: decisions get 503 and
+        ``/readyz`` says why, until a worker is ready.
+        """
+        self._supervisor = asyncio.create_task(self._supervise())
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            log.error("the decision process is not ready after %.0f s: decisions fail "
+                      "closed (503) until it is", timeout)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Let the worker answer what it has, commit and checkpoint, and exit."""
+        self._stopping = True
+        worker, writer = self._worker, self._writer
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                writer.write_eof()  # "no more requests"
+        if worker is not None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(worker.process.wait), timeout)
+            except TimeoutError:
+                log.error("the decision process did not stop within %.0f s: killed", timeout)
+                worker.kill()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while not self._stopping:
+            if self._worker is None:
+                try:
+                    self._worker = _Worker(self._config)
+                except OSError as exc:
+                    log.error("could not start the decision process: %s", exc)
+            worker = self._worker
+            if worker is not None:
+                ready = await self._serve(worker)
+                failures = 0 if ready else failures + 1
+                self._worker = None
+                if self._stopping:
+                    return
+                code = await asyncio.to_thread(_reap, worker)
+                log.error("the decision process exited (%s): restarting it", code)
+                self.restarts += 1
+            await asyncio.sleep(RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)])
+
+    async def _serve(self, worker: _Worker) -> bool:
+        """Relay frames from one worker until it goes away; whether it became ready."""
+        ready = False
+        reader, writer = await asyncio.open_connection(sock=worker.socket)
+        try:
+            try:
+                first = await asyncio.wait_for(read_frame(reader), START_TIMEOUT_SECONDS)
+            except TimeoutError:
+                log.error("the decision process was not ready within %.0f s: replacing it",
+                          START_TIMEOUT_SECONDS)
+                worker.kill()
+                return False
+            if first is None or "ready" not in first[0]:
+                return False
+            ready = True
+            self.pid = int(first[0]["ready"])
+            self._heard_at = time.monotonic()
+            self._writer = writer
+            self._ready.set()
+            while (frame := await read_frame(reader)) is not None:
+                self._heard_at = time.monotonic()
+                self._dispatch(*frame)
+        except (OSError, ValueError) as exc:  # a broken frame: the worker is replaced
+            log.error("the decision process sent something unreadable (%s): replacing it", exc)
+            worker.kill()
+        finally:
+            self._ready.clear()
+            self._writer = None
+            self.pid = None
+            writer.close()
+            self._fail_waiting(ServiceUnavailable(
+                "the decision process stopped before answering: the request may or may "
+                "not have been recorded; retry it with the same Idempotency-Key to know"))
+        return ready
+
+    def _dispatch(self, header: dict[str, Any], body: bytes) -> None:
+        if "batch" in header:
+            if self.metrics is not None:
+                self.metrics.observe_summary(BatchSummary(*header["batch"]))
+            return
+        waiting = self._waiting.pop(header["id"], None)
+        if waiting is not None and not waiting[0].done():
+            waiting[0].set_result((header, body))
+
+    def _fail_waiting(self, error: Exception) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for future, _ in waiting.values():
+            if not future.done():
+                future.set_exception(error)
+
+    # -- state, for readiness ----------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether a worker is ready to take requests."""
+        return self._writer is not None
+
+    def stalled_for(self) -> float:
+        """How long the oldest unanswered request has waited while the worker said nothing."""
+        if not self._waiting:
+            return 0.0
+        oldest = min(sent for _, sent in self._waiting.values())
+        return max(0.0, time.monotonic() - max(oldest, self._heard_at))
+
+    def failing(self, within: float) -> str | None:
+        """Why the last append failed, if it did less than ``within`` s ago and none has
+        committed since (as :meth:`GroupCommitter.failing`)."""
+        return recent_failure(self.last_failure, self.last_failure_at, self.last_success_at,
+                              within)
+
+    def database_stalled(self) -> str | None:
+        """Why the server's own writes should be refused at once: the worker's write to the
+        same database has not finished in time, said less than ``COMMIT_TIMEOUT_SECONDS``
+        ago, and nothing has committed since. A write that started now would hang the
+        same way, and could commit after its client was answered 503."""
+        if recent_failure("stalled", self.stalled_at, self.last_success_at,
+                          COMMIT_TIMEOUT_SECONDS) is None:
+            return None
+        return ("the database is not responding: a write to the log by the decision process "
+                "has not finished; nothing was acknowledged")
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def decide(self, caller: Caller, body: bytes, idempotency_key: str | None) -> Decided:
+        """The worker's answer to one ``POST /execute``; raises :class:`RelayedError` or
+        :class:`ServiceUnavailable`."""
+        writer = self._writer
+        if writer is None:
+            raise ServiceUnavailable("the decision process is not running (starting or "
+                                     "restarting): no decision was taken")
+        stalled = self.stalled_for()
+        if stalled > self.answer_timeout:
+            raise StorageUnavailable(f"the decision process has not answered for "
+                                     f"{stalled:.0f} s: no decision was taken")
+        self._next_id += 1
+        ident = self._next_id
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[dict[str, Any], bytes]] = loop.create_future()
+        sent = time.monotonic()
+        self._waiting[ident] = (future, sent)
+        timer = loop.call_later(self.answer_timeout, self._time_out, ident)
+        if not self._outgoing:
+            loop.call_soon(self._flush)
+        self._outgoing.append(encode_frame({
+            "id": ident, "tenant": caller.tenant, "role": caller.role, "keyHash": caller.key_hash,
+            "label": caller.label, "groups": caller.groups, "idempotencyKey": idempotency_key,
+            "deadline": sent + self.answer_timeout}, body))
+        try:
+            header, answer = await future
+        finally:
+            timer.cancel()
+            self._waiting.pop(ident, None)
+        if "error" in header:
+            error = RelayedError(header["status"], header["error"], header["headers"])
+            if error.status >= 500:  # logged here, where the line gets the request's id
+                log.warning("failing closed: %s", error)
+            if error.status == 503 and error.code == "storage_unavailable":
+                self.last_failure = str(error)
+                self.last_failure_at = time.monotonic()
+                if header.get("stalled"):
+                    self.stalled_at = self.last_failure_at
+            raise error
+        self.last_success_at = time.monotonic()
+        return Decided(answer, header["log"], header["events"])
+
+    def _flush(self) -> None:
+        frames, self._outgoing = self._outgoing, []
+        writer = self._writer
+        if writer is not None:  # else the worker went away: their waiters have been told
+            writer.write(b"".join(frames))
+
+    def _time_out(self, ident: int) -> None:
+        waiting = self._waiting.pop(ident, None)
+        if waiting is None or waiting[0].done():
+            return
+        waiting[0].set_exception(StorageUnavailable(
+            f"the decision process did not answer within {self.answer_timeout:g} s: the "
+            f"request may or may not have been recorded; retry it with the same "
+            f"Idempotency-Key to know"))
+        silent = time.monotonic() - self._heard_at
+        if silent >= self.answer_timeout and self._worker is not None:
+            log.error("the decision process has answered nothing for %.0f s while requests "
+                      "waited: replacing it", silent)
+            self._worker.kill()
+
+
+def _reap(worker: _Worker) -> int:
+    try:
+        return worker.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        return worker.process.wait()

@@ -1,0 +1,191 @@
+"""The server's decision process: replaced when it dies or hangs, never left behind.
+
+``POST /execute`` is decided and appended by a process of the server's own
+(``server/decision_worker.py``). Whatever happens to it, no request is answered
+PERMIT without a durable entry, clients get 503 with a clear error meanwhile,
+``/readyz`` says why, and the server recovers by itself with the log intact.
+Run on both backends (the ``database`` fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway, run_cli
+
+PAYMENT = {"surface": "payment.execute", "actorId": "agent-dp",
+           "context": {"amount": 1, "currency": "EUR", "beneficiary": "Acme Office Supplies"}}
+
+
+def workers_of(server_pid: int) -> list[int]:
+    """The server's child processes (its decision process), from /proc."""
+    found: list[int] = []
+    for children in Path(f"/proc/{server_pid}/task").glob("*/children"):
+        try:
+            found.extend(int(pid) for pid in children.read_text().split())
+        except OSError:
+            continue
+    return found
+
+
+def the_worker(gateway: Gateway) -> int:
+    assert gateway.process is not None
+    workers = workers_of(gateway.process.pid)
+    assert len(workers) == 1, f"expected one decision process, found {workers}"
+    return workers[0]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(check: Callable[[], Any], seconds: float, what: str) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
+def decide(client: httpx.Client, key: str) -> httpx.Response:
+    return client.post("/execute", json=PAYMENT, headers={"Idempotency-Key": key})
+
+
+def audit_passes(gateway: Gateway, client: httpx.Client, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(client.get("/.well-known/trigguard/keys.json").json()))
+    audit = run_cli("audit", "--db", gateway.ledger, "--keys", str(keys), "--no-state",
+                    "--json", check=False)
+    assert audit.returncode == 0, f"audit failed:\n{audit.stdout}\n{audit.stderr}"
+
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/task").exists(),
+                                reason="finds the decision process through /proc (Linux)")
+
+
+def test_a_killed_decision_process_is_replaced(fresh_gateway: Gateway, tmp_path: Path) -> None:
+    with fresh_gateway.client() as client:
+        before = decide(client, "dp-before")
+        assert before.status_code == 200, before.text
+        worker = the_worker(fresh_gateway)
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: not alive(worker), 10, "the decision process to die")
+
+        # Until a new one is ready: 503 at once, never a decision; readiness says why.
+        for attempt in range(400):
+            answer = decide(client, f"dp-during-{attempt}")
+            if answer.status_code == 200:
+                break
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"] == "service_unavailable"
+            assert "decision process" in answer.json()["message"]
+            assert answer.headers["Retry-After"] == "1"
+            if attempt == 0:
+                ready = client.get("/readyz")
+                if ready.status_code == 503:
+                    assert any("decision process" in p for p in ready.json()["problems"])
+            time.sleep(0.02)
+        else:
+            raise AssertionError("no decision process came back")
+
+        replacement = the_worker(fresh_gateway)
+        assert replacement != worker
+        wait_for(lambda: client.get("/readyz").status_code == 200, 10, "ready again")
+        # What was recorded before the kill is still answered from the log, unchanged.
+        again = decide(client, "dp-before")
+        assert again.json()["receipt"] == before.json()["receipt"]
+        after = decide(client, "dp-after")
+        assert after.status_code == 200 and after.json()["decision"] == "PERMIT"
+        assert after.json()["receipt"]["logIndex"] > before.json()["receipt"]["logIndex"]
+    audit_passes(fresh_gateway, fresh_gateway.client(), tmp_path)
+
+
+def test_a_decision_process_that_stops_answering_is_replaced(
+        fresh_gateway: Gateway, tmp_path: Path) -> None:
+    decided = 0  # answers 200: the log must hold exactly these, nothing a client was refused
+
+    def succeeds(key: str) -> bool:
+        nonlocal decided
+        answer = decide(client, key)
+        decided += answer.status_code == 200
+        return answer.status_code == 200
+
+    with fresh_gateway.client() as client:
+        assert succeeds("dp-hang-before")
+        worker = the_worker(fresh_gateway)
+        os.kill(worker, signal.SIGSTOP)  # alive, holding its socket, answering nothing
+        try:
+            started = time.monotonic()
+            stuck = decide(client, "dp-hang-1")
+            waited = time.monotonic() - started
+            assert stuck.status_code == 503, stuck.text
+            assert stuck.json()["error"] == "storage_unavailable"
+            assert "did not answer" in stuck.json()["message"]
+            assert waited < 20
+            # The stuck process is killed and replaced; decisions come back by themselves.
+            wait_for(lambda: not alive(worker), 10, "the stuck process to be killed")
+            counter = iter(range(10_000))
+            wait_for(lambda: succeeds(f"dp-hang-again-{next(counter)}"), 30,
+                     "decisions to succeed again")
+        finally:
+            if alive(worker):
+                os.kill(worker, signal.SIGKILL)
+        assert the_worker(fresh_gateway) != worker
+        assert succeeds("dp-hang-1")  # refused before, so decided now, once
+    (size,), = fresh_gateway.sql("SELECT COUNT(*) FROM log WHERE tenant = 'demo'")
+    assert size == decided
+    audit_passes(fresh_gateway, fresh_gateway.client(), tmp_path)
+
+
+def test_the_decision_process_ends_with_the_server(fresh_gateway: Gateway) -> None:
+    with fresh_gateway.client() as client:
+        assert decide(client, "dp-end").status_code == 200
+    worker = the_worker(fresh_gateway)
+    assert fresh_gateway.process is not None
+    fresh_gateway.process.kill()  # SIGKILL: no chance to stop it
+    fresh_gateway.process.wait(timeout=10)
+    wait_for(lambda: not alive(worker), 10, "the orphaned decision process to die")
+
+
+def test_a_stopped_server_stops_its_decision_process(fresh_gateway: Gateway) -> None:
+    with fresh_gateway.client() as client:
+        assert decide(client, "dp-stop").status_code == 200
+    worker = the_worker(fresh_gateway)
+    assert fresh_gateway.stop() == 0
+    wait_for(lambda: not alive(worker), 10, "the decision process to stop")
+
+
+def test_decision_log_lines_and_metrics_come_through(fresh_gateway: Gateway) -> None:
+    with fresh_gateway.client() as client:
+        answer = decide(client, "dp-metrics")
+        assert answer.status_code == 200
+        metrics = client.get("/metrics").text
+    line = ('execguard_decisions_total{decision="PERMIT",surface="payment.execute",'
+            'mode="enforce"} 1')
+    assert line in metrics
+    assert "execguard_group_commit_batches_total 1" in metrics
+    logged: list[dict[str, Any]] = []
+    assert fresh_gateway.log_path is not None
+    for raw in fresh_gateway.log_path.read_text().splitlines():
+        if raw.startswith("{"):
+            logged.append(json.loads(raw))
+    decisions = [r for r in logged if r.get("logger") == "execguard.decisions"]
+    assert [d["execution_id"] for d in decisions] == [answer.json()["execution_id"]]
+    assert decisions[0]["request_id"] == answer.json()["request_id"]
+    assert decisions[0]["tenant"] == "demo"
