@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Gateway, run_cli
+from tests.conftest import Gateway, api_key_from, free_port, run_cli
 
 PAYMENT = {"surface": "payment.execute", "actorId": "agent-dp",
            "context": {"amount": 1, "currency": "EUR", "beneficiary": "Acme Office Supplies"}}
@@ -189,3 +190,40 @@ def test_decision_log_lines_and_metrics_come_through(fresh_gateway: Gateway) -> 
     assert [d["execution_id"] for d in decisions] == [answer.json()["execution_id"]]
     assert decisions[0]["request_id"] == answer.json()["request_id"]
     assert decisions[0]["tenant"] == "demo"
+
+
+def test_a_restarted_decision_process_opens_only_the_servers_file(tmp_path: Path) -> None:
+    """A worker started after the SQLite file was replaced (here by a copy of itself) must
+    not append to the file now at the path: the log would split in two. Once the server's
+    own file is back, decisions come back."""
+    data = tmp_path / "data"
+    init = run_cli("init", data=data)
+    gateway = Gateway(data=data, port=free_port(), api_key=api_key_from(init.stdout))
+    gateway.start()
+    database, aside = data / "execguard.db", tmp_path / "execguard.db.aside"
+    try:
+        with gateway.client() as client:
+            first = decide(client, "dp-file-1")
+            assert first.status_code == 200, first.text
+            worker = the_worker(gateway)
+            os.rename(database, aside)
+            shutil.copyfile(aside, database)  # the same bytes, another file
+            copied = database.read_bytes()  # not opened here: it would share the WAL
+            os.kill(worker, signal.SIGKILL)
+            wait_for(lambda: not alive(worker), 10, "the decision process to die")
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:  # restarts come and go: none may decide
+                answer = decide(client, f"dp-file-during-{time.monotonic()}")
+                assert answer.status_code == 503, answer.text
+                time.sleep(0.1)
+            assert database.read_bytes() == copied  # nobody wrote to the copy
+            os.replace(aside, database)
+            again = wait_for(lambda: (r := decide(client, "dp-file-2")).status_code == 200
+                             and r, 30, "decisions to come back with the file")
+            assert again.json()["receipt"]["logIndex"] == 1
+        audit_passes(gateway, gateway.client(), tmp_path)
+    finally:
+        if aside.exists():
+            os.replace(aside, database)
+        if gateway.process is not None and gateway.process.poll() is None:
+            gateway.stop()

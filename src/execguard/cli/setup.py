@@ -73,7 +73,9 @@ def serve(
     directory = datadir(settings.data_dir, db)
     store = directory.open_store()
     # Started first: it opens the ledger while this process finishes starting.
-    decisions = DecisionProcess(settings, directory.database_url, LogFormat(log_format).value)
+    database = directory.database_url
+    decisions = DecisionProcess(settings, database, LogFormat(log_format).value,
+                                ledger_file=None if database else directory.db_path)
     decisions.spawn()
     signers = directory.signer_source(store)
     try:

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from execguard.ledger.group_commit import COMMIT_TIMEOUT_SECONDS, recent_failure
@@ -102,16 +103,26 @@ class DecisionProcess:
     """Runs the decision worker for one server and relays its requests (see module doc)."""
 
     def __init__(self, settings: Settings, database: str | None, log_format: str, *,
+                 ledger_file: Path | None = None,
                  answer_timeout: float = COMMIT_TIMEOUT_SECONDS + 2.0) -> None:
+        """``ledger_file``: the SQLite file the server has opened. Every worker, restarts
+        included, opens that very file (not whatever is at its path by then: a file moved
+        away and a new one created in its place would split the log in two)."""
         self.answer_timeout = answer_timeout
         self.metrics: Metrics | None = None
+        identity = None
+        if ledger_file is not None:
+            found = os.stat(ledger_file)
+            identity = [found.st_dev, found.st_ino]
         self._config = {"settings": {**dataclasses.asdict(settings),
                                      "data_dir": str(settings.data_dir)},
-                        "database": database, "logFormat": log_format}
+                        "database": database, "logFormat": log_format,
+                        "ledgerFile": identity}
         self._worker: _Worker | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._outgoing: list[bytes] = []
         self._ready = asyncio.Event()
+        self._ended_once = asyncio.Event()  # a worker has gone away (at start: it failed)
         self._waiting: dict[int, tuple[asyncio.Future[tuple[dict[str, Any], bytes]], float]] = {}
         self._next_id = 0
         self._heard_at = time.monotonic()
@@ -136,15 +147,20 @@ class DecisionProcess:
     async def start(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
         """Supervise the worker; wait (up to ``timeout``) until it has opened the ledger.
 
-        If it is not ready by then, the server starts anyway: decisions get 503 and
-        ``/readyz`` says why, until a worker is ready.
+        If it is not ready by then, or its first start failed, the server starts anyway:
+        decisions get 503 and ``/readyz`` says why, until a worker is ready.
         """
         self._supervisor = asyncio.create_task(self._supervise())
+        waits = {asyncio.create_task(self._ready.wait()),
+                 asyncio.create_task(self._ended_once.wait())}
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
-            log.error("the decision process is not ready after %.0f s: decisions fail "
-                      "closed (503) until it is", timeout)
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if not self._ready.is_set():
+            log.error("the decision process is not ready: decisions fail closed (503) "
+                      "until it is")
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Let the worker answer what it has, commit and checkpoint, and exit."""
@@ -172,6 +188,7 @@ class DecisionProcess:
                     self._worker = _Worker(self._config)
                 except OSError as exc:
                     log.error("could not start the decision process: %s", exc)
+                    self._ended_once.set()
             worker = self._worker
             if worker is not None:
                 ready = await self._serve(worker)
@@ -211,6 +228,7 @@ class DecisionProcess:
             worker.kill()
         finally:
             self._ready.clear()
+            self._ended_once.set()
             self._writer = None
             self.pid = None
             writer.close()

@@ -391,6 +391,21 @@ def _read_config(sock: socket.socket) -> dict[str, Any] | None:
     return header.get("config")
 
 
+def _same_file(path: Path, identity: list[int] | None) -> None:
+    """Refuse a SQLite file other than the server's (moved away, replaced, deleted: opening
+    the path would create a new, empty log there)."""
+    if identity is None:
+        return
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        found = None
+    if found is None or [found.st_dev, found.st_ino] != identity:
+        raise StorageUnavailable(
+            f"{path} is not the database the server opened (moved, deleted or replaced "
+            "while in use): not opening it")
+
+
 def run(sock: socket.socket) -> int:
     """Read the configuration, open the ledger, say ready, serve until the server closes."""
     config = _read_config(sock)
@@ -400,7 +415,12 @@ def run(sock: socket.socket) -> int:
     given = config["settings"]
     settings = Settings(**{**given, "data_dir": Path(given["data_dir"])})
     directory = DataDir(settings.data_dir, config.get("database"))
-    store = directory.open_store()
+    try:
+        _same_file(directory.db_path, config.get("ledgerFile"))
+        store = directory.open_store()
+    except ExecGuardError as exc:  # the server restarts it, with back-off, and says why
+        log.error("the decision process could not open the ledger: %s", exc)
+        return 1
     try:
         signers = directory.signer_source(store)
         worker = DecisionWorker(Gateway(settings, store, signers), store)
