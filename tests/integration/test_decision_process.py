@@ -172,6 +172,18 @@ def test_a_stopped_server_stops_its_decision_process(fresh_gateway: Gateway) -> 
     wait_for(lambda: not alive(worker), 10, "the decision process to stop")
 
 
+def test_a_server_stopped_while_its_decision_process_restarts_stops_at_once(
+        fresh_gateway: Gateway) -> None:
+    worker = the_worker(fresh_gateway)
+    assert fresh_gateway.process is not None
+    os.kill(worker, signal.SIGKILL)
+    time.sleep(0.3)  # a new one is being started: it has nothing to finish
+    started = time.monotonic()
+    assert fresh_gateway.stop() == 0
+    assert time.monotonic() - started < 10
+    assert workers_of(fresh_gateway.process.pid) == []
+
+
 def test_decision_log_lines_and_metrics_come_through(fresh_gateway: Gateway) -> None:
     with fresh_gateway.client() as client:
         answer = decide(client, "dp-metrics")

@@ -169,6 +169,8 @@ class DecisionProcess:
         if writer is not None:
             with contextlib.suppress(OSError):
                 writer.write_eof()  # "no more requests"
+        elif worker is not None:
+            worker.kill()  # still starting (or restarting): it has nothing to finish
         if worker is not None:
             try:
                 await asyncio.wait_for(asyncio.to_thread(worker.process.wait), timeout)
