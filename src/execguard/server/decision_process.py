@@ -265,7 +265,7 @@ class DecisionProcess:
         """How long the oldest unanswered request has waited while the worker said nothing."""
         if not self._waiting:
             return 0.0
-        oldest = min(sent for _, sent in self._waiting.values())
+        _, oldest = next(iter(self._waiting.values()))  # sent in order, and dicts keep it
         return max(0.0, time.monotonic() - max(oldest, self._heard_at))
 
     def failing(self, within: float) -> str | None:
