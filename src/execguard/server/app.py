@@ -322,6 +322,10 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
         failed_at = max((t for t in (committer.last_failure_at, decisions.last_failure_at)
                          if t is not None), default=None)
         storage = await storage_probe.problem(stale_before=failed_at)
+        if decisions.running:
+            worker = await decisions.storage_problem()
+            if worker is not None and worker not in problems:
+                problems.append(f"the decision process cannot write to the log: {worker}")
         if storage is not None and storage not in problems and storage != failing:
             problems.append(storage)
         if problems:

@@ -50,6 +50,9 @@ log = logging.getLogger("execguard.server")
 
 #: How long the server waits for the worker to open the ledger at start.
 START_TIMEOUT_SECONDS = 60.0
+#: ``storage_problem``: how long its answer is used, and how long one check may take.
+CHECK_CACHE_SECONDS = 1.0
+CHECK_TIMEOUT_SECONDS = 2.0
 RESTART_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -136,6 +139,7 @@ class DecisionProcess:
         self.last_success_at: float | None = None
         #: ``time.monotonic()`` when the worker last said a write of its has not finished.
         self.stalled_at: float | None = None
+        self._checked: tuple[float, str | None] | None = None  # (when, problem)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -298,24 +302,10 @@ class DecisionProcess:
         if stalled > self.answer_timeout:
             raise StorageUnavailable(f"the decision process has not answered for "
                                      f"{stalled:.0f} s: no decision was taken")
-        self._next_id += 1
-        ident = self._next_id
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[dict[str, Any], bytes]] = loop.create_future()
-        sent = time.monotonic()
-        self._waiting[ident] = (future, sent)
-        timer = loop.call_later(self.answer_timeout, self._time_out, ident)
-        if not self._outgoing:
-            loop.call_soon(self._flush)
-        self._outgoing.append(encode_frame({
-            "id": ident, "tenant": caller.tenant, "role": caller.role, "keyHash": caller.key_hash,
-            "label": caller.label, "groups": caller.groups, "idempotencyKey": idempotency_key,
-            "deadline": sent + self.answer_timeout}, body))
-        try:
-            header, answer = await future
-        finally:
-            timer.cancel()
-            self._waiting.pop(ident, None)
+        header, answer = await self._ask({
+            "tenant": caller.tenant, "role": caller.role, "keyHash": caller.key_hash,
+            "label": caller.label, "groups": caller.groups, "idempotencyKey": idempotency_key},
+            body)
         if "error" in header:
             error = RelayedError(header["status"], header["error"], header["headers"])
             if error.status >= 500:  # logged here, where the line gets the request's id
@@ -328,6 +318,54 @@ class DecisionProcess:
             raise error
         self.last_success_at = time.monotonic()
         return Decided(answer, header["log"], header["events"])
+
+    async def _ask(self, header: dict[str, Any], body: bytes = b"",
+                   timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+        """Send one frame (its id and deadline added) and wait for its answer."""
+        writer = self._writer
+        if writer is None:
+            raise ServiceUnavailable("the decision process is not running (starting or "
+                                     "restarting): no decision was taken")
+        timeout = self.answer_timeout if timeout is None else timeout
+        self._next_id += 1
+        ident = self._next_id
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[dict[str, Any], bytes]] = loop.create_future()
+        sent = time.monotonic()
+        self._waiting[ident] = (future, sent)
+        timer = loop.call_later(timeout, self._time_out, ident)
+        if not self._outgoing:
+            loop.call_soon(self._flush)
+        self._outgoing.append(encode_frame({**header, "id": ident, "deadline": sent + timeout},
+                                           body))
+        try:
+            return await future
+        finally:
+            timer.cancel()
+            self._waiting.pop(ident, None)
+
+    async def storage_problem(self) -> str | None:
+        """None when the worker has just made a small durable write (``check_writable``,
+        on its writer, between two batches); else what is wrong. At most one check a
+        second; one that takes longer than ``CHECK_TIMEOUT_SECONDS`` is the answer.
+
+        The server's own readiness check says nothing of the worker's connections: on
+        PostgreSQL its pool may still be waiting to reconnect after an outage when the
+        server's has.
+        """
+        now = time.monotonic()
+        if self._checked is not None and now - self._checked[0] < CHECK_CACHE_SECONDS:
+            return self._checked[1]
+        try:
+            header, _ = await self._ask({"check": True}, timeout=CHECK_TIMEOUT_SECONDS)
+            problem = header.get("problem")
+        except StorageUnavailable:  # timed out: its writer is busy with a write that hangs
+            problem = (f"the database is not responding: a write check did not finish "
+                       f"within {CHECK_TIMEOUT_SECONDS:g} s")
+        except ServiceUnavailable as exc:  # the worker went away meanwhile
+            problem = str(exc)
+        self._checked = (time.monotonic(), problem)
+        return problem
 
     def _flush(self) -> None:
         frames, self._outgoing = self._outgoing, []

@@ -301,11 +301,20 @@ def _serve(sock: socket.socket, worker: DecisionWorker, checkpoints: _Checkpoint
     buffer = FrameBuffer()
     replies: list[Frame] = []
     planned: list[Planned] = []
+    checks: list[int] = []  # the server asks whether this process can write
     open_ = True
 
     def checkpoint() -> Batch:
         checkpoints.run_if_due()
         return Batch([], [], [])
+
+    def check(idents: list[int]) -> Batch:  # for the server's readiness
+        try:
+            worker.store.check_writable()
+            problem = None
+        except Exception as exc:
+            problem = str(exc)
+        return Batch([({"id": ident, "problem": problem}, b"") for ident in idents], [], [])
 
     try:
         while True:
@@ -324,14 +333,18 @@ def _serve(sock: socket.socket, worker: DecisionWorker, checkpoints: _Checkpoint
                     f"for {stalled:.0f} s, and nothing was acknowledged")
                 replies += [_error(header["id"], error, stalled=True) for header in waiting]
             elif frames:
-                refused, more = worker.plan(frames)
+                checks += [header["id"] for header, _ in frames if "check" in header]
+                refused, more = worker.plan([f for f in frames if "check" not in f[0]])
                 replies += refused
                 planned += more
             answered = writer.answered
             finished = writer.finished()
-            if writer.job is None and (planned or checkpoints.due_now()):
+            if writer.job is None and (checks or planned or checkpoints.due_now()):
                 # The next transaction starts before this thread answers the last one.
-                if planned:
+                if checks:
+                    writer.start(partial(check, checks), [])
+                    checks = []
+                elif planned:
                     batch, planned = planned[:MAX_BATCH], planned[MAX_BATCH:]
                     writer.start(partial(worker.commit, batch), batch)
                 else:
