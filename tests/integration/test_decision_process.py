@@ -132,6 +132,10 @@ def test_a_decision_process_that_stops_answering_is_replaced(
         worker = the_worker(fresh_gateway)
         os.kill(worker, signal.SIGSTOP)  # alive, holding its socket, answering nothing
         try:
+            time.sleep(1.1)  # past the cached answer of the last readiness check
+            ready = client.get("/readyz")  # asks the worker for a write: no answer in 2 s
+            assert ready.status_code == 503, ready.text
+            assert any("decision process" in p for p in ready.json()["problems"]), ready.text
             started = time.monotonic()
             stuck = decide(client, "dp-hang-1")
             waited = time.monotonic() - started
