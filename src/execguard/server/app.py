@@ -104,6 +104,7 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
     approvals = Approvals(settings, store, committer, signers, gateway)
     notifier = Notifier(store.webhooks)
     gateway.notify = notifier.notify
+    decisions.notify = notifier.notify
     # Operations: metrics (server/metrics.py) and request logs (server/logs.py).
     metrics = Metrics(store)
     committer.on_batch = metrics.observe_batch
@@ -176,8 +177,6 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
         except RelayedError as exc:
             return _json({**exc.body, "request_id": request_id_of(request)}, request,
                          exc.status, exc.headers)
-        for tenant, event, payload in decided.events:
-            gateway.notify(tenant, event, payload)
         return Response(with_request_id(decided.answer, request_id_of(request) or ""),
                         media_type="application/json")
 

@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,10 @@ RESTART_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 @dataclass(frozen=True)
 class Decided:
-    """A decision the worker recorded: its answer (JSON bytes), log fields and events."""
+    """A decision the worker recorded: its answer (JSON bytes) and its log line's fields."""
 
     answer: bytes
     log_fields: dict[str, str]
-    events: list[list[Any]]
 
 
 class RelayedError(Exception):
@@ -113,6 +113,8 @@ class DecisionProcess:
         away and a new one created in its place would split the log in two)."""
         self.answer_timeout = answer_timeout
         self.metrics: Metrics | None = None
+        #: ``notify(tenant, event, payload)``: the events (webhooks) the worker raised.
+        self.notify: Callable[[str, str, Mapping[str, Any]], None] = lambda *_: None
         identity = None
         if ledger_file is not None:
             found = os.stat(ledger_file)
@@ -317,7 +319,9 @@ class DecisionProcess:
                     self.stalled_at = self.last_failure_at
             raise error
         self.last_success_at = time.monotonic()
-        return Decided(answer, header["log"], header["events"])
+        for tenant, event, payload in header["events"]:
+            self.notify(tenant, event, payload)
+        return Decided(answer, header["log"])
 
     async def _ask(self, header: dict[str, Any], body: bytes = b"",
                    timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
@@ -358,7 +362,8 @@ class DecisionProcess:
             return self._checked[1]
         try:
             header, _ = await self._ask({"check": True}, timeout=CHECK_TIMEOUT_SECONDS)
-            problem = header.get("problem")
+            # An error answer (the worker refuses everything while a write hangs) is one.
+            problem = header["error"]["message"] if "error" in header else header["problem"]
         except StorageUnavailable:  # timed out: its writer is busy with a write that hangs
             problem = (f"the database is not responding: a write check did not finish "
                        f"within {CHECK_TIMEOUT_SECONDS:g} s")

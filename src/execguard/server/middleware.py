@@ -169,11 +169,8 @@ class ExecuteFastPath:
         caller = self.gateway.authenticate(_text(headers.get(b"authorization")),
                                            _text(headers.get(b"x-consumer")))
         body = await self._read_body(headers.get(b"content-length"), receive)
-        decided = await self.decisions.decide(caller, body,
-                                              _text(headers.get(b"idempotency-key")))
-        for tenant, event, payload in decided.events:
-            self.gateway.notify(tenant, event, payload)
-        return decided
+        return await self.decisions.decide(caller, body,
+                                           _text(headers.get(b"idempotency-key")))
 
     async def _read_body(self, declared: bytes | None, receive: Receive) -> bytes:
         """The body, refusing more than the limit without reading it all (as ``read_body``)."""
