@@ -7,7 +7,8 @@ The steps of :meth:`CompiledBundle.evaluate`, in order:
 2. The request's context and signals are checked against the registry; a
    missing or invalid declared field is a SILENCE naming the field.
 3. The Cedar request is built from the declared fields only, plus ``action``,
-   the computed ``facts`` and the declared ``signals``.
+   the computed ``facts`` and the declared ``signals``; of those, Cedar is given
+   the attributes the policies of this action read (``arbiter/projection.py``).
 4. Cedar's answer is mapped to an outcome, failing closed:
 
    - a firing ``forbid`` without ``@escalate``      -> DENY
@@ -32,10 +33,12 @@ from types import MappingProxyType
 from typing import Any
 
 import cedarpy
+import orjson
 
 from execguard.arbiter.bundle import PolicyBundle
 from execguard.arbiter.context import FieldProblem, convert_fields
 from execguard.arbiter.facts import FACT_TYPES
+from execguard.arbiter.projection import project, projection_of
 from execguard.arbiter.registry import DECIMAL_LIMIT, SurfaceRegistry, SurfaceSpec
 from execguard.protocol.errors import BundleInvalid, UnknownSurface
 from execguard.protocol.outcome import Outcome
@@ -121,6 +124,7 @@ class CompiledBundle:
                 approval=approval_rule(annotations, annotations["id"]) if escalate else None,
             )
         self._meta = MappingProxyType(meta)
+        self._projection = projection_of(parsed)
         # With an approval in hand, escalating forbids stop firing: the same policies
         # without them (same ids), so hard forbids and permits still decide.
         approved = {k: v for k, v in parsed["staticPolicies"].items() if not meta[k].escalate}
@@ -167,11 +171,15 @@ class CompiledBundle:
         action = request.action if request.action is not None else ""
         if not isinstance(action, str):
             raise TypeError(f"request.action must be a string, got {type(action).__name__}")
+        full_context = {**context, "action": action, "facts": computed, "signals": signals}
         cedar_request = {
             "principal": {"type": "Actor", "id": request.actor_id or ANONYMOUS_ACTOR},
             "action": {"type": "Action", "id": spec.name},
             "resource": {"type": "Subject", "id": request.subject_digest or NO_SUBJECT},
-            "context": {**context, "action": action, "facts": computed, "signals": signals},
+            # Only what the policies of this action read (see arbiter/projection.py), as
+            # JSON text: cedarpy would otherwise encode the dict with the stdlib encoder.
+            "context": orjson.dumps(
+                project(full_context, self._projection.for_action(spec.name))).decode(),
         }
         policies = self._approved_policies if approved else self._policies
         # No schema argument: the policies were validated against the schema when the bundle
