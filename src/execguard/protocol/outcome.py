@@ -22,8 +22,8 @@ class Outcome(StrEnum):
 
 def format_timestamp(moment: datetime) -> str:
     """RFC 3339 UTC with milliseconds: ``2026-11-26T22:30:00.123Z``."""
-    moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    # isoformat is C and a third of strftime's cost; a UTC time ends in "+00:00".
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def parse_timestamp(text: str) -> datetime:
