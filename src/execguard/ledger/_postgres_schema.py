@@ -91,9 +91,17 @@ CREATE TRIGGER checkpoints_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON ch
     FOR EACH STATEMENT EXECUTE FUNCTION execguard_append_only();
 """
 
+#: The limit facts read an actor's live reservations from the index alone (index-only scan).
+_V2 = """
+CREATE INDEX reservations_live_by_actor ON reservations (tenant, surface, actor, reserved_at)
+    INCLUDE (released, consumed, expires_at, execution_id);
+DROP INDEX reservations_by_actor;
+"""
+
 #: ``(version, SQL)`` in order; the database's version is the last one applied.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, _V1),
+    (2, _V2),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

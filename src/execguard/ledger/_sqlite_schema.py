@@ -10,7 +10,7 @@ from execguard.protocol.merkle import CompactRange
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "upgrade"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -53,8 +53,9 @@ CREATE TABLE IF NOT EXISTS reservations (
     execution_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, surface TEXT NOT NULL,
     actor TEXT NOT NULL, reserved_at REAL NOT NULL, expires_at REAL NOT NULL,
     consumed INTEGER NOT NULL DEFAULT 0, released INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS reservations_by_actor
-    ON reservations (tenant, surface, actor, reserved_at);
+-- Covering: the limit facts read an actor's live reservations from the index alone.
+CREATE INDEX IF NOT EXISTS reservations_live_by_actor ON reservations
+    (tenant, surface, actor, reserved_at, released, consumed, expires_at, execution_id);
 CREATE INDEX IF NOT EXISTS reservations_by_surface ON reservations (tenant, surface, reserved_at);
 CREATE TABLE IF NOT EXISTS reservation_amounts (
     execution_id TEXT NOT NULL, field TEXT NOT NULL, units INTEGER NOT NULL,
@@ -102,6 +103,9 @@ def upgrade(conn: sqlite3.Connection, version: int) -> None:
         _upgrade_1_to_2(conn)
     if version < 3:
         _upgrade_2_to_3(conn)
+    if version < 4:
+        # Version 4 replaces the per-actor index with a covering one (created by SCHEMA).
+        conn.execute("DROP INDEX IF EXISTS reservations_by_actor")
 
 
 def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:

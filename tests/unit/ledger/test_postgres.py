@@ -188,3 +188,13 @@ def test_a_young_log_gets_planner_statistics(migrated: PostgresStore, url: str) 
     assert not analyzed()
     migrated.commit_batch([decision("acme", f"young-3-{i}") for i in range(250)], 0)
     assert analyzed()
+
+
+def test_migration_2_makes_the_reservation_index_covering(migrated: PostgresStore,
+                                                          url: str) -> None:
+    with psycopg.connect(url) as conn:
+        indexes = dict(conn.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'reservations'"))
+    assert "reservations_by_actor" not in indexes
+    assert "INCLUDE (released, consumed, expires_at, execution_id)" \
+        in indexes["reservations_live_by_actor"]

@@ -355,3 +355,33 @@ def test_a_version_1_database_is_upgraded_with_its_tree(tmp_path: Path) -> None:
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
             conn.execute("UPDATE log SET receipt = '{}'")
     upgraded.close()
+
+
+LIVE_COUNT = ("SELECT COUNT(*) FROM reservations r WHERE r.tenant = 'acme' AND r.surface = 's'"
+              " AND r.reserved_at > 0 AND r.released = 0"
+              " AND (r.consumed = 1 OR r.expires_at > 0) AND r.actor = 'ann'")
+
+
+def test_a_version_3_database_gets_the_covering_reservation_index(tmp_path: Path) -> None:
+    """The limit facts read an actor's live reservations from one index, not row by row."""
+    from execguard.ledger.sqlite import SCHEMA_VERSION
+
+    path = tmp_path / "v3.db"
+    SQLiteStore(path).close()
+    with sqlite3.connect(path) as conn:
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + LIVE_COUNT))
+        assert "COVERING INDEX reservations_live_by_actor" in plan
+        conn.executescript(
+            "DROP INDEX reservations_live_by_actor;"
+            "CREATE INDEX reservations_by_actor ON reservations"
+            " (tenant, surface, actor, reserved_at);"
+            "UPDATE meta SET value = '3' WHERE key = 'schema_version';")
+    conn.close()
+    SQLiteStore(path).close()
+    with sqlite3.connect(path) as conn:
+        indexes = {row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'reservations'")}
+        assert "reservations_live_by_actor" in indexes
+        assert "reservations_by_actor" not in indexes
+        assert conn.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
+    conn.close()
