@@ -18,7 +18,6 @@ names the decision, not what was decided on.
 from __future__ import annotations
 
 import atexit
-import copy
 import functools
 import logging
 import queue
@@ -68,9 +67,10 @@ _MAX_SNIFF = 256 * 1024
 def _fields_of(record: logging.LogRecord) -> dict[str, Any]:
     """The record's fields: its own, else the current request's (request id, tenant)."""
     known = _request_fields.get() or {}
+    own = record.__dict__  # a record's attributes, extras included: a lookup, not a getattr
     fields: dict[str, Any] = {}
     for name in FIELDS:
-        value = getattr(record, name, None)
+        value = own.get(name)
         if value is None and name == "request_id":
             value = request_id_var.get()
         if value is None:
@@ -122,8 +122,10 @@ class _Enqueue(QueueHandler):
     _exceptions = logging.Formatter()
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        queued = copy.copy(record)
-        queued.__dict__.update(_fields_of(record))
+        # What copy.copy makes of a LogRecord (a new one with the same attributes), at a
+        # tenth of its cost: two of these per decision run on the event loop.
+        queued = logging.LogRecord.__new__(logging.LogRecord)
+        queued.__dict__ = {**record.__dict__, **_fields_of(record)}
         queued.msg, queued.args = record.getMessage(), None
         if record.exc_info:
             queued.exc_text = self._exceptions.formatException(record.exc_info)
