@@ -10,10 +10,10 @@ transaction), with its own idempotency key.
 Measured, each over ``--decisions`` calls after a warm-up, interleaved in rounds
 so that a noisy moment is spread over all of them:
 
-- ``decision``: ``DecisionWorker.decide_batch`` with one request: parse and validate,
-  Cedar evaluation, token and receipt signatures, durable (fsync'd) append to the
-  log, the answer's bytes, as on ``POST /execute`` without HTTP. Wall time per call,
-  and process CPU.
+- ``decision``: ``DecisionWorker.decide_batch`` with one request, as the server hands
+  it over (validated: the server parses the body): Cedar evaluation, token and
+  receipt signatures, durable (fsync'd) append to the log, the answer's bytes, as on
+  ``POST /execute`` without HTTP. Wall time per call, and process CPU.
 - ``decision, no storage``: ``prepare_decision``: the same evaluation, token and
   sealed receipt, with the facts of an empty history and no append.
 - floors: ``Cedar evaluation`` (``CompiledBundle.evaluate`` with computed facts),
@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from execguard.protocol.request import parse_execution_request
 from execguard.server.datadir import DataDir
 from execguard.server.decision_worker import DecisionWorker
 from execguard.server.decisions import DecisionInput, NoHistory, facts_for, prepare_decision
+from execguard.server.frames import encode_request
 from execguard.server.gateway import Gateway
 from execguard.server.settings import Settings
 from loadgen import percentile
@@ -95,10 +97,12 @@ class Bench:
                                        idempotency_header=f"bench-{self.seq}")
 
     def _frame(self) -> tuple[dict[str, Any], bytes]:
-        """A request as the server hands it to its decision process."""
+        """A request as the server hands it to its decision process (validated there)."""
         self.seq += 1
-        return ({"id": self.seq, "tenant": "demo", "role": "agent", "keyHash": "bench",
-                 "idempotencyKey": f"bench-{self.seq}"}, _request(self.seq, self.actors))
+        request = replace(self.sample, actor_id=f"bench-agent-{self.seq % self.actors}",
+                          idempotency_key=f"bench-{self.seq}")
+        return ({"id": self.seq, "tenant": "demo", "role": "agent", "keyHash": "bench"},
+                encode_request(request))
 
     def batch(self, size: int) -> None:
         for header, body in self.worker.decide_batch([self._frame() for _ in range(size)]):

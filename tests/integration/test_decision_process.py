@@ -132,6 +132,11 @@ def test_a_decision_process_that_stops_answering_is_replaced(
         worker = the_worker(fresh_gateway)
         os.kill(worker, signal.SIGSTOP)  # alive, holding its socket, answering nothing
         try:
+            # The server validates the body itself: a malformed one is refused at once.
+            malformed = client.post("/execute", json={**PAYMENT, "surface": 7})
+            assert malformed.status_code == 422, malformed.text
+            assert (malformed.json()["error"], malformed.json()["field"]) \
+                == ("malformed_request", "surface"), malformed.text
             time.sleep(1.1)  # past the cached answer of the last readiness check
             ready = client.get("/readyz")  # asks the worker for a write: no answer in 2 s
             assert ready.status_code == 503, ready.text

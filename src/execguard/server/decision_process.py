@@ -40,7 +40,8 @@ from typing import Any
 
 from execguard.ledger.group_commit import COMMIT_TIMEOUT_SECONDS, recent_failure
 from execguard.protocol.errors import ServiceUnavailable, StorageUnavailable
-from execguard.server.frames import encode_frame, read_frame
+from execguard.protocol.request import parse_execution_request
+from execguard.server.frames import encode_frame, encode_request, read_frame
 from execguard.server.gateway import Caller
 from execguard.server.metrics import BatchSummary, Metrics
 from execguard.server.settings import Settings
@@ -294,8 +295,10 @@ class DecisionProcess:
     # -- requests ----------------------------------------------------------------------
 
     async def decide(self, caller: Caller, body: bytes, idempotency_key: str | None) -> Decided:
-        """The worker's answer to one ``POST /execute``; raises :class:`RelayedError` or
+        """The worker's answer to one ``POST /execute``; raises :class:`MalformedRequest`
+        (here: the body is validated before it is sent), :class:`RelayedError` or
         :class:`ServiceUnavailable`."""
+        request = parse_execution_request(body, idempotency_header=idempotency_key)
         writer = self._writer
         if writer is None:
             raise ServiceUnavailable("the decision process is not running (starting or "
@@ -306,8 +309,7 @@ class DecisionProcess:
                                      f"{stalled:.0f} s: no decision was taken")
         header, answer = await self._ask({
             "tenant": caller.tenant, "role": caller.role, "keyHash": caller.key_hash,
-            "label": caller.label, "groups": caller.groups, "idempotencyKey": idempotency_key},
-            body)
+            "label": caller.label, "groups": caller.groups}, encode_request(request))
         if "error" in header:
             error = RelayedError(header["status"], header["error"], header["headers"])
             if error.status >= 500:  # logged here, where the line gets the request's id

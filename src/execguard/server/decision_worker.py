@@ -29,10 +29,10 @@ It talks to the server over the inherited socket ``N`` in frames (``frames.py``)
 
 - server → worker: ``{"config": ...}`` first (settings, database URL, log format;
   never on the command line, which other users can read); then one frame per request,
-  ``{"id", "tenant", "role", "keyHash", "label", "groups", "idempotencyKey",
-  "deadline"}`` and the raw body. The server has authenticated the caller; the
-  worker parses the body. ``deadline`` (``time.monotonic()``, one clock for the
-  machine) is when the server stops waiting: a request still unwritten then is
+  ``{"id", "tenant", "role", "keyHash", "label", "groups", "deadline"}`` and the
+  request (``frames.encode_request``). The server has authenticated the caller and
+  validated the body; the worker reads it back. ``deadline`` (``time.monotonic()``,
+  one clock for the machine) is when the server stops waiting: a request still unwritten then is
   not written (its client was told nothing was decided).
 - worker → server: ``{"ready": pid}`` once the ledger is open; for each request
   ``{"id", "log", "events"}`` and the answer's JSON (200), or ``{"id", "status",
@@ -71,10 +71,10 @@ import orjson
 from execguard.ledger import CommitResult, PendingEntry, SQLStore
 from execguard.ledger.group_commit import COMMIT_TIMEOUT_SECONDS, commit_failure
 from execguard.protocol.errors import ExecGuardError, StorageUnavailable
-from execguard.protocol.request import ExecutionRequest, parse_execution_request
+from execguard.protocol.request import ExecutionRequest
 from execguard.server.datadir import DataDir
 from execguard.server.errors import error_parts, execguard_error_parts
-from execguard.server.frames import FrameBuffer, encode_frame
+from execguard.server.frames import FrameBuffer, decode_request, encode_frame
 from execguard.server.gateway import Caller, Gateway
 from execguard.server.logs import configure_logging, decision_fields
 from execguard.server.metrics import summarize_batch
@@ -134,8 +134,7 @@ class DecisionWorker:
             try:
                 caller = Caller(header["tenant"], header["role"], header["keyHash"],
                                 header.get("label"), tuple(header.get("groups") or ()))
-                request = parse_execution_request(
-                    body, idempotency_header=header.get("idempotencyKey"))
+                request = decode_request(body)
                 planned.append((header, request, self.gateway.plan(caller, request)))
             except Exception as exc:
                 refused.append(_error(header["id"], exc))

@@ -3,6 +3,10 @@
 One frame is a 4-byte big-endian length, then a JSON header (orjson: no raw
 newline in it), a newline, and an opaque body (a request's or an answer's JSON
 bytes, passed through untouched). The socket is private to the two processes.
+
+A request crosses already validated (:func:`encode_request`): the server parses
+and checks the body, so a malformed one is refused without a round trip, and the
+decision process, whose core is the busier of the two, only reads it back.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from typing import Any
 
 import orjson
 
-__all__ = ["FrameBuffer", "encode_frame", "read_frame"]
+from execguard.protocol.request import ExecutionRequest
+
+__all__ = ["FrameBuffer", "decode_request", "encode_frame", "encode_request", "read_frame"]
 
 _LENGTH = struct.Struct(">I")
 
@@ -23,6 +29,31 @@ def encode_frame(header: Mapping[str, Any], body: bytes = b"") -> bytes:
     """One frame, ready to write."""
     head = orjson.dumps(header)
     return _LENGTH.pack(len(head) + 1 + len(body)) + head + b"\n" + body
+
+
+def encode_request(request: ExecutionRequest) -> bytes:
+    """A validated request as a frame body (:func:`decode_request` reads it back).
+
+    Exact: validation admits only values that orjson writes and reads back
+    unchanged (finite floats, integers within ±(2**53 - 1), valid text, at most
+    ``MAX_DEPTH`` levels), and keys keep their order.
+    """
+    return orjson.dumps({
+        "surface": request.surface, "action": request.action, "actorId": request.actor_id,
+        "context": request.context, "signals": request.signals,
+        "subjectDigest": request.subject_digest, "sessionId": request.session_id,
+        "idempotencyKey": request.idempotency_key, "executionMode": request.execution_mode})
+
+
+def decode_request(body: bytes) -> ExecutionRequest:
+    """The request :func:`encode_request` wrote, not validated again: it comes from the
+    server, which validated it, over a socket only the two processes hold."""
+    fields = orjson.loads(body)
+    return ExecutionRequest(
+        surface=fields["surface"], action=fields["action"], actor_id=fields["actorId"],
+        context=fields["context"], signals=fields["signals"],
+        subject_digest=fields["subjectDigest"], session_id=fields["sessionId"],
+        idempotency_key=fields["idempotencyKey"], execution_mode=fields["executionMode"])
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes] | None:

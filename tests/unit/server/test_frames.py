@@ -8,7 +8,15 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from execguard.server.frames import FrameBuffer, encode_frame, read_frame
+from execguard.protocol.errors import MalformedRequest
+from execguard.protocol.request import parse_execution_request
+from execguard.server.frames import (
+    FrameBuffer,
+    decode_request,
+    encode_frame,
+    encode_request,
+    read_frame,
+)
 from execguard.server.middleware import new_request_id, with_request_id
 
 #: What orjson writes: 64-bit integers.
@@ -72,3 +80,40 @@ def test_the_request_id_is_added_as_orjson_would_write_it(answer: dict[str, obje
     request_id = new_request_id()
     assert with_request_id(orjson.dumps(answer), request_id) == \
         orjson.dumps({**answer, "request_id": request_id})
+
+
+#: Any JSON: what a body may hold, valid for the parser or not.
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-2**60, 2**60),
+              st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=3),
+    max_leaves=12)
+
+
+def _typed(value: object) -> object:
+    """``value`` with each number's type kept apart (1, 1.0 and -0.0 compare equal)."""
+    if isinstance(value, dict):
+        return [(key, _typed(item)) for key, item in value.items()]
+    if isinstance(value, list):
+        return [_typed(item) for item in value]
+    return (type(value).__name__, repr(value))
+
+
+@given(context=st.dictionaries(st.text(max_size=8), json_values, max_size=5),
+       signals=st.dictionaries(st.text(max_size=8), json_values, max_size=2),
+       actor=st.one_of(st.none(), st.text(min_size=1, max_size=10)),
+       key=st.one_of(st.none(), st.text(min_size=1, max_size=10)))
+def test_a_validated_request_crosses_to_the_worker_unchanged(
+        context: dict[str, object], signals: dict[str, object], actor: str | None,
+        key: str | None) -> None:
+    body = orjson.dumps({"surface": "payment.execute", "actorId": actor, "context": context,
+                         "signals": signals, "idempotencyKey": key, "sessionId": "s-1"})
+    try:
+        request = parse_execution_request(body)
+    except MalformedRequest:
+        return  # refused by the server: never sent
+    crossed = decode_request(encode_request(request))
+    assert crossed == request
+    assert _typed(crossed.context) == _typed(request.context)
+    assert _typed(crossed.signals) == _typed(request.signals)
