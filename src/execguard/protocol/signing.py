@@ -6,6 +6,7 @@ import base64
 import binascii
 import functools
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 from cryptography.hazmat.primitives import serialization
@@ -94,7 +95,7 @@ class Signer:
         self.private_key = private_key
         self.public_key = private_key.public_key()
         self.key_id = key_id_for(self.public_key)
-        self._nacl = nacl.signing.SigningKey(private_key.private_bytes_raw())
+        _, self._secret = nacl.bindings.crypto_sign_seed_keypair(private_key.private_bytes_raw())
 
     @classmethod
     def generate(cls) -> Signer:
@@ -124,4 +125,6 @@ class Signer:
 
     def sign(self, message: bytes) -> bytes:
         """The 64-byte Ed25519 signature over ``message``."""
-        return self._nacl.sign(message).signature
+        # libsodium's combined form is the signature then the message; the binding is
+        # called directly (SigningKey.sign wraps it in objects: ~6 µs of 30 per signature).
+        return nacl.bindings.crypto_sign(message, self._secret)[:nacl.bindings.crypto_sign_BYTES]
