@@ -40,7 +40,7 @@ def compute_facts(now: datetime) -> dict[str, Any]:
         raise ValueError("compute_facts needs an aware datetime, e.g. datetime.now(UTC)")
     moment = now.astimezone(UTC)
     return {
-        "now": moment.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "now": moment.isoformat(timespec="seconds")[:19] + "Z",  # C, unlike strftime
         "hour": moment.hour,
         "weekday": moment.isoweekday(),
         "date": moment.date().isoformat(),
