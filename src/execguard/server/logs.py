@@ -285,7 +285,7 @@ _direct: list[_Enqueue] = []
 
 def _only_ours(logger: logging.Logger) -> bool:
     """Whether a record of ``logger`` would reach nothing but our JSON handler."""
-    if len(_direct) != 1 or logging.root.handlers != _direct:
+    if len(_direct) != 1 or logging.root.handlers != _direct or _direct[0].filters:
         return False
     node: logging.Logger | None = logger
     while node is not None:
@@ -308,7 +308,7 @@ def _log_line(logger: logging.Logger, level: int, message: str, fields: dict[str
     """
     if not logger.isEnabledFor(level):
         return
-    if not _only_ours(logger):
+    if not _only_ours(logger) or level < _direct[0].level:
         logger.log(level, message, *args, extra=fields)
         return
     _direct[0].queue.put_nowait((time.time(), logging.getLevelName(level), logger.name,

@@ -101,6 +101,11 @@ def test_a_filter_or_a_level_is_honoured(stream: io.StringIO) -> None:
         finally:
             logs.access_log.filters.clear()
         assert logs._only_ours(logs.access_log)
+        logs._direct[0].setLevel(logging.WARNING)  # our handler's own level
+        try:
+            logs.log_access("POST", "/execute", 200, 0.001)
+        finally:
+            logs._direct[0].setLevel(logging.NOTSET)
         logs.log_access("GET", "/healthz", 200, 0.001)  # a probe: DEBUG, below INFO
         logs.log_decision(dict(DECISION))
         logs.log_access("POST", "/execute", 200, 0.001)
