@@ -91,32 +91,54 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _check_values(value: Any, path: str, depth: int = 0) -> None:
+#: One strict decoder for every body: ``json.loads`` with these arguments builds one per call.
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_unique_object,
+                                parse_constant=_reject_constant)
+
+
+#: Where a value is: a field name, or (where its container is, its key or index). Spelt
+#: out (``context.items[2]``) only for an error: every value of every body is checked.
+_Path = str | tuple["_Path", str | int]
+
+
+def _spelt(path: _Path) -> str:
+    if isinstance(path, str):
+        return path
+    parent, step = path
+    return f"{_spelt(parent)}[{step}]" if isinstance(step, int) else f"{_spelt(parent)}.{step}"
+
+
+def _check_values(value: Any, path: _Path, depth: int = 0) -> None:
     """Refuse values with no exact canonical form, naming where they are."""
     if depth > MAX_DEPTH:
-        raise MalformedRequest(path, f"at most {MAX_DEPTH} levels of nesting", "deeper nesting")
+        raise MalformedRequest(_spelt(path), f"at most {MAX_DEPTH} levels of nesting",
+                               "deeper nesting")
     if isinstance(value, bool) or value is None:
         return
     if isinstance(value, int):
         if abs(value) > MAX_SAFE_INTEGER:
             raise MalformedRequest(
-                path, f"an integer within ±{MAX_SAFE_INTEGER}", describe(value)
+                _spelt(path), f"an integer within ±{MAX_SAFE_INTEGER}", describe(value)
             )
     elif isinstance(value, float):
         if not math.isfinite(value):
-            raise MalformedRequest(path, "a finite number", "a number out of the float range")
+            raise MalformedRequest(_spelt(path), "a finite number",
+                                   "a number out of the float range")
     elif isinstance(value, str):
+        if value.isascii():
+            return  # no surrogate is ASCII
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise MalformedRequest(path, "valid Unicode text", "a lone surrogate") from None
+            raise MalformedRequest(_spelt(path), "valid Unicode text",
+                                   "a lone surrogate") from None
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _check_values(item, f"{path}[{index}]", depth + 1)
+            _check_values(item, (path, index), depth + 1)
     elif isinstance(value, dict):
         for key, item in value.items():
             _check_values(key, path, depth + 1)
-            _check_values(item, f"{path}.{key}", depth + 1)
+            _check_values(item, (path, key), depth + 1)
 
 
 def parse_json_object(body: bytes, what: str = "body") -> dict[str, Any]:
@@ -126,9 +148,9 @@ def parse_json_object(body: bytes, what: str = "body") -> dict[str, Any]:
     except UnicodeDecodeError:
         raise MalformedRequest(what, "UTF-8 encoded JSON", "bytes that are not UTF-8") from None
     try:
-        value = json.loads(
-            text, object_pairs_hook=_unique_object, parse_constant=_reject_constant
-        )
+        if text.startswith("\ufeff"):  # as json.loads refuses it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        value = _STRICT_JSON.decode(text)
     except json.JSONDecodeError as exc:
         raise MalformedRequest(
             what, "a JSON object",

@@ -57,6 +57,10 @@ def test_context_and_signals_are_optional() -> None:
     ('{"surface": "x", "context": {"amount": 9007199254740992}}', "body.context.amount",
      "integer 9007199254740992"),
     ('{"surface": "x", "context": {"t": "\\ud800"}}', "body.context.t", "surrogate"),
+    ('{"surface": "x", "context": {"a": [1, [2, {"b": "é\\udc00"}]]}}', "body.context.a[1][1].b",
+     "surrogate"),
+    ('{"surface": "x", "signals": {"s": [{"n": 1e999}]}}', "body.signals.s[0].n", "float range"),
+    ('\ufeff{"surface": "x"}', "body", "Unexpected UTF-8 BOM"),
     ("[1]", "body", "array"),
     ("nope", "body", "invalid JSON"),
 ])
