@@ -61,12 +61,17 @@ def test_concurrent_payments_never_exceed_the_daily_limit(fresh_gateway: Gateway
         assert record["receipt"]["factsDigest"]
 
 
+TTL_SECONDS = 4
+
+
 def test_an_unused_permit_releases_its_share_when_it_expires(tmp_path: Any) -> None:
     data = tmp_path / "data"
     run_cli("init", data=data)
     gateway = Gateway(data=data, port=free_port(),
                       api_key=(data / "demo-api-key").read_text().strip(),
-                      env={"EXECGUARD_TOKEN_TTL_SECONDS": "1"})
+                      # Long enough for the six requests below on a busy machine (with
+                      # 1 s, a one-second stall let the first permit expire too early).
+                      env={"EXECGUARD_TOKEN_TTL_SECONDS": str(TTL_SECONDS)})
     gateway.start()
     try:
         with gateway.client() as client:
@@ -75,7 +80,7 @@ def test_an_unused_permit_releases_its_share_when_it_expires(tmp_path: Any) -> N
             for _ in range(4):
                 assert pay(client, "agent-slow", 10_000)["decision"] == "PERMIT"
             assert pay(client, "agent-slow", 1)["reasonCode"] == "SPEND_LIMIT"
-            time.sleep(1.3)  # none of the five permits was used: they expire
+            time.sleep(TTL_SECONDS + 0.3)  # none of the five permits was used: they expire
             assert pay(client, "agent-slow", 10_000)["decision"] == "PERMIT"
     finally:
         gateway.stop()
