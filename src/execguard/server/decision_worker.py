@@ -32,8 +32,8 @@ It talks to the server over the inherited socket ``N`` in frames (``frames.py``)
   ``{"id", "tenant", "role", "keyHash", "label", "groups", "deadline"}`` and the
   request (``frames.encode_request``). The server has authenticated the caller and
   validated the body; the worker reads it back. ``deadline`` (``time.monotonic()``,
-  one clock for the machine) is when the server stops waiting: a request still unwritten then is
-  not written (its client was told nothing was decided).
+  one clock for the machine) is when the server stops waiting: a request still
+  unwritten then is not written (its client was told nothing was decided).
 - worker → server: ``{"ready": pid}`` once the ledger is open; for each request
   ``{"id", "log", "events"}`` and the answer's JSON (200), or ``{"id", "status",
   "error", "headers", "stalled"?}`` (an error, in the one error shape; ``stalled``:

@@ -33,6 +33,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from execguard.protocol.errors import ServiceUnavailable
+from execguard.protocol.outcome import format_timestamp
 
 if TYPE_CHECKING:
     from execguard.server.metrics import Metrics
@@ -101,8 +102,7 @@ class JsonFormatter(logging.Formatter):
 
 def _json_line(created: float, level: str, logger: str, message: str,
                fields: dict[str, Any]) -> dict[str, Any]:
-    moment = datetime.fromtimestamp(created, UTC)
-    return {"ts": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    return {"ts": format_timestamp(datetime.fromtimestamp(created, UTC)),
             "level": level, "logger": logger, "msg": message, **fields}
 
 
