@@ -2,6 +2,8 @@
 
 import asyncio
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from execguard.ledger import (
     SQLStore,
     open_ledger,
 )
-from execguard.ledger.sqlite import sqlite_errors
+from execguard.ledger.sqlite import WAL_BACKSTOP_PAGES, sqlite_errors
 from execguard.protocol.chain import entry_hash
 from execguard.protocol.errors import NotFound, StorageUnavailable
 from execguard.protocol.receipt import seal_receipt
@@ -385,3 +387,58 @@ def test_a_version_3_database_gets_the_covering_reservation_index(tmp_path: Path
         assert "reservations_by_actor" not in indexes
         assert conn.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
     conn.close()
+
+
+def _rows_in_database_file(path: Path, table: str) -> int:
+    """Rows of ``table`` in the database file alone: a copy without the WAL beside it."""
+    copy = path.with_name("file-only.db")
+    copy.write_bytes(path.read_bytes())
+    try:
+        with sqlite3.connect(copy) as conn:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?",
+                                (table,)).fetchone():
+                return 0  # even the schema is only in the WAL
+            return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    finally:
+        copy.unlink()
+
+
+def test_sqlite_commits_leave_wal_checkpoints_to_a_thread(tmp_path: Path) -> None:
+    """A commit never copies the WAL into the database file itself (SQLite's default
+    at 1000 pages, which held that commit for tens of milliseconds); a thread does, soon."""
+    path = tmp_path / "ledger.db"
+    store = SQLiteStore(path)
+    try:
+        store.create_tenant("acme", "t0")
+        with store._write("test") as conn:
+            assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == \
+                WAL_BACKSTOP_PAGES
+            assert conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # memory
+        for batch in range(20):
+            store.commit_batch([decision("acme", f"e{batch}-{n}") for n in range(5)], 1.0)
+        deadline = time.monotonic() + 10
+        while _rows_in_database_file(path, "log") < 100:
+            assert time.monotonic() < deadline, "the WAL was not checkpointed in 10 s"
+            time.sleep(0.05)
+        threads = [t for t in threading.enumerate() if t.name == "execguard-wal-checkpoint"]
+        assert len(threads) == 1
+    finally:
+        store.close()
+    assert not threads[0].is_alive()
+
+
+def test_the_sqlite_checkpointer_never_creates_a_database_that_was_removed(
+        tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    store = SQLiteStore(path)
+    try:
+        store.create_tenant("acme", "t0")
+        store._checkpointer.stop()  # type: ignore[union-attr]
+        store._checkpointer = None
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").rename(tmp_path / f"moved{suffix}")
+        store._wal_grew()  # a new checkpointer, whose first connection finds no file
+        time.sleep(0.3)
+        assert not path.exists()
+    finally:
+        store.close()
