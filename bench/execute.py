@@ -33,6 +33,7 @@ from typing import Any
 
 from rich.console import Console
 
+from disk import fsync_floor
 from loadgen import LoadResult, LoadSpec
 from report import TARGETS, Measurement, machine, print_table, summarise, summarise_half
 from servers import Server, free_port, gateway_targets, init_datadir, start_server
@@ -195,6 +196,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for server in servers:
             check_once(server, keys[server.name])
         runs: list[Measurement] = []
+        disk: list[dict[str, Any]] = []
         for round_ in range(args.rounds):
             order = servers if round_ % 2 == 0 else servers[::-1]
             for server in order:
@@ -211,6 +213,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     m = measure(paced, server, spec, args.warmup, round_)
                     runs.append(m)
                     _progress(m)
+            if args.half:  # the servers idle: the disk alone, where the ledgers are
+                floor = fsync_floor(workdir, duration=args.duration)
+                disk.append({"round": round_, **asdict(floor)})
+                console.print(f"round {round_ + 1} disk     fdatasync of a page, "
+                              f"{floor.rate:,.0f}/s: p50 {floor.p50_ms:.2f} ms  p99 "
+                              f"{floor.p99_ms:.2f} ms  max {floor.max_ms:.2f} ms  "
+                              f"over 10 ms: {floor.stalls}")
     finally:
         for server in servers:
             server.stop()
@@ -220,14 +229,15 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
             "actors": args.actors, "targets": targets,
             "results": summarise(runs, args.connections, targets),
-            "half": summarise_half(runs, targets),
+            "half": summarise_half(runs, targets), "disk": disk,
             "runs": [{**asdict(m), "result": asdict(m.result)} for m in runs]}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = args.rounds * (len(args.connections) + 1) * (len(TARGETS) + len(args.db))
-    budget = 180 + runs * (args.duration + args.warmup + 2 * 10 + 45)
+    budget = 180 + runs * (args.duration + args.warmup + 2 * 10 + 45) \
+        + args.rounds * (args.duration + 30)
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGTERM, _on_term)
     signal.alarm(budget)
