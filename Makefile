@@ -36,7 +36,7 @@ lint: install-test
 	$(BIN)/ruff check src tests bench
 
 bench: install-test
-	$(BIN)/python bench/execute.py --db auto
+	$(BIN)/python bench/execute.py --rounds 2 --db auto
 	$(BIN)/python bench/decision.py
 	$(BIN)/python bench/audit.py
 
