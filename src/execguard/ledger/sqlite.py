@@ -13,7 +13,9 @@ WAL checkpoints (copying committed pages from the WAL into the database file) ru
 a thread of their own, not in the commit that crosses SQLite's threshold: there a
 checkpoint held that commit, and every request waiting on it, for the time it took to
 write megabytes and fsync the database file (measured: 20 to 400 ms, about once a
-second under light load). A checkpoint does not block writers or readers.
+second under light load). A checkpoint does not block writers or readers. A commit
+still checkpoints once the WAL is large (``WAL_RESTART_PAGES``), copying only what the
+thread has not, so that the WAL starts over.
 """
 
 from __future__ import annotations
@@ -54,9 +56,12 @@ PAGE_SIZE = 8192
 CACHE_KIB = 16384
 #: The least time between two background WAL checkpoints (each ends in an fsync).
 WAL_CHECKPOINT_INTERVAL_SECONDS = 0.1
-#: WAL pages after which a commit checkpoints itself, as SQLite does by default at 1000:
-#: a backstop should the background checkpoints fall behind (256 MiB of 8 KiB pages).
-WAL_BACKSTOP_PAGES = 32768
+#: WAL pages (64 MiB of 8 KiB pages) past which a commit checkpoints too, as SQLite does
+#: by default past 1000. Under steady load the thread never finds the WAL fully copied
+#: (commits land while it copies), and only a fully copied WAL starts over: without this
+#: it grew without end. By then the thread has copied all but its last tenth of a second,
+#: so the commit's checkpoint is small; the next commit starts the WAL over.
+WAL_RESTART_PAGES = 8192
 
 
 def sqlite_errors(what: str) -> AbstractContextManager[None]:
@@ -106,7 +111,7 @@ class SQLiteStore(SQLStore):
                 # (on disk: a temporary file created and deleted per transaction).
                 conn.execute("PRAGMA temp_store=MEMORY")
                 conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-                conn.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
+                conn.execute(f"PRAGMA wal_autocheckpoint={WAL_RESTART_PAGES}")
         with self._lock:
             self._connections.append(conn)
         return conn

@@ -25,7 +25,7 @@ from execguard.ledger import (
     SQLStore,
     open_ledger,
 )
-from execguard.ledger.sqlite import WAL_BACKSTOP_PAGES, sqlite_errors
+from execguard.ledger.sqlite import WAL_RESTART_PAGES, sqlite_errors
 from execguard.protocol.chain import entry_hash
 from execguard.protocol.errors import NotFound, StorageUnavailable
 from execguard.protocol.receipt import seal_receipt
@@ -412,7 +412,7 @@ def test_sqlite_commits_leave_wal_checkpoints_to_a_thread(tmp_path: Path) -> Non
         store.create_tenant("acme", "t0")
         with store._write("test") as conn:
             assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == \
-                WAL_BACKSTOP_PAGES
+                WAL_RESTART_PAGES
             assert conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # memory
         for batch in range(20):
             store.commit_batch([decision("acme", f"e{batch}-{n}") for n in range(5)], 1.0)
