@@ -23,7 +23,10 @@ from execguard.ledger.records import Reservation
 if TYPE_CHECKING:
     from execguard.ledger._sql_admin import Connection
 
-__all__ = ["BatchRows"]
+__all__ = ["BatchRows", "PendingReservations"]
+
+#: A batch's reservations not inserted yet: (tenant, surface) -> actor -> reservations.
+PendingReservations = dict[tuple[str, str], dict[str, list[Reservation]]]
 
 #: Each table's INSERT: its leading clause, one row's placeholders, and a trailer.
 _INSERTS: dict[str, tuple[str, str, str]] = {
@@ -48,8 +51,9 @@ class BatchRows:
 
     def __init__(self) -> None:
         self._rows: dict[str, list[tuple[Any, ...]]] = {table: [] for table in _INSERTS}
-        #: (tenant, reservation) of each PERMIT in the batch, for the fact reads.
-        self.reservations: list[tuple[str, Reservation]] = []
+        #: Each PERMIT's reservation in the batch, by (tenant, surface) and actor: what
+        #: the fact reads add to the stored ones (an actor's, without a scan of the batch).
+        self.reservations: PendingReservations = {}
 
     def add(self, table: str, row: tuple[Any, ...]) -> None:
         """Queue one row of ``table`` (one of the tables above)."""
@@ -61,7 +65,8 @@ class BatchRows:
                                   reservation.reserved_at, reservation.expires_at))
         for name, units in reservation.amounts.items():
             self.add("reservation_amounts", (execution_id, name, units))
-        self.reservations.append((tenant, reservation))
+        self.reservations.setdefault((tenant, reservation.surface), {}) \
+            .setdefault(reservation.actor, []).append(reservation)
 
     def flush(self, conn: Connection) -> None:
         """Insert everything queued (one statement per table and chunk) and forget it."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from execguard.ledger.records import Reservation
 
 if TYPE_CHECKING:
     from execguard.ledger._sql_admin import Connection
+    from execguard.ledger._sql_batch import PendingReservations
 
 __all__ = ["TxnFacts"]
 
@@ -25,10 +26,10 @@ class TxnFacts:
              " AND (r.consumed = 1 OR r.expires_at > ?)")
 
     def __init__(self, conn: Connection, tenant: str,
-                 pending: Sequence[tuple[str, Reservation]] = ()) -> None:
+                 pending: PendingReservations | None = None) -> None:
         self.conn = conn
         self.tenant = tenant
-        self.pending = pending
+        self.pending = pending or {}
 
     def _where(self, surface: str, actor: str | None, since: float,
                now: float) -> tuple[str, tuple[Any, ...]]:
@@ -38,10 +39,11 @@ class TxnFacts:
 
     def _pending(self, surface: str, actor: str | None, since: float,
                  now: float) -> Iterator[Reservation]:
-        for tenant, r in self.pending:
-            if tenant == self.tenant and r.surface == surface and r.reserved_at > since \
-                    and r.expires_at > now and (actor is None or r.actor == actor):
-                yield r
+        by_actor = self.pending.get((self.tenant, surface), {})
+        for group in by_actor.values() if actor is None else (by_actor.get(actor, ()),):
+            for r in group:
+                if r.reserved_at > since and r.expires_at > now:
+                    yield r
 
     def count(self, surface: str, actor: str | None, since: float, now: float) -> int:
         where, params = self._where(surface, actor, since, now)

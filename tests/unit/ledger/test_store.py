@@ -25,6 +25,8 @@ from execguard.ledger import (
     SQLStore,
     open_ledger,
 )
+from execguard.ledger._sql_batch import BatchRows
+from execguard.ledger._sql_facts import TxnFacts
 from execguard.ledger.sqlite import WAL_RESTART_PAGES, sqlite_errors
 from execguard.protocol.chain import entry_hash
 from execguard.protocol.errors import NotFound, StorageUnavailable
@@ -442,3 +444,27 @@ def test_the_sqlite_checkpointer_never_creates_a_database_that_was_removed(
         assert not path.exists()
     finally:
         store.close()
+
+
+def test_a_batch_s_own_reservations_count_by_tenant_surface_actor_and_window(
+        store: SQLStore) -> None:
+    """The reservations a batch has not inserted yet count only where stored ones would."""
+    rows = BatchRows()
+    for n, (tenant, surface, actor, at, expires, units) in enumerate([
+            ("acme", "pay", "ann", 50.0, 200.0, 1),
+            ("acme", "pay", "ann", 10.0, 200.0, 2),  # before the window
+            ("acme", "pay", "ann", 50.0, 70.0, 4),  # expired by now (100)
+            ("acme", "pay", "bob", 50.0, 200.0, 8),
+            ("acme", "ship", "ann", 50.0, 200.0, 16),  # another surface
+            ("other", "pay", "ann", 50.0, 200.0, 32)]):  # another tenant
+        rows.reserve(tenant, f"r{n}", Reservation(surface, actor, {"amount": units}, at,
+                                                  expires))
+    with store._write("test") as conn:
+        facts = TxnFacts(conn, "acme", rows.reservations)
+        assert (facts.count("pay", "ann", 20.0, 100.0),
+                facts.total("pay", "ann", "amount", 20.0, 100.0)) == (1, 1)
+        assert (facts.count("pay", None, 20.0, 100.0),
+                facts.total("pay", None, "amount", 20.0, 100.0)) == (2, 9)
+        assert facts.count("pay", "carl", 20.0, 100.0) == 0
+        assert facts.total("ship", None, "amount", 20.0, 100.0) == 16
+        assert facts.count("pay", "ann", 0.0, 100.0) == 2
