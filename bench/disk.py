@@ -26,7 +26,7 @@ from loadgen import percentile
 __all__ = ["DiskFloor", "fsync_floor"]
 
 PAGE = 8192
-#: A sync slower than this is counted as a stall (the issue's p99 target).
+#: A sync slower than this is counted as a stall: the p99 target (``report.TARGET_P99_MS``).
 STALL_MS = 10.0
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from rich.console import Console
 
-from disk import fsync_floor
+from disk import STALL_MS, fsync_floor
 from loadgen import LoadResult, LoadSpec
 from report import TARGETS, Measurement, machine, print_table, summarise, summarise_half
 from servers import Server, free_port, gateway_targets, init_datadir, start_server
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 console.print(f"round {round_ + 1} disk     fdatasync of a page, "
                               f"{floor.rate:,.0f}/s: p50 {floor.p50_ms:.2f} ms  p99 "
                               f"{floor.p99_ms:.2f} ms  max {floor.max_ms:.2f} ms  "
-                              f"over 10 ms: {floor.stalls}")
+                              f"over {STALL_MS:.0f} ms: {floor.stalls}")
     finally:
         for server in servers:
             server.stop()

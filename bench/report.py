@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from disk import STALL_MS
 from loadgen import LoadResult
 
 __all__ = ["TARGETS", "Measurement", "machine", "print_table", "summarise", "summarise_half"]
@@ -169,7 +170,7 @@ def print_table(report: dict[str, Any]) -> None:
                   f"8 KiB append, {floor['rate']:,.0f}/s for {floor['syncs']:,} syncs in the "
                   f"ledgers' file system: p50 {floor['p50_ms']:.2f} ms, p99 "
                   f"{floor['p99_ms']:.2f} ms, max {floor['max_ms']:.2f} ms, "
-                  f"{floor['stalls']} over {TARGET_P99_MS:.0f} ms. A request waiting on a "
+                  f"{floor['stalls']} over {STALL_MS:.0f} ms. A request waiting on a "
                   "commit waits for its fdatasync: no gateway latency is below this.")
     verdicts = _verdicts(report)
     if verdicts:

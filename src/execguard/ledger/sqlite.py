@@ -64,6 +64,11 @@ WAL_CHECKPOINT_INTERVAL_SECONDS = 0.1
 WAL_RESTART_PAGES = 8192
 
 
+def _uri(path: str, mode: str) -> str:
+    """The file's URI with an open ``mode`` (``ro``, ``rw``: neither creates a file)."""
+    return f"{Path(path).resolve().as_uri()}?mode={mode}"
+
+
 def sqlite_errors(what: str) -> AbstractContextManager[None]:
     """Turn every ``sqlite3`` error into :class:`StorageUnavailable`."""
     return translate_errors(what, (sqlite3.Error,))
@@ -97,8 +102,7 @@ class SQLiteStore(SQLStore):
         with sqlite_errors("opening the database"):
             if self.readonly:
                 # Auditors open the file read-only: an audit can never change the evidence.
-                uri = f"{Path(self.path).resolve().as_uri()}?mode=ro"
-                conn = sqlite3.connect(uri, uri=True, isolation_level=None,
+                conn = sqlite3.connect(_uri(self.path, "ro"), uri=True, isolation_level=None,
                                        check_same_thread=False, timeout=5.0)
             else:
                 conn = sqlite3.connect(self.path, isolation_level=None,
@@ -313,8 +317,8 @@ class _WalCheckpointer:
                         # mode=rw: never create a file where the database was (removed
                         # meanwhile). FULL: the database file is fsync'd before the WAL
                         # may start over.
-                        conn = sqlite3.connect(f"{Path(self.path).resolve().as_uri()}?mode=rw",
-                                               uri=True, isolation_level=None,
+                        conn = sqlite3.connect(_uri(self.path, "rw"), uri=True,
+                                               isolation_level=None,
                                                check_same_thread=False, timeout=0.0)
                         conn.execute("PRAGMA synchronous=FULL")
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
