@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from execguard.ledger._sql_util import node_row
 from execguard.protocol.chain import entry_hash
 from execguard.protocol.checkpoint import Checkpoint, sign_checkpoint
 from execguard.protocol.logentry import receipt_leaf_hash
@@ -172,7 +173,7 @@ def resign_history(db: Path) -> None:
         statements.append(("INSERT INTO log VALUES ('demo', ?, 'decision', ?, ?, ?, ?, ?, ?)",
                            (forged["logIndex"], forged["executionId"], json.dumps(forged),
                             forged["receiptHash"], prev, chained, leaf)))
-        statements += [("INSERT INTO merkle_nodes VALUES ('demo', ?, ?, ?)", node)
+        statements += [("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?, ?)", node_row("demo", node))
                        for node in tree.append(leaf)]
         prev = chained
     note = sign_checkpoint(Checkpoint("execguard/demo", tree.size, tree.root()), "execguard",

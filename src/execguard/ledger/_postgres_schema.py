@@ -98,10 +98,23 @@ CREATE INDEX reservations_live_by_actor ON reservations (tenant, surface, actor,
 DROP INDEX reservations_by_actor;
 """
 
+#: Merkle nodes keyed by the last leaf they cover (``_sql_util.node_key``): the nodes of
+#: one append are neighbours in the key, instead of one index page per tree level.
+_V3 = """
+ALTER TABLE merkle_nodes DISABLE TRIGGER merkle_nodes_append_only;
+ALTER TABLE merkle_nodes ADD COLUMN last_leaf BIGINT;
+UPDATE merkle_nodes SET last_leaf = ((idx + 1) << level) - 1;
+ALTER TABLE merkle_nodes ALTER COLUMN last_leaf SET NOT NULL;
+ALTER TABLE merkle_nodes DROP CONSTRAINT merkle_nodes_pkey;
+ALTER TABLE merkle_nodes ADD PRIMARY KEY (tenant, last_leaf, level);
+ALTER TABLE merkle_nodes ENABLE TRIGGER merkle_nodes_append_only;
+"""
+
 #: ``(version, SQL)`` in order; the database's version is the last one applied.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, _V1),
     (2, _V2),
+    (3, _V3),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -31,7 +31,7 @@ PendingReservations = dict[tuple[str, str], dict[str, list[Reservation]]]
 #: Each table's INSERT: its leading clause, one row's placeholders, and a trailer.
 _INSERTS: dict[str, tuple[str, str, str]] = {
     "log": ("INSERT INTO log VALUES ", "(?, ?, ?, ?, ?, ?, ?, ?, ?)", ""),
-    "merkle_nodes": ("INSERT INTO merkle_nodes VALUES ", "(?, ?, ?, ?)", ""),
+    "merkle_nodes": ("INSERT INTO merkle_nodes VALUES ", "(?, ?, ?, ?, ?)", ""),
     "executions": ("INSERT INTO executions VALUES ",
                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", ""),
     "reservations": ("INSERT INTO reservations VALUES ", "(?, ?, ?, ?, ?, ?, 0, 0)", ""),

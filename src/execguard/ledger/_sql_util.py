@@ -1,4 +1,5 @@
-"""Shared by the SQL ledger's modules: the one seam for driver errors, and JSON text."""
+"""Shared by the SQL ledger's modules: the one seam for driver errors, JSON text, and the
+key of a stored Merkle node."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import orjson
 
 from execguard.protocol.errors import StorageUnavailable
 
-__all__ = ["dumps", "translate_errors"]
+__all__ = ["LAST_LEAF_SQL", "dumps", "node_key", "node_row", "translate_errors"]
 
 
 @contextmanager
@@ -34,3 +35,19 @@ def dumps(value: Any) -> str:
         return orjson.dumps(value).decode()
     except TypeError:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def node_key(level: int, index: int) -> int:
+    """The last leaf a Merkle node covers: the nodes of one append share it, so keyed by
+    it (then level) they are neighbours at the end of ``merkle_nodes``."""
+    return ((index + 1) << level) - 1
+
+
+#: :func:`node_key` in SQL, over a row's ``level`` and ``idx`` (schema upgrades).
+LAST_LEAF_SQL = "((idx + 1) << level) - 1"
+
+
+def node_row(tenant: str, node: tuple[int, int, bytes]) -> tuple[str, int, int, bytes, int]:
+    """A ``merkle_nodes`` row for a node ``(level, index, hash)``."""
+    level, index, digest = node
+    return tenant, level, index, digest, node_key(level, index)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import sqlite3
 
+from execguard.ledger._sql_util import LAST_LEAF_SQL, node_row
 from execguard.protocol.logentry import receipt_leaf_hash
 from execguard.protocol.merkle import CompactRange
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "upgrade"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -31,9 +32,11 @@ CREATE TABLE IF NOT EXISTS log (
     receipt TEXT NOT NULL, receipt_hash TEXT NOT NULL, prev_hash TEXT, entry_hash TEXT NOT NULL,
     leaf_hash BLOB NOT NULL, PRIMARY KEY (tenant, idx)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS log_by_execution ON log (tenant, execution_id, kind);
+-- Keyed by the last leaf a node covers (``node_key``): the nodes one append creates are
+-- neighbours, written at the table's end, instead of one page per tree level.
 CREATE TABLE IF NOT EXISTS merkle_nodes (
     tenant TEXT NOT NULL, level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
-    PRIMARY KEY (tenant, level, idx)) WITHOUT ROWID;
+    last_leaf INTEGER NOT NULL, PRIMARY KEY (tenant, last_leaf, level)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS checkpoints (
     tenant TEXT NOT NULL, size INTEGER NOT NULL, root BLOB NOT NULL, note TEXT NOT NULL,
     key_id TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (tenant, size)) WITHOUT ROWID;
@@ -106,6 +109,8 @@ def upgrade(conn: sqlite3.Connection, version: int) -> None:
     if version < 4:
         # Version 4 replaces the per-actor index with a covering one (created by SCHEMA).
         conn.execute("DROP INDEX IF EXISTS reservations_by_actor")
+    if version < 5:
+        _upgrade_4_to_5(conn)
 
 
 def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
@@ -124,9 +129,27 @@ def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
             leaf = receipt_leaf_hash(tenant, json.loads(receipt))
             conn.execute("UPDATE log SET leaf_hash = ? WHERE tenant = ? AND idx = ?",
                          (leaf, tenant, index))
-            conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?)",
-                             [(tenant, *node) for node in tree.append(leaf)])
+            conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?, ?, ?)",
+                             [node_row(tenant, node) for node in tree.append(leaf)])
 
+
+
+def _upgrade_4_to_5(conn: sqlite3.Connection) -> None:
+    """Version 5 keys Merkle nodes by the last leaf they cover: the table is rebuilt once.
+
+    A database upgraded from version 1 in the same step already has the new table."""
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(merkle_nodes)")]
+    if not columns or "last_leaf" in columns:
+        return
+    for trigger in ("merkle_nodes_no_update", "merkle_nodes_no_delete"):
+        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")  # SCHEMA creates them again
+    conn.execute("ALTER TABLE merkle_nodes RENAME TO merkle_nodes_v4")
+    for statement in SCHEMA.split(";\n"):
+        if "merkle_nodes (" in statement:
+            conn.execute(statement)
+    conn.execute(f"INSERT INTO merkle_nodes SELECT tenant, level, idx, hash, {LAST_LEAF_SQL}"
+                 " FROM merkle_nodes_v4")
+    conn.execute("DROP TABLE merkle_nodes_v4")
 
 
 def _upgrade_2_to_3(conn: sqlite3.Connection) -> None:

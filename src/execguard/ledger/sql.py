@@ -35,7 +35,7 @@ from execguard.ledger._sql_approvals import (
 )
 from execguard.ledger._sql_batch import BatchRows
 from execguard.ledger._sql_facts import TxnFacts
-from execguard.ledger._sql_util import dumps
+from execguard.ledger._sql_util import dumps, node_key, node_row
 from execguard.ledger.records import (
     ApprovalRecord,
     CheckpointRecord,
@@ -144,8 +144,9 @@ class SQLStore(AdminMixin, ABC):
 
     def _reader(self, conn: Connection, tenant: str) -> NodeReader:
         def read(level: int, index: int) -> bytes:
-            row = conn.execute("SELECT hash FROM merkle_nodes WHERE tenant = ? AND level = ?"
-                               " AND idx = ?", (tenant, level, index)).fetchone()
+            row = conn.execute("SELECT hash FROM merkle_nodes WHERE tenant = ?"
+                               " AND last_leaf = ? AND level = ?",
+                               (tenant, node_key(level, index), level)).fetchone()
             if row is None:
                 raise StorageUnavailable(f"Merkle node ({level}, {index}) of tenant "
                                          f"{tenant!r} is missing: the log store is damaged")
@@ -273,7 +274,7 @@ class SQLStore(AdminMixin, ABC):
         rows.add("log", (tenant, index, kind, execution_id, dumps(receipt), digest, head.prev,
                          chained, leaf))
         for node in head.tree.append(leaf):
-            rows.add("merkle_nodes", (tenant, *node))
+            rows.add("merkle_nodes", node_row(tenant, node))
         head.prev = chained
         return index, receipt
 

@@ -198,3 +198,33 @@ def test_migration_2_makes_the_reservation_index_covering(migrated: PostgresStor
     assert "reservations_by_actor" not in indexes
     assert "INCLUDE (released, consumed, expires_at, execution_id)" \
         in indexes["reservations_live_by_actor"]
+
+
+def test_migration_3_keys_merkle_nodes_by_their_last_leaf(migrated: PostgresStore,
+                                                           url: str) -> None:
+    """A version 2 database keeps its tree through the migration, and its append-only rule."""
+    migrated.commit_batch([decision("acme", f"e{i}") for i in range(13)], 0)
+    root, proof = migrated.tree_root("acme", 13), migrated.inclusion_proof("acme", 5, 13)
+    consistency = migrated.consistency_proof("acme", 6, 13)
+    with psycopg.connect(url, autocommit=True) as conn:  # back to the version 2 table
+        conn.execute("ALTER TABLE merkle_nodes DROP CONSTRAINT merkle_nodes_pkey;"
+                     "ALTER TABLE merkle_nodes DROP COLUMN last_leaf;"
+                     "ALTER TABLE merkle_nodes ADD PRIMARY KEY (tenant, level, idx);"
+                     "DELETE FROM schema_migrations WHERE version = 3")
+    with pytest.raises(ConfigError, match="run 'execguard db migrate'"):
+        PostgresStore(url)
+
+    assert migrated.migrate() == [3]
+    assert migrated.tree_root("acme", 13) == root
+    assert migrated.inclusion_proof("acme", 5, 13) == proof
+    assert migrated.consistency_proof("acme", 6, 13) == consistency
+    with psycopg.connect(url) as conn:
+        key = conn.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+                           " WHERE conname = 'merkle_nodes_pkey'"
+                           " AND connamespace = current_schema()::regnamespace").fetchone()
+        assert key == ("PRIMARY KEY (tenant, last_leaf, level)",)
+    with pytest.raises(psycopg.Error, match="append-only"), \
+            psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE merkle_nodes SET level = 0")
+    assert isinstance(migrated.commit_batch([decision("acme", "e13")], 0)[0], Committed)
+    assert migrated.tree_root("acme", 14) != root

@@ -330,6 +330,90 @@ def test_new_sqlite_files_use_8k_pages_and_older_4k_files_keep_working(tmp_path:
         older.close()
 
 
+def stored_nodes_in_key_order(store: SQLStore, tenant: str) -> list[tuple[int, int]]:
+    """(level, index) of the tenant's stored Merkle nodes, in the table's key order."""
+    with store._read("test") as conn:
+        return [(level, idx) for level, idx in conn.execute(
+            "SELECT level, idx FROM merkle_nodes WHERE tenant = ? ORDER BY last_leaf, level",
+            (tenant,)).fetchall()]
+
+
+def merkle_key(store: SQLStore) -> list[str]:
+    """The columns of ``merkle_nodes``' primary key, in order (the table's physical order
+    on SQLite, the index's on PostgreSQL)."""
+    with store._read("test") as conn:
+        if store.location.endswith(".db"):
+            columns = conn.execute("PRAGMA table_info(merkle_nodes)").fetchall()
+            return [c[1] for c in sorted((c for c in columns if c[5]), key=lambda c: c[5])]
+        definition = conn.execute(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname ="
+            " 'merkle_nodes_pkey' AND connamespace = current_schema()::regnamespace"
+        ).fetchone()[0]
+        return definition.removeprefix("PRIMARY KEY (").removesuffix(")").split(", ")
+
+
+def test_an_append_s_merkle_nodes_are_neighbours_in_the_key(store: SQLStore) -> None:
+    """Keyed by the last leaf they cover, the nodes of one append sit together at the end
+    of the table, in the order the tree creates them (not one place per tree level)."""
+    from execguard.protocol.merkle import CompactRange
+
+    for batch in range(4):
+        store.commit_batch([decision("acme", f"n{batch}-{i}") for i in range(5)], 0)
+    created: list[tuple[int, int]] = []
+    tree = CompactRange()
+    for entry in store.log_entries("acme", 0, 20):
+        created += [(level, index) for level, index, _ in tree.append(entry.leaf_hash)]
+    assert merkle_key(store) == ["tenant", "last_leaf", "level"]
+    assert stored_nodes_in_key_order(store, "acme") == created
+    assert created[-3:] == [(0, 19), (1, 9), (2, 4)]  # leaf 19 completes two nodes above it
+    assert store.tree_root("acme", 20) == tree.root()
+
+
+def test_a_version_4_database_gets_its_merkle_nodes_keyed_by_their_last_leaf(
+        tmp_path: Path) -> None:
+    """The upgrade rebuilds the table once; the tree, its proofs and the append-only rule
+    are what they were, and appends go on."""
+    from execguard.ledger.sqlite import SCHEMA_VERSION
+
+    path = tmp_path / "v4.db"
+    old = SQLiteStore(path)
+    old.create_tenant("acme", "t0")
+    old.commit_batch([decision("acme", f"e{i}") for i in range(13)], 0)
+    root, proof = old.tree_root("acme", 13), old.inclusion_proof("acme", 5, 13)
+    consistency = old.consistency_proof("acme", 6, 13)
+    old.close()
+    with sqlite3.connect(path) as conn:  # the version 4 table, as it was
+        conn.executescript(
+            "DROP TRIGGER merkle_nodes_no_update; DROP TRIGGER merkle_nodes_no_delete;"
+            "ALTER TABLE merkle_nodes RENAME TO v5;"
+            "CREATE TABLE merkle_nodes (tenant TEXT NOT NULL, level INTEGER NOT NULL,"
+            " idx INTEGER NOT NULL, hash BLOB NOT NULL, PRIMARY KEY (tenant, level, idx))"
+            " WITHOUT ROWID;"
+            "INSERT INTO merkle_nodes SELECT tenant, level, idx, hash FROM v5; DROP TABLE v5;"
+            "CREATE TRIGGER merkle_nodes_no_delete BEFORE DELETE ON merkle_nodes"
+            " BEGIN SELECT RAISE(ABORT, 'the log is append-only'); END;"
+            "UPDATE meta SET value = '4' WHERE key = 'schema_version';")
+        nodes = conn.execute("SELECT COUNT(*) FROM merkle_nodes").fetchone()[0]
+
+    upgraded = SQLiteStore(path)
+    try:
+        assert upgraded.schema_version() == SCHEMA_VERSION == 5
+        assert upgraded.tree_root("acme", 13) == root
+        assert upgraded.inclusion_proof("acme", 5, 13) == proof
+        assert upgraded.consistency_proof("acme", 6, 13) == consistency
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM merkle_nodes").fetchone()[0] == nodes
+            assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'v5'"
+                                    " OR name = 'merkle_nodes_v4'").fetchall()
+            for sql in ("DELETE FROM merkle_nodes", "UPDATE merkle_nodes SET level = 0"):
+                with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+                    conn.execute(sql)
+        assert isinstance(upgraded.commit_batch([decision("acme", "e13")], 0)[0], Committed)
+        assert stored_nodes_in_key_order(upgraded, "acme")[-2:] == [(0, 13), (1, 6)]
+    finally:
+        upgraded.close()
+
+
 def test_a_version_1_database_is_upgraded_with_its_tree(tmp_path: Path) -> None:
     """Databases from before the Merkle tree get leaves and nodes computed for their log."""
     from execguard.ledger.sqlite import SCHEMA_VERSION
