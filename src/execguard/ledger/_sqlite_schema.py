@@ -113,13 +113,18 @@ def upgrade(conn: sqlite3.Connection, version: int) -> None:
         _upgrade_4_to_5(conn)
 
 
+def _create_merkle_nodes(conn: sqlite3.Connection) -> None:
+    """Create the Merkle node table as SCHEMA has it (for upgrades that fill it)."""
+    for statement in SCHEMA.split(";\n"):
+        if "TABLE IF NOT EXISTS merkle_nodes (" in statement:
+            conn.execute(statement)
+
+
 def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
     """Version 2 adds the Merkle tree: compute leaf and node hashes for the existing log."""
     conn.execute("ALTER TABLE log ADD COLUMN leaf_hash BLOB NOT NULL DEFAULT x''")
     conn.execute("DROP TRIGGER IF EXISTS log_no_update")
-    for statement in SCHEMA.split(";\n"):
-        if statement.strip() and "merkle_nodes (" in statement:
-            conn.execute(statement)
+    _create_merkle_nodes(conn)
     tenants = [r[0] for r in conn.execute("SELECT DISTINCT tenant FROM log")]
     for tenant in tenants:
         tree = CompactRange()
@@ -133,27 +138,24 @@ def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
                              [node_row(tenant, node) for node in tree.append(leaf)])
 
 
+def _upgrade_2_to_3(conn: sqlite3.Connection) -> None:
+    """Version 3 gives API keys their approver groups."""
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(api_keys)")]
+    if "groups" not in columns:
+        conn.execute("ALTER TABLE api_keys ADD COLUMN groups TEXT NOT NULL DEFAULT ''")
+
 
 def _upgrade_4_to_5(conn: sqlite3.Connection) -> None:
     """Version 5 keys Merkle nodes by the last leaf they cover: the table is rebuilt once.
 
     A database upgraded from version 1 in the same step already has the new table."""
     columns = [row[1] for row in conn.execute("PRAGMA table_info(merkle_nodes)")]
-    if not columns or "last_leaf" in columns:
+    if "last_leaf" in columns:
         return
     for trigger in ("merkle_nodes_no_update", "merkle_nodes_no_delete"):
         conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")  # SCHEMA creates them again
     conn.execute("ALTER TABLE merkle_nodes RENAME TO merkle_nodes_v4")
-    for statement in SCHEMA.split(";\n"):
-        if "merkle_nodes (" in statement:
-            conn.execute(statement)
+    _create_merkle_nodes(conn)
     conn.execute(f"INSERT INTO merkle_nodes SELECT tenant, level, idx, hash, {LAST_LEAF_SQL}"
                  " FROM merkle_nodes_v4")
     conn.execute("DROP TABLE merkle_nodes_v4")
-
-
-def _upgrade_2_to_3(conn: sqlite3.Connection) -> None:
-    """Version 3 gives API keys their approver groups."""
-    columns = [row[1] for row in conn.execute("PRAGMA table_info(api_keys)")]
-    if "groups" not in columns:
-        conn.execute("ALTER TABLE api_keys ADD COLUMN groups TEXT NOT NULL DEFAULT ''")
