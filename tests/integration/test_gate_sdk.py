@@ -302,6 +302,10 @@ def test_a_permit_for_one_request_does_not_authorize_another(
 
 # -- 5. expiry -------------------------------------------------------------------------
 
+# Short enough to wait out in a test, long enough that a slow machine still gets a fresh
+# permit from decision to consumption.
+SHORT_TTL_SECONDS = 3
+
 
 @pytest.fixture(scope="module")
 def short_ttl_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
@@ -310,7 +314,7 @@ def short_ttl_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
     run_cli("init", data=data)
     gateway = Gateway(data=data, port=free_port(),
                       api_key=(data / "demo-api-key").read_text().strip(),
-                      env={"EXECGUARD_TOKEN_TTL_SECONDS": "1"})
+                      env={"EXECGUARD_TOKEN_TTL_SECONDS": str(SHORT_TTL_SECONDS)})
     gateway.start()
     yield gateway
     gateway.stop()
@@ -319,7 +323,7 @@ def short_ttl_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
 def test_an_expired_permit_is_refused_by_the_sdk_clock(
         short_ttl_gateway: Gateway, upstream: Upstream, tag: str) -> None:
     actor = f"agent-{tag}"
-    # 30 s ahead: past exp (iat + 1 s) plus the 5 s clock-skew allowance, with a margin.
+    # 30 s ahead: past exp (iat + 3 s) plus the 5 s clock-skew allowance, with a margin.
     with Gate(short_ttl_gateway.url, short_ttl_gateway.api_key,
               clock=lambda: time.time() + 30) as ahead:
         pay = guarded_payer(ahead, upstream, actor)
@@ -349,7 +353,7 @@ def test_a_permit_that_expires_before_consumption_is_refused_by_the_gateway(
                              headers={"Idempotency-Key": prepared.idempotency_key}).json()
     verified, expected = check_decision(answer, prepared, keys, now=time.time(),
                                         sensitive=sensitive)
-    time.sleep(1.5)  # the token lived 1 s
+    time.sleep(SHORT_TTL_SECONDS + 0.5)
     # Inside the SDK's 5 s skew allowance the token still checks out offline...
     check_decision(answer, prepared, keys, now=time.time(), sensitive=sensitive)
 
