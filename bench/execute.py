@@ -35,7 +35,15 @@ from rich.console import Console
 
 from disk import STALL_MS, fsync_floor
 from loadgen import LoadResult, LoadSpec
-from report import TARGETS, Measurement, machine, print_table, summarise, summarise_half
+from report import (
+    TARGET_P99_MS,
+    TARGETS,
+    Measurement,
+    machine,
+    print_table,
+    summarise,
+    summarise_half,
+)
 from servers import Server, free_port, gateway_targets, init_datadir, start_server
 from wrk import find_wrk, run_wrk, write_script, wrk_version
 
@@ -78,7 +86,7 @@ class LoadGenerator:
                              timeout=spec.duration + spec.grace + 30)
         if out.returncode != 0:
             raise RuntimeError(f"loadgen failed ({out.returncode}): {out.stderr.strip()}")
-        return LoadResult(**json.loads(out.stdout))
+        return LoadResult.from_json(out.stdout)
 
 
 def _children_cpu() -> float:
@@ -162,7 +170,8 @@ def _spec(server: Server, key: str, args: argparse.Namespace, connections: int,
     return LoadSpec(port=server.port, body=BODY, connections=connections,
                     headers={"Authorization": f"Bearer {key}",
                              "Idempotency-Key": IDEMPOTENCY_KEY},
-                    duration=args.duration, expect=EXPECT, rate=rate, actors=args.actors)
+                    duration=args.duration, expect=EXPECT, rate=rate, actors=args.actors,
+                    slow_ms=TARGET_P99_MS)
 
 
 def _progress(m: Measurement) -> None:

@@ -20,6 +20,7 @@ Run: ``python bench/loadgen.py '<spec as JSON>'``; prints one JSON result on std
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["LoadResult", "LoadSpec", "percentile", "run_load"]
+__all__ = ["LoadResult", "LoadSpec", "Stalls", "find_stalls", "percentile", "run_load"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class LoadSpec:
     rate: float = 0.0
     #: ``{actor}`` takes this many values.
     actors: int = 1
+    #: A request slower than this is slow (see :func:`find_stalls`).
+    slow_ms: float = 10.0
 
     def request_maker(self, run: str) -> Callable[[int], bytes]:
         """A function from a sequence number to the bytes of that request."""
@@ -73,6 +76,22 @@ class LoadSpec:
         return make
 
 
+#: The windows that :func:`find_stalls` sorts requests into, by when each started.
+STALL_WINDOW_NS = 100_000_000
+
+
+@dataclass(frozen=True)
+class Stalls:
+    """Where a run's slow requests fell (see :func:`find_stalls`)."""
+
+    slow: int
+    #: Stalls: runs of consecutive stalled windows.
+    count: int
+    slow_in_stalls: int
+    #: The median time from one stall's start to the next one's; None for fewer than two.
+    interval_s: float | None
+
+
 @dataclass
 class LoadResult:
     """What one run measured, in the same shape for every load generator."""
@@ -90,15 +109,28 @@ class LoadResult:
     wrong_body: int
     #: Connection errors, resets, malformed responses and timeouts.
     errors: int
+    #: Where the answers slower than ``LoadSpec.slow_ms`` fell (:func:`find_stalls`);
+    #: None where the generator cannot tell.
+    stalls: Stalls | None = None
 
     @property
     def failures(self) -> int:
         return self.non_200 + self.wrong_body + self.errors
 
+    @classmethod
+    def from_json(cls, text: str) -> LoadResult:
+        """The result that :func:`main` printed."""
+        fields = json.loads(text)
+        if fields.get("stalls") is not None:
+            fields["stalls"] = Stalls(**fields["stalls"])
+        return cls(**fields)
+
 
 @dataclass
 class _Tally:
     latencies_ns: list[int] = field(default_factory=list)
+    #: When each answered request started (was due, in an open loop), in the same order.
+    starts_ns: list[int] = field(default_factory=list)
     non_200: int = 0
     wrong_body: int = 0
     errors: int = 0
@@ -110,6 +142,29 @@ def percentile(ordered: list[int], fraction: float) -> int:
         return 0
     rank = min(max(1, math.ceil(fraction * len(ordered))), len(ordered))
     return ordered[rank - 1]
+
+
+def find_stalls(starts_ns: list[int], latencies_ns: list[int], slow_ns: int) -> Stalls:
+    """The slow requests (over ``slow_ns``) and the stalls that hold them.
+
+    A window is a ``STALL_WINDOW_NS`` stretch of the run; it is stalled when most
+    of the requests that started in it were slow, and consecutive stalled windows
+    make one stall. When most slow requests fall in a few stalls, the tail is a
+    standstill of a moment (of the server, or of the whole machine: a baseline
+    measured in the same run tells which), not a queue that is always long.
+    """
+    windows: dict[int, list[int]] = {}
+    for start, latency in zip(starts_ns, latencies_ns, strict=True):
+        counts = windows.setdefault(start // STALL_WINDOW_NS, [0, 0])
+        counts[0] += 1
+        counts[1] += latency > slow_ns
+    stalled = sorted(w for w, (total, slow) in windows.items() if 2 * slow > total)
+    stalled_set = set(stalled)
+    starts = [w for w in stalled if w - 1 not in stalled_set]
+    gaps = sorted(b - a for a, b in itertools.pairwise(starts))
+    return Stalls(slow=sum(slow for _, slow in windows.values()), count=len(starts),
+                  slow_in_stalls=sum(windows[w][1] for w in stalled),
+                  interval_s=gaps[len(gaps) // 2] * STALL_WINDOW_NS / 1e9 if gaps else None)
 
 
 def _content_length(head: bytes) -> int:
@@ -150,6 +205,7 @@ class _Connection:
             self.close()
             return False
         tally.latencies_ns.append(time.perf_counter_ns() - start_ns)
+        tally.starts_ns.append(start_ns)
         if head[9:12] != b"200":
             tally.non_200 += 1
         elif self.expect and self.expect not in body:
@@ -238,6 +294,7 @@ async def _run(spec: LoadSpec) -> LoadResult:
         await asyncio.gather(*pending, return_exceptions=True)
     seconds = time.perf_counter() - started
     ordered = sorted(tally.latencies_ns)
+    stalls = find_stalls(tally.starts_ns, tally.latencies_ns, round(spec.slow_ms * 1e6))
 
     def ms(value_ns: int) -> float:
         return round(value_ns / 1e6, 3)
@@ -246,7 +303,8 @@ async def _run(spec: LoadSpec) -> LoadResult:
         requests=len(ordered), seconds=round(seconds, 3), rps=round(len(ordered) / seconds, 1),
         p50_ms=ms(percentile(ordered, 0.50)), p90_ms=ms(percentile(ordered, 0.90)),
         p99_ms=ms(percentile(ordered, 0.99)), max_ms=ms(ordered[-1] if ordered else 0),
-        non_200=tally.non_200, wrong_body=tally.wrong_body, errors=tally.errors)
+        non_200=tally.non_200, wrong_body=tally.wrong_body, errors=tally.errors,
+        stalls=stalls)
 
 
 def run_load(spec: LoadSpec) -> LoadResult:

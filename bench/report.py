@@ -101,8 +101,34 @@ def summarise_half(runs: list[Measurement], targets: Iterable[str]) -> list[dict
                      "p99_ms_max": max(m.result.p99_ms for m in mine),
                      "requests": sum(m.result.requests for m in mine),
                      "failures": sum(m.result.failures + m.warmup_failures for m in mine),
-                     "server_cpu_pct": _median([m.server_cpu_pct for m in mine])})
+                     "server_cpu_pct": _median([m.server_cpu_pct for m in mine]),
+                     "stalls": _stalls([m.result for m in mine])})
     return rows
+
+
+def _stalls(results: list[LoadResult]) -> dict[str, Any] | None:
+    """Where the slow requests of some runs fell (``loadgen.find_stalls``), all together."""
+    found = [r.stalls for r in results if r.stalls is not None]
+    if not found:
+        return None
+    slow = sum(s.slow for s in found)
+    intervals = [s.interval_s for s in found if s.interval_s is not None]
+    return {"slow_pct": 100 * slow / max(1, sum(r.requests for r in results)),
+            "in_stalls_pct": 100 * sum(s.slow_in_stalls for s in found) / slow if slow else None,
+            "stalls": sum(s.count for s in found),
+            "interval_s": _median(intervals) if intervals else None}
+
+
+def _stall_text(stalls: dict[str, Any] | None) -> str:
+    if stalls is None:
+        return ""
+    text = f"{stalls['slow_pct']:.1f} %"
+    if stalls["in_stalls_pct"] is not None:
+        text += f" ({stalls['in_stalls_pct']:.0f} % in {stalls['stalls']} stalls"
+        if stalls["interval_s"] is not None:
+            text += f", every ~{stalls['interval_s']:.1f} s"
+        text += ")"
+    return text
 
 
 def machine() -> dict[str, Any]:
@@ -155,14 +181,16 @@ def print_table(report: dict[str, Any]) -> None:
     out.print(table)
     if report.get("half"):
         half = Table("server", "rate req/s", "served req/s", "p50 ms", "p90 ms", "p99 ms",
-                     "failed", "server CPU %",
+                     "failed", "server CPU %", f"over {TARGET_P99_MS:.0f} ms",
                      caption="Open loop at half of the server's best closed-loop req/s in the "
-                     "same round; latency counted from when each request was due.")
+                     "same round; latency counted from when each request was due. Over "
+                     f"{TARGET_P99_MS:.0f} ms: the share of requests, and of those, how many "
+                     "fell in stalls (runs of 100 ms in which most requests took that long).")
         for row in report["half"]:
             failed = str(row["failures"]) if not row["failures"] else f"[red]{row['failures']}"
             half.add_row(row["target"], num(row["rate"], 0), num(row["rps"], 0),
                          num(row["p50_ms"], 2), num(row["p90_ms"], 2), num(row["p99_ms"], 2),
-                         failed, num(row["server_cpu_pct"], 0))
+                         failed, num(row["server_cpu_pct"], 0), _stall_text(row.get("stalls")))
         out.print("Latency at half of the maximum throughput")
         out.print(half)
     for floor in report.get("disk", []):
