@@ -9,6 +9,7 @@ Run on both backends (the ``database`` fixture).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -138,12 +139,19 @@ def test_a_decision_process_that_stops_answering_is_replaced(
             assert (malformed.json()["error"], malformed.json()["field"]) \
                 == ("malformed_request", "surface"), malformed.text
             time.sleep(1.1)  # past the cached answer of the last readiness check
-            ready = client.get("/readyz")  # asks the worker for a write: no answer in 2 s
-            assert ready.status_code == 503, ready.text
-            assert any("decision process" in p for p in ready.json()["problems"]), ready.text
-            started = time.monotonic()
-            stuck = decide(client, "dp-hang-1")
-            waited = time.monotonic() - started
+            with concurrent.futures.ThreadPoolExecutor(1) as pool, \
+                    fresh_gateway.client() as other:
+                started = time.monotonic()
+                pending = pool.submit(decide, other, "dp-hang-1")  # waits ~7 s for an answer
+                time.sleep(0.2)
+                # Asks the worker for a write, asked later but given 2 s: it times out first.
+                ready = client.get("/readyz")
+                assert time.monotonic() - started < 5 and not pending.done()
+                assert ready.status_code == 503, ready.text
+                assert any("decision process" in p for p in ready.json()["problems"]), \
+                    ready.text
+                stuck = pending.result()
+                waited = time.monotonic() - started
             assert stuck.status_code == 503, stuck.text
             assert stuck.json()["error"] == "storage_unavailable"
             assert "did not answer" in stuck.json()["message"]
