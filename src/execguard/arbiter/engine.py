@@ -38,7 +38,7 @@ import orjson
 from execguard.arbiter.bundle import PolicyBundle
 from execguard.arbiter.context import FieldProblem, convert_fields
 from execguard.arbiter.facts import FACT_TYPES
-from execguard.arbiter.projection import project, projection_of
+from execguard.arbiter.projection import project, projection_of, scoped_action
 from execguard.arbiter.registry import DECIMAL_LIMIT, SurfaceRegistry, SurfaceSpec
 from execguard.protocol.errors import BundleInvalid, UnknownSurface
 from execguard.protocol.outcome import Outcome
@@ -108,7 +108,6 @@ class CompiledBundle:
         self.bundle = bundle
         self.version = bundle.version
         self.registry: SurfaceRegistry = bundle.registry
-        self._policies = cedarpy.PolicySet.from_str(bundle.policy_text)
         self._schema = cedarpy.Schema.from_str(bundle.schema_text)
         self._entities = cedarpy.Entities.from_json_str("[]")
         parsed = json.loads(cedarpy.policies_to_json_str(bundle.policy_text))
@@ -125,11 +124,27 @@ class CompiledBundle:
             )
         self._meta = MappingProxyType(meta)
         self._projection = projection_of(parsed)
-        # With an approval in hand, escalating forbids stop firing: the same policies
-        # without them (same ids), so hard forbids and permits still decide.
-        approved = {k: v for k, v in parsed["staticPolicies"].items() if not meta[k].escalate}
-        self._approved_policies = cedarpy.PolicySet.from_json_str(json.dumps(
-            {**parsed, "staticPolicies": approved}))
+        # Each surface is evaluated against the policies that can apply to it: one scoped
+        # to ``action == Action::"x"`` never applies to another action, yet Cedar would
+        # check it on every call. With an approval in hand, escalating forbids stop
+        # firing: the same policies without them (same ids), so hard forbids and permits
+        # still decide.
+        self._applicable = {
+            (surface, approved): tuple(
+                cedar_id for cedar_id, policy in parsed["staticPolicies"].items()
+                if scoped_action(policy) in (None, surface)
+                and not (approved and meta[cedar_id].escalate))
+            for surface in self.registry.names() for approved in (False, True)}
+        self._policy_sets = {
+            key: cedarpy.PolicySet.from_json_str(json.dumps({**parsed, "staticPolicies": {
+                cedar_id: parsed["staticPolicies"][cedar_id] for cedar_id in ids}}))
+            for key, ids in self._applicable.items()}
+
+    def applicable_policies(self, surface: str, *, approved: bool = False) -> tuple[str, ...]:
+        """The ``@id`` of every policy evaluated for requests on ``surface`` (with an approval
+        in hand: without the escalating forbids)."""
+        return tuple(self._meta[cedar_id].id
+                     for cedar_id in self._applicable.get((surface, approved), ()))
 
     def evaluate(self, request: ExecutionRequest, facts: Mapping[str, Any], *,
                  approved: bool = False) -> Evaluation:
@@ -181,7 +196,7 @@ class CompiledBundle:
             "context": orjson.dumps(
                 project(full_context, self._projection.for_action(spec.name))).decode(),
         }
-        policies = self._approved_policies if approved else self._policies
+        policies = self._policy_sets[(spec.name, approved)]
         # No schema argument: the policies were validated against the schema when the bundle
         # was loaded, and convert_fields has already typed the context by the same registry
         # the schema is generated from. Cedar would only check it all again on every call.

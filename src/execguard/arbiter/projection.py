@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["ContextProjection", "Projection", "project", "projection_of"]
+__all__ = ["ContextProjection", "Projection", "project", "projection_of", "scoped_action"]
 
 #: The attributes to keep, each with what to keep of its value: ``None`` keeps a
 #: value whole; a projection of ``None`` keeps the whole context.
@@ -83,7 +83,7 @@ def _merge(paths: Iterable[tuple[str, ...]]) -> Projection:
     return tree
 
 
-def _scoped_action(policy: Mapping[str, Any]) -> str | None:
+def scoped_action(policy: Mapping[str, Any]) -> str | None:
     """The one action a policy is scoped to, or None when it may apply to several."""
     scope = policy.get("action")
     if isinstance(scope, dict) and scope.get("op") == "==":
@@ -103,7 +103,7 @@ class ContextProjection:
         for policy in static_policies.values():
             found: list[tuple[str, ...]] = []
             _paths(policy.get("conditions", []), found)
-            action = _scoped_action(policy)
+            action = scoped_action(policy)
             if action is None:
                 everywhere += found
             else:

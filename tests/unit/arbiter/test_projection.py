@@ -1,4 +1,5 @@
-"""Cedar is given only the context paths the policies read, and decides exactly as before."""
+"""Cedar is given only the context paths and the policies that can matter to a request, and
+decides exactly as with all of them."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 import execguard.arbiter.engine as engine_module
 from execguard.arbiter import CompiledBundle, PolicyBundle, demo_bundle_path
-from execguard.arbiter.projection import ContextProjection, project, projection_of
+from execguard.arbiter.projection import ContextProjection, project, projection_of, scoped_action
 from execguard.protocol.request import ExecutionRequest
 
 from .conftest import SATURDAY, THURSDAY
@@ -137,3 +138,67 @@ def test_projected_evaluation_decides_as_the_full_context(
     with mock.patch.object(engine_module, "project", lambda full, _projection: full):
         whole = demo_engine().evaluate(request, facts, approved=approved)
     assert projected == whole
+
+
+@cache
+def engine_with_every_policy_everywhere() -> CompiledBundle:
+    """The demo bundle, every policy evaluated for every surface (none counted as scoped)."""
+    with mock.patch.object(engine_module, "scoped_action", lambda _policy: None):
+        return CompiledBundle(PolicyBundle.from_directory(demo_bundle_path()))
+
+
+def test_a_surface_is_evaluated_against_its_own_policies_and_the_unscoped_ones(
+        small_engine: Any) -> None:
+    demo = demo_engine()
+    assert set(demo.applicable_policies("payment.execute")) == {
+        "payment-within-limit", "payment-high-value", "payment-daily-limit",
+        "payment-sanctioned-beneficiary"}
+    # With an approval in hand the escalating forbid is left out; the hard forbids stay.
+    assert set(demo.applicable_policies("payment.execute", approved=True)) == {
+        "payment-within-limit", "payment-daily-limit", "payment-sanctioned-beneficiary"}
+    assert demo.applicable_policies("no.such.surface") == ()
+
+    two = """\
+[surfaces."job.run"]
+risk = "low"
+[surfaces."job.run".context]
+n = { type = "integer", required = true }
+[surfaces."job.stop"]
+risk = "low"
+"""
+    engine = small_engine({"p.cedar": """
+@id("run-small") permit (principal, action == Action::"job.run", resource)
+when { context.n < 10 };
+@id("stop-any") permit (principal, action == Action::"job.stop", resource);
+@id("nobody-at-all") forbid (principal, action, resource) when { principal == Actor::"x" };
+@id("run-or-stop") forbid (principal, action in [Action::"job.run", Action::"job.stop"],
+                            resource) when { principal == Actor::"y" };
+"""}, surfaces=two, schema="entity Actor;\nentity Subject;\n")
+    assert set(engine.applicable_policies("job.run")) == {
+        "run-small", "nobody-at-all", "run-or-stop"}
+    assert set(engine.applicable_policies("job.stop")) == {
+        "stop-any", "nobody-at-all", "run-or-stop"}
+    stopped = engine.evaluate(ExecutionRequest(surface="job.stop", actor_id="y"), THURSDAY)
+    assert stopped.determining_policies == ("run-or-stop",)
+
+
+def test_scoped_action_names_only_an_exact_action_scope() -> None:
+    parsed = json.loads(cedarpy.policies_to_json_str(
+        'permit (principal, action == Action::"a", resource);\n'
+        'permit (principal, action in [Action::"a"], resource);\n'
+        "permit (principal, action, resource);"))
+    assert sorted(map(str, map(scoped_action, parsed["staticPolicies"].values()))) \
+        == ["None", "None", "a"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(surface=surfaces, change=changes, facts=facts, approved=st.booleans(),
+       signals=st.dictionaries(st.sampled_from(["risk_score"]), values, max_size=1))
+def test_evaluation_against_a_surface_s_policies_decides_as_against_all(
+        surface: str, change: dict[str, Any], facts: dict[str, Any], approved: bool,
+        signals: dict[str, Any]) -> None:
+    context = {**VALID.get(surface, {}), **change}
+    request = ExecutionRequest(surface=surface, actor_id="agent-7", context=context,
+                               signals=signals, action="run")
+    assert demo_engine().evaluate(request, facts, approved=approved) \
+        == engine_with_every_policy_everywhere().evaluate(request, facts, approved=approved)
