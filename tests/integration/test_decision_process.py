@@ -146,7 +146,7 @@ def test_a_decision_process_that_stops_answering_is_replaced(
                 time.sleep(0.2)
                 # Asks the worker for a write, asked later but given 2 s: it times out first.
                 ready = client.get("/readyz")
-                assert time.monotonic() - started < 5 and not pending.done()
+                assert time.monotonic() - started < 6 and not pending.done()  # not at ~7 s
                 assert ready.status_code == 503, ready.text
                 assert any("decision process" in p for p in ready.json()["problems"]), \
                     ready.text
