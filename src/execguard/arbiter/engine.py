@@ -8,7 +8,8 @@ The steps of :meth:`CompiledBundle.evaluate`, in order:
    missing or invalid declared field is a SILENCE naming the field.
 3. The Cedar request is built from the declared fields only, plus ``action``,
    the computed ``facts`` and the declared ``signals``; of those, Cedar is given
-   the attributes the policies of this action read (``arbiter/projection.py``).
+   the attributes the policies of this action read (``arbiter/projection.py``),
+   and it evaluates only the policies that can apply to this action.
 4. Cedar's answer is mapped to an outcome, failing closed:
 
    - a firing ``forbid`` without ``@escalate``      -> DENY
