@@ -125,26 +125,27 @@ facts = st.sampled_from([THURSDAY, SATURDAY]).flatmap(lambda clock: st.builds(
     st.integers(0, 100)))
 
 
-@settings(max_examples=500, deadline=None)
-@given(surface=surfaces, change=changes, facts=facts, approved=st.booleans(),
-       signals=st.dictionaries(st.sampled_from(["risk_score"]), values, max_size=1))
-def test_projected_evaluation_decides_as_the_full_context(
-        surface: str, change: dict[str, Any], facts: dict[str, Any], approved: bool,
-        signals: dict[str, Any]) -> None:
-    context = {**VALID.get(surface, {}), **change}
-    request = ExecutionRequest(surface=surface, actor_id="agent-7", context=context,
-                               signals=signals, action="run")
-    projected = demo_engine().evaluate(request, facts, approved=approved)
-    with mock.patch.object(engine_module, "project", lambda full, _projection: full):
-        whole = demo_engine().evaluate(request, facts, approved=approved)
-    assert projected == whole
-
-
 @cache
 def engine_with_every_policy_everywhere() -> CompiledBundle:
     """The demo bundle, every policy evaluated for every surface (none counted as scoped)."""
     with mock.patch.object(engine_module, "scoped_action", lambda _policy: None):
         return CompiledBundle(PolicyBundle.from_directory(demo_bundle_path()))
+
+
+@settings(max_examples=500, deadline=None)
+@given(surface=surfaces, change=changes, facts=facts, approved=st.booleans(),
+       signals=st.dictionaries(st.sampled_from(["risk_score"]), values, max_size=1))
+def test_evaluation_decides_as_with_the_whole_context_and_every_policy(
+        surface: str, change: dict[str, Any], facts: dict[str, Any], approved: bool,
+        signals: dict[str, Any]) -> None:
+    context = {**VALID.get(surface, {}), **change}
+    request = ExecutionRequest(surface=surface, actor_id="agent-7", context=context,
+                               signals=signals, action="run")
+    decided = demo_engine().evaluate(request, facts, approved=approved)
+    with mock.patch.object(engine_module, "project", lambda full, _projection: full):
+        assert decided == demo_engine().evaluate(request, facts, approved=approved)
+    assert decided == engine_with_every_policy_everywhere().evaluate(
+        request, facts, approved=approved)
 
 
 def test_a_surface_is_evaluated_against_its_own_policies_and_the_unscoped_ones(
@@ -189,16 +190,3 @@ def test_scoped_action_names_only_an_exact_action_scope() -> None:
         "permit (principal, action, resource);"))
     assert sorted(map(str, map(scoped_action, parsed["staticPolicies"].values()))) \
         == ["None", "None", "a"]
-
-
-@settings(max_examples=300, deadline=None)
-@given(surface=surfaces, change=changes, facts=facts, approved=st.booleans(),
-       signals=st.dictionaries(st.sampled_from(["risk_score"]), values, max_size=1))
-def test_evaluation_against_a_surface_s_policies_decides_as_against_all(
-        surface: str, change: dict[str, Any], facts: dict[str, Any], approved: bool,
-        signals: dict[str, Any]) -> None:
-    context = {**VALID.get(surface, {}), **change}
-    request = ExecutionRequest(surface=surface, actor_id="agent-7", context=context,
-                               signals=signals, action="run")
-    assert demo_engine().evaluate(request, facts, approved=approved) \
-        == engine_with_every_policy_everywhere().evaluate(request, facts, approved=approved)
