@@ -7,6 +7,8 @@ released migration: add the next one.
 
 from __future__ import annotations
 
+from execguard.ledger._sql_util import LAST_LEAF_SQL
+
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
 
 _V1 = """
@@ -100,10 +102,10 @@ DROP INDEX reservations_by_actor;
 
 #: Merkle nodes keyed by the last leaf they cover (``_sql_util.node_key``): the nodes of
 #: one append are neighbours in the key, instead of one index page per tree level.
-_V3 = """
+_V3 = f"""
 ALTER TABLE merkle_nodes DISABLE TRIGGER merkle_nodes_append_only;
 ALTER TABLE merkle_nodes ADD COLUMN last_leaf BIGINT;
-UPDATE merkle_nodes SET last_leaf = ((idx + 1) << level) - 1;
+UPDATE merkle_nodes SET last_leaf = {LAST_LEAF_SQL};
 ALTER TABLE merkle_nodes ALTER COLUMN last_leaf SET NOT NULL;
 ALTER TABLE merkle_nodes DROP CONSTRAINT merkle_nodes_pkey;
 ALTER TABLE merkle_nodes ADD PRIMARY KEY (tenant, last_leaf, level);
