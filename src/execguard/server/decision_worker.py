@@ -315,9 +315,24 @@ def _serve(sock: socket.socket, worker: DecisionWorker, checkpoints: _Checkpoint
             problem = str(exc)
         return Batch([({"id": ident, "problem": problem}, b"") for ident in idents], [], [])
 
+    def start_next() -> None:
+        """Give the writer its next job if it is free: a readiness check, the planned
+        requests (up to ``MAX_BATCH``), or checkpoints that are due."""
+        nonlocal checks, planned
+        if writer.job is not None:
+            return
+        if checks:
+            writer.start(partial(check, checks), [])
+            checks = []
+        elif planned:
+            batch, planned = planned[:MAX_BATCH], planned[MAX_BATCH:]
+            writer.start(partial(worker.commit, batch), batch)
+        elif checkpoints.due_now():
+            writer.start(checkpoint, [])
+
     try:
         while True:
-            frames = buffer.frames(MAX_BATCH * 4)
+            frames = to_plan = buffer.frames(MAX_BATCH * 4)
             stalled = writer.stalled_for()
             if stalled > COMMIT_TIMEOUT_SECONDS:
                 waiting = [frame[0] for frame in frames] + [p[0] for p in planned]
@@ -331,23 +346,19 @@ def _serve(sock: socket.socket, worker: DecisionWorker, checkpoints: _Checkpoint
                     f"the database is not responding: a write to the log has been waiting "
                     f"for {stalled:.0f} s, and nothing was acknowledged")
                 replies += [_error(header["id"], error, stalled=True) for header in waiting]
-            elif frames:
-                checks += [header["id"] for header, _ in frames if "check" in header]
-                refused, more = worker.plan([f for f in frames if "check" not in f[0]])
-                replies += refused
-                planned += more
+                to_plan = []
             answered = writer.answered
             finished = writer.finished()
-            if writer.job is None and (checks or planned or checkpoints.due_now()):
-                # The next transaction starts before this thread answers the last one.
-                if checks:
-                    writer.start(partial(check, checks), [])
-                    checks = []
-                elif planned:
-                    batch, planned = planned[:MAX_BATCH], planned[MAX_BATCH:]
-                    writer.start(partial(worker.commit, batch), batch)
-                else:
-                    writer.start(checkpoint, [])
+            # The next transaction starts before this thread plans what has arrived and
+            # answers the last one: the writer never waits for either.
+            if planned:
+                start_next()
+            if to_plan:
+                checks += [header["id"] for header, _ in to_plan if "check" in header]
+                refused, more = worker.plan([f for f in to_plan if "check" not in f[0]])
+                replies += refused
+                planned += more
+            start_next()
             if finished is not None:
                 answers = worker.answer(finished)
                 replies += [a for a in answers if "id" not in a[0]] if answered else answers
