@@ -31,6 +31,7 @@ from execguard.server.approvals import Approvals
 from execguard.server.decision_process import DecisionProcess, RelayedError
 from execguard.server.errors import install_error_handlers, request_id_of
 from execguard.server.gateway import Caller, Gateway, SigningKeys, explain_record
+from execguard.server.heap import freeze_startup_objects
 from execguard.server.logs import RequestLogMiddleware, log_background_failure, noting_tenant
 from execguard.server.metrics import CONTENT_TYPE, Metrics
 from execguard.server.middleware import ExecuteFastPath, RequestIdMiddleware, with_request_id
@@ -136,6 +137,7 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         committer.start()
         await decisions.start()
+        freeze_startup_objects()
         background = [asyncio.create_task(forget_expired_idempotency_keys()),
                       asyncio.create_task(transparency.checkpoint_on_schedule(committer)),
                       asyncio.create_task(expire_approvals())]

@@ -76,6 +76,7 @@ from execguard.server.datadir import DataDir
 from execguard.server.errors import error_parts, execguard_error_parts
 from execguard.server.frames import FrameBuffer, decode_request, encode_frame
 from execguard.server.gateway import Caller, Gateway
+from execguard.server.heap import freeze_startup_objects
 from execguard.server.logs import configure_logging, decision_fields
 from execguard.server.metrics import summarize_batch
 from execguard.server.settings import Settings
@@ -450,6 +451,7 @@ def run(sock: socket.socket) -> int:
         checkpoints = _Checkpoints(Transparency(settings, store, signers), worker,
                                    settings.checkpoint_interval_seconds,
                                    on_writer=store.maintenance_on_writer)
+        freeze_startup_objects()
         sock.sendall(encode_frame({"ready": os.getpid()}))
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             _serve(sock, worker, checkpoints)
