@@ -1,7 +1,7 @@
 """The decision process's loop (``decision_worker._serve``): what its writer is given, when.
 
 A fake worker stands in for the gateway and the ledger, so that the test decides when
-planning and appending end; the loop, its writer thread and the frames are the real ones.
+appending and answering end; the loop, its writer thread and the frames are the real ones.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class _Checkpoints:
 
 
 class _Worker:
-    """Plans, commits and answers frames by their ids; a test can hold each step."""
+    """Plans, commits and answers frames by their ids; a test can hold a commit or an answer."""
 
     def __init__(self) -> None:
         self.committed: list[list[int]] = []

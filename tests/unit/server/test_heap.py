@@ -19,9 +19,7 @@ def test_objects_alive_at_start_up_leave_the_collected_generations() -> None:
     built = _Node()
     built.children.append(_Node())
     try:
-        assert any(built is obj for obj in gc.get_objects(generation=0)) or \
-            any(built is obj for obj in gc.get_objects(generation=1)) or \
-            any(built is obj for obj in gc.get_objects(generation=2))
+        assert any(built is obj for obj in gc.get_objects())  # in one of the generations
         freeze_startup_objects()
         assert gc.get_freeze_count() > 0
         for generation in (0, 1, 2):
