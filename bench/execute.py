@@ -44,7 +44,14 @@ from report import (
     summarise,
     summarise_half,
 )
-from servers import Server, free_port, gateway_targets, init_datadir, start_server
+from servers import (
+    Server,
+    free_port,
+    gateway_targets,
+    init_datadir,
+    machine_busy_seconds,
+    start_server,
+)
 from wrk import find_wrk, run_wrk, write_script, wrk_version
 
 BENCH = Path(__file__).resolve().parent
@@ -99,12 +106,12 @@ def measure(gen: LoadGenerator, server: Server, spec: LoadSpec, warmup: float,
     """A warm-up run (discarded), then the timed run with CPU read around it."""
     warm = gen.run(LoadSpec(**{**asdict(spec), "duration": warmup})) if warmup > 0 else None
     cpu_before, children_before = server.cpu_seconds(), _children_cpu()
-    loop_before = server.main_thread_cpu_seconds()
+    loop_before, busy_before = server.main_thread_cpu_seconds(), machine_busy_seconds()
     started = time.perf_counter()
     result = gen.run(spec)
     wall = time.perf_counter() - started
     cpu_after, children_after = server.cpu_seconds(), _children_cpu()
-    loop_after = server.main_thread_cpu_seconds()
+    loop_after, busy_after = server.main_thread_cpu_seconds(), machine_busy_seconds()
     server_cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     loop_cpu = None if loop_before is None or loop_after is None else loop_after - loop_before
     return Measurement(
@@ -116,7 +123,9 @@ def measure(gen: LoadGenerator, server: Server, spec: LoadSpec, warmup: float,
         server_cpu_pct=None if server_cpu is None else round(server_cpu / wall * 100, 1),
         loop_cpu_us=round(loop_cpu / result.requests * 1e6, 1)
         if loop_cpu is not None and result.requests else None,
-        loadgen_cpu_pct=round((children_after - children_before) / wall * 100, 1))
+        loadgen_cpu_pct=round((children_after - children_before) / wall * 100, 1),
+        machine_cpu_pct=None if busy_before is None or busy_after is None
+        else round((busy_after - busy_before) / wall * 100, 1))
 
 
 def check_once(server: Server, key: str) -> None:

@@ -47,6 +47,8 @@ class Measurement:
     #: The server's main thread's share of ``server_cpu_us`` (uvicorn's event loop; the
     #: rest is the gateway's ledger writer and log threads).
     loop_cpu_us: float | None = None
+    #: Every CPU's busy time over the run (all processes), in percent of one core.
+    machine_cpu_pct: float | None = None
 
 
 def _median(values: Iterable[float | None]) -> float | None:
@@ -74,7 +76,8 @@ def summarise(runs: list[Measurement], connections: list[int],
                 "server_cpu_us_per_request": _median([m.server_cpu_us for m in mine]),
                 "loop_cpu_us_per_request": _median([m.loop_cpu_us for m in mine]),
                 "server_cpu_pct": _median([m.server_cpu_pct for m in mine]),
-                "loadgen_cpu_pct": _median([m.loadgen_cpu_pct for m in mine])}
+                "loadgen_cpu_pct": _median([m.loadgen_cpu_pct for m in mine]),
+                "machine_cpu_pct": _median([m.machine_cpu_pct for m in mine])}
         for target in targets[1:]:
             ratios = [g.result.rps / b.result.rps
                       for b in closed for g in closed
@@ -102,6 +105,8 @@ def summarise_half(runs: list[Measurement], targets: Iterable[str]) -> list[dict
                      "requests": sum(m.result.requests for m in mine),
                      "failures": sum(m.result.failures + m.warmup_failures for m in mine),
                      "server_cpu_pct": _median([m.server_cpu_pct for m in mine]),
+                     "server_cpu_us_per_request": _median([m.server_cpu_us for m in mine]),
+                     "machine_cpu_pct": _median([m.machine_cpu_pct for m in mine]),
                      "stalls": _stalls([m.result for m in mine])})
     return rows
 
@@ -181,16 +186,21 @@ def print_table(report: dict[str, Any]) -> None:
     out.print(table)
     if report.get("half"):
         half = Table("server", "rate req/s", "served req/s", "p50 ms", "p90 ms", "p99 ms",
-                     "failed", "server CPU %", f"over {TARGET_P99_MS:.0f} ms",
+                     "failed", "CPU µs/req", "server CPU %", "machine CPU %",
+                     f"over {TARGET_P99_MS:.0f} ms",
                      caption="Open loop at half of the server's best closed-loop req/s in the "
-                     "same round; latency counted from when each request was due. Over "
-                     f"{TARGET_P99_MS:.0f} ms: the share of requests, and of those, how many "
-                     "fell in stalls (runs of 100 ms in which most requests took that long).")
+                     "same round; latency counted from when each request was due. Machine "
+                     f"CPU: every process's, of {report['machine']['cpus']} CPUs, in % of one. "
+                     f"Over {TARGET_P99_MS:.0f} ms: the share of requests, and of those, how "
+                     "many fell in stalls (runs of 100 ms in which most requests took that "
+                     "long).")
         for row in report["half"]:
             failed = str(row["failures"]) if not row["failures"] else f"[red]{row['failures']}"
             half.add_row(row["target"], num(row["rate"], 0), num(row["rps"], 0),
                          num(row["p50_ms"], 2), num(row["p90_ms"], 2), num(row["p99_ms"], 2),
-                         failed, num(row["server_cpu_pct"], 0), _stall_text(row.get("stalls")))
+                         failed, num(row.get("server_cpu_us_per_request"), 0),
+                         num(row["server_cpu_pct"], 0), num(row.get("machine_cpu_pct"), 0),
+                         _stall_text(row.get("stalls")))
         out.print("Latency at half of the maximum throughput")
         out.print(half)
     for floor in report.get("disk", []):

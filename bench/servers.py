@@ -15,8 +15,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Server", "free_port", "gateway_targets", "init_datadir", "postgres_database",
-           "serve_has_db_option", "start_server"]
+__all__ = ["Server", "busy_seconds", "free_port", "gateway_targets", "init_datadir",
+           "machine_busy_seconds", "postgres_database", "serve_has_db_option", "start_server"]
 
 #: The local PostgreSQL server that ``--db auto`` uses (trust authentication).
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432"
@@ -52,6 +52,26 @@ def _stat_cpu(path: Path) -> float | None:
         return None
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def busy_seconds(stat_line: str, ticks: int = _CLOCK_TICKS) -> float:
+    """CPU time all CPUs spent busy, from the ``cpu`` line of ``/proc/stat``: user, nice,
+    system, irq, softirq and steal (not idle or iowait; guest time is already in user)."""
+    name, *fields = stat_line.split()
+    if name != "cpu" or len(fields) < 8:
+        raise ValueError(f"not the total cpu line of /proc/stat: {stat_line!r}")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / ticks
+
+
+def machine_busy_seconds() -> float | None:
+    """:func:`busy_seconds` of this machine now, if /proc tells (every process, the load
+    generator's and the database's included)."""
+    try:
+        with open("/proc/stat") as stat:
+            return busy_seconds(stat.readline())
+    except (OSError, ValueError):
+        return None
 
 
 def _children(pid: int) -> list[int]:
