@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 __all__ = [
     "ApiKeyRecord",
@@ -16,6 +16,7 @@ __all__ = [
     "Committed",
     "Conflicted",
     "ExecutionRecord",
+    "FactQuery",
     "FactReader",
     "IdempotencyClaim",
     "LogEntry",
@@ -257,17 +258,27 @@ class PreparedDecision:
     approval: ApprovalRequest | None = None
 
 
+class FactQuery(NamedTuple):
+    """One stateful fact's question about the live permits reserved after ``since``: how
+    many there are (``field`` None), or their total of ``field`` in units of 10**-4.
+
+    A named tuple, not a frozen dataclass like the records above: one is built per fact
+    of every decision, inside the write lock, and a frozen dataclass costs several times
+    as much to build."""
+
+    since: float
+    field: str | None = None
+
+
 class FactReader(Protocol):
     """The ledger's live state, as stateful facts read it (inside the write lock)."""
 
-    def count(self, surface: str, actor: str | None, since: float, now: float) -> int:
-        """Permits on ``surface`` (of ``actor``, or of everyone when None) reserved after
-        ``since`` and not released: not failed, and used or not yet expired."""
-        ...
-
-    def total(self, surface: str, actor: str | None, field: str, since: float,
-              now: float) -> int:
-        """The same permits' total of ``field``, in units of 10**-4."""
+    def measure(self, surface: str, actor: str | None, queries: Sequence[FactQuery],
+                now: float) -> list[int]:
+        """Each query's answer, in order, over the permits on ``surface`` (of ``actor``, or
+        of everyone when None) not released: not failed, and used or not yet expired at
+        ``now``. All of them at once: on PostgreSQL each read inside the lock is a round
+        trip, and a decision's facts are one."""
         ...
 
 

@@ -43,6 +43,7 @@ from execguard.ledger.records import (
     Committed,
     Conflicted,
     ExecutionRecord,
+    FactQuery,
     FactReader,
     LogEntry,
     PendingEntry,
@@ -531,11 +532,7 @@ class _ReadFacts:
         self._store = store
         self._tenant = tenant
 
-    def count(self, surface: str, actor: str | None, since: float, now: float) -> int:
+    def measure(self, surface: str, actor: str | None, queries: Sequence[FactQuery],
+                now: float) -> list[int]:
         with self._store._read("reading limits") as conn:
-            return TxnFacts(conn, self._tenant).count(surface, actor, since, now)
-
-    def total(self, surface: str, actor: str | None, field: str, since: float,
-              now: float) -> int:
-        with self._store._read("reading limits") as conn:
-            return TxnFacts(conn, self._tenant).total(surface, actor, field, since, now)
+            return TxnFacts(conn, self._tenant).measure(surface, actor, queries, now)

@@ -8,15 +8,22 @@ concurrent requests can never together exceed a limit.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from execguard.arbiter import CompiledBundle, Evaluation, compute_facts
+from execguard.arbiter.facts import FactSpec
 from execguard.arbiter.registry import SurfaceSpec
-from execguard.ledger import ApprovalRequest, FactReader, PreparedDecision, Reservation
+from execguard.ledger import (
+    ApprovalRequest,
+    FactQuery,
+    FactReader,
+    PreparedDecision,
+    Reservation,
+)
 from execguard.protocol.canonical import canonical_sha256
 from execguard.protocol.outcome import PROTOCOL_VERSION, Outcome, format_timestamp
 from execguard.protocol.receipt import seal_receipt
@@ -82,15 +89,23 @@ def facts_for(spec: SurfaceSpec, request: ExecutionRequest, now: float,
     if reader is None:
         raise RuntimeError("stateful facts need the ledger's reader")
     actor = request.actor_id or ""
+    # One read per scope (the actor's permits, everyone's), every fact of it at once.
+    scopes: dict[str | None, list[FactSpec]] = {}
     for fact in spec.facts.values():
-        scope = actor if fact.per == "actor" else None
-        since = now - fact.window_seconds
+        scopes.setdefault(actor if fact.per == "actor" else None, []).append(fact)
+    stored: dict[str, int] = {}
+    for scope, group in scopes.items():
+        queries = [FactQuery(now - fact.window_seconds,
+                             None if fact.aggregate == "count" else fact.field)
+                   for fact in group]
+        answers = reader.measure(spec.name, scope, queries, now)
+        stored.update(zip((fact.name for fact in group), answers, strict=True))
+    for fact in spec.facts.values():
         if fact.aggregate == "count":
-            facts[fact.name] = reader.count(spec.name, scope, since, now) + 1
+            facts[fact.name] = stored[fact.name] + 1
             continue
         assert fact.field is not None
-        current = units_of(request.context.get(fact.field)) or 0
-        total = reader.total(spec.name, scope, fact.field, since, now) + current
+        total = stored[fact.name] + (units_of(request.context.get(fact.field)) or 0)
         facts[fact.name] = Decimal(total) / UNITS if fact.field_type == "decimal" \
             else total // UNITS
     return facts
@@ -208,11 +223,7 @@ def build_decision(given: DecisionInput, evaluation: Evaluation, facts: Mapping[
 class NoHistory:
     """A FactReader for an actor with no permits yet (local evaluation, what-if)."""
 
-    def count(self, surface: str, actor: str | None, since: float, now: float) -> int:
-        """No live permits."""
-        return 0
-
-    def total(self, surface: str, actor: str | None, field: str, since: float,
-              now: float) -> int:
-        """Nothing reserved."""
-        return 0
+    def measure(self, surface: str, actor: str | None, queries: Sequence[FactQuery],
+                now: float) -> list[int]:
+        """No live permits, nothing reserved."""
+        return [0] * len(queries)

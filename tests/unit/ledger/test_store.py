@@ -14,6 +14,7 @@ import pytest
 from execguard.ledger import (
     Committed,
     Conflicted,
+    FactQuery,
     FactReader,
     GroupCommitter,
     IdempotencyClaim,
@@ -156,10 +157,10 @@ def test_limits_count_the_reservations_of_the_same_batch(store: SQLStore) -> Non
         plain = decision("acme", execution_id)
 
         def decide(reader: FactReader) -> PreparedDecision:
-            seen.append((reader.count("payment.execute", actor, 0.0, 100.0),
-                         reader.total("payment.execute", actor, "amount", 0.0, 100.0),
-                         reader.count("payment.execute", None, 0.0, 100.0),
-                         reader.total("payment.execute", None, "amount", 0.0, 100.0)))
+            queries = [FactQuery(0.0), FactQuery(0.0, "amount")]
+            mine = reader.measure("payment.execute", actor, queries, 100.0)
+            everyone = reader.measure("payment.execute", None, queries, 100.0)
+            seen.append((mine[0], mine[1], everyone[0], everyone[1]))
             return PreparedDecision(
                 plain.seal, {**(plain.execution or {}), "actor_id": actor}, plain.response or {},
                 Reservation("payment.execute", actor, {"amount": units}, 50.0, 200.0))
@@ -543,12 +544,75 @@ def test_a_batch_s_own_reservations_count_by_tenant_surface_actor_and_window(
             ("other", "pay", "ann", 50.0, 200.0, 32)]):  # another tenant
         rows.reserve(tenant, f"r{n}", Reservation(surface, actor, {"amount": units}, at,
                                                   expires))
+    count, amount = FactQuery(20.0), FactQuery(20.0, "amount")
     with store._write("test") as conn:
         facts = TxnFacts(conn, "acme", rows.reservations)
-        assert (facts.count("pay", "ann", 20.0, 100.0),
-                facts.total("pay", "ann", "amount", 20.0, 100.0)) == (1, 1)
-        assert (facts.count("pay", None, 20.0, 100.0),
-                facts.total("pay", None, "amount", 20.0, 100.0)) == (2, 9)
-        assert facts.count("pay", "carl", 20.0, 100.0) == 0
-        assert facts.total("ship", None, "amount", 20.0, 100.0) == 16
-        assert facts.count("pay", "ann", 0.0, 100.0) == 2
+        assert facts.measure("pay", "ann", [count, amount], 100.0) == [1, 1]
+        assert facts.measure("pay", None, [count, amount], 100.0) == [2, 9]
+        assert facts.measure("pay", "carl", [count], 100.0) == [0]
+        assert facts.measure("ship", None, [amount], 100.0) == [16]
+        assert facts.measure("pay", "ann", [FactQuery(0.0)], 100.0) == [2]
+        assert facts.measure("pay", "ann", [], 100.0) == []
+
+
+def test_a_scope_s_fact_queries_are_read_in_one_statement(store: SQLStore) -> None:
+    """On PostgreSQL every statement inside the lock is a round trip: a decision's facts
+    of one scope, however many, are one."""
+    statements: list[str] = []
+
+    class Counting:
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+
+        def execute(self, sql: str, params: Any = ()) -> Any:
+            statements.append(sql)
+            return self.conn.execute(sql, params)
+
+    queries = [FactQuery(10.0), FactQuery(20.0, "amount"), FactQuery(30.0, "fee"),
+               FactQuery(40.0, "amount")]
+    with store._write("test") as conn:
+        assert TxnFacts(Counting(conn), "acme").measure("pay", "ann", queries, 100.0) == \
+            [0, 0, 0, 0]
+    assert len(statements) == 1 and statements[0].count("LEFT JOIN") == 2
+
+
+def test_one_statement_answers_every_fact_query_of_a_scope(store: SQLStore) -> None:
+    """Counts and totals of several fields over several windows, read at once, each over
+    exactly the live stored reservations (and the batch's own) its query asks about."""
+    stored = [  # id, surface, actor, reserved_at, expires_at, consumed, released, amounts
+        ("s1", "pay", "ann", 90.0, 200.0, 0, 0, {"amount": 1, "fee": 100}),
+        ("s2", "pay", "ann", 50.0, 200.0, 0, 0, {"amount": 2}),  # no fee; at a window's start
+        ("s3", "pay", "ann", 30.0, 200.0, 0, 0, {"amount": 4, "fee": 400}),
+        ("s4", "pay", "ann", 95.0, 200.0, 0, 1, {"amount": 8, "fee": 800}),  # released
+        ("s5", "pay", "ann", 80.0, 99.0, 0, 0, {"amount": 16, "fee": 1600}),  # expired
+        ("s6", "pay", "ann", 85.0, 99.0, 1, 0, {"amount": 32, "fee": 3200}),  # expired, used
+        ("s7", "pay", "bob", 90.0, 200.0, 0, 0, {"amount": 64, "fee": 6400}),
+        ("s8", "ship", "ann", 90.0, 200.0, 0, 0, {"amount": 128}),
+        ("s9", "pay", "ann", 10.0, 200.0, 0, 0, {"amount": 256}),  # before every window
+    ]
+    rows = BatchRows()  # this batch's own, not inserted yet
+    rows.reserve("acme", "p1", Reservation("pay", "ann", {"amount": 512, "fee": 5000}, 70.0,
+                                           300.0))
+    queries = [FactQuery(50.0), FactQuery(20.0, "amount"), FactQuery(70.0, "fee"),
+               FactQuery(20.0), FactQuery(50.0, "amount")]
+    with store._write("test") as conn:
+        for ident, surface, actor, at, expires, consumed, released, amounts in stored:
+            conn.execute("INSERT INTO reservations (execution_id, tenant, surface, actor,"
+                         " reserved_at, expires_at, consumed, released)"
+                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (ident, "acme", surface, actor, at, expires, consumed, released))
+            for name, units in amounts.items():
+                conn.execute("INSERT INTO reservation_amounts VALUES (?, ?, ?)",
+                             (ident, name, units))
+        facts = TxnFacts(conn, "acme", rows.reservations)
+        # ann's live ones: s1 (90), s2 (50), s3 (30), s6 (85, used), and p1 (70) pending.
+        # A window holds what was reserved after its start: s2 is not in the one from 50,
+        # nor p1 in the one from 70.
+        assert facts.measure("pay", "ann", queries, 100.0) == [
+            3,  # since 50: s1, s6, p1
+            1 + 2 + 4 + 32 + 512,  # amount since 20: s1, s2, s3, s6, p1
+            100 + 3200,  # fee since 70: s1, s6
+            5,  # since 20: s1, s2, s3, s6, p1
+            1 + 32 + 512]  # amount since 50: s1, s6, p1
+        # Everyone's adds bob's s7.
+        assert facts.measure("pay", None, queries, 100.0) == [4, 615, 9700, 6, 609]
