@@ -263,8 +263,7 @@ class FactQuery(NamedTuple):
     many there are (``field`` None), or their total of ``field`` in units of 10**-4.
 
     A named tuple, not a frozen dataclass like the records above: one is built per fact
-    of every decision, inside the write lock, and a frozen dataclass costs several times
-    as much to build."""
+    of every decision, inside the write lock, and readers unpack it as a pair."""
 
     since: float
     field: str | None = None
