@@ -64,6 +64,11 @@ WAL_CHECKPOINT_INTERVAL_SECONDS = 0.1
 WAL_RESTART_PAGES = 8192
 
 
+#: The oldest SQLite that serves decisions: the limit facts read several aggregates in
+#: one statement with ``FILTER`` (3.30). Audits (read-only) do not need it.
+MIN_SQLITE_VERSION = (3, 30, 0)
+
+
 def _uri(path: str, mode: str) -> str:
     """The file's URI with an open ``mode`` (``ro``, ``rw``: neither creates a file)."""
     return f"{Path(path).resolve().as_uri()}?mode={mode}"
@@ -80,6 +85,11 @@ class SQLiteStore(SQLStore):
     maintenance_on_writer = True  # one file lock: see SQLStore
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        if not readonly and sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+            raise ConfigError(
+                f"ExecGuard needs SQLite {'.'.join(map(str, MIN_SQLITE_VERSION))} or newer; "
+                f"this Python uses SQLite {sqlite3.sqlite_version}: use a Python built with a "
+                "newer one, or PostgreSQL (--db)")
         super().__init__()
         self.path = str(path)
         self.location = self.path

@@ -30,7 +30,7 @@ from execguard.ledger._sql_batch import BatchRows
 from execguard.ledger._sql_facts import TxnFacts
 from execguard.ledger.sqlite import WAL_RESTART_PAGES, sqlite_errors
 from execguard.protocol.chain import entry_hash
-from execguard.protocol.errors import NotFound, StorageUnavailable
+from execguard.protocol.errors import ConfigError, NotFound, StorageUnavailable
 from execguard.protocol.receipt import seal_receipt
 from execguard.protocol.signing import Signer
 
@@ -449,6 +449,22 @@ def test_a_version_1_database_is_upgraded_with_its_tree(tmp_path: Path) -> None:
 LIVE_COUNT = ("SELECT COUNT(*) FROM reservations r WHERE r.tenant = 'acme' AND r.surface = 's'"
               " AND r.reserved_at > 0 AND r.released = 0"
               " AND (r.consumed = 1 OR r.expires_at > 0) AND r.actor = 'ann'")
+
+
+def test_a_sqlite_too_old_to_decide_is_refused_by_name_but_an_audit_may_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    existing = tmp_path / "existing.db"
+    SQLiteStore(existing).close()
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 26, 0))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.26.0")
+    with pytest.raises(ConfigError, match=r"SQLite 3\.30\.0 or newer.*uses SQLite 3\.26\.0"):
+        SQLiteStore(tmp_path / "ledger.db")
+    assert not (tmp_path / "ledger.db").exists()  # refused before any file was made
+    reader = SQLiteStore(existing, readonly=True)
+    try:
+        assert reader.schema_version() > 0
+    finally:
+        reader.close()
 
 
 def test_a_version_3_database_gets_the_covering_reservation_index(tmp_path: Path) -> None:
