@@ -19,23 +19,24 @@ _LIVE = ("r.tenant = ? AND r.surface = ? AND r.reserved_at > ? AND r.released = 
 
 
 @lru_cache(maxsize=256)
-def _measure_sql(fields: tuple[str | None, ...], by_actor: bool) -> str:
-    """One statement answering every query: a column per query, each counting or summing
-    the rows reserved after its own start (``FILTER``), one join per summed field.
+def _measure_sql(fields: tuple[str | None, ...], by_actor: bool) -> tuple[str, tuple[str, ...]]:
+    """One statement answering every query, and the fields its joins take as parameters,
+    in order: a column per query, each counting or summing the rows reserved after its
+    own start (``FILTER``), one join per summed field.
 
     The joins are on ``reservation_amounts``' key (execution id, field): at most one row
     each, so a reservation is still one row and ``COUNT(*)`` counts reservations. A
     reservation without the field adds nothing to that field's sum (NULL), and still
     counts."""
-    aliases = {name: f"a{n}" for n, name in enumerate(dict.fromkeys(
-        name for name in fields if name is not None))}
+    joined = tuple(dict.fromkeys(name for name in fields if name is not None))
+    aliases = {name: f"a{n}" for n, name in enumerate(joined)}
     columns = ["COUNT(*) FILTER (WHERE r.reserved_at > ?)" if name is None else
                f"COALESCE(SUM({aliases[name]}.units) FILTER (WHERE r.reserved_at > ?), 0)"
                for name in fields]
     joins = "".join(f" LEFT JOIN reservation_amounts {alias} ON {alias}.execution_id ="
                     f" r.execution_id AND {alias}.field = ?" for alias in aliases.values())
     where = _LIVE + (" AND r.actor = ?" if by_actor else "")
-    return f"SELECT {', '.join(columns)} FROM reservations r{joins} WHERE {where}"
+    return f"SELECT {', '.join(columns)} FROM reservations r{joins} WHERE {where}", joined
 
 
 class TxnFacts:
@@ -67,12 +68,11 @@ class TxnFacts:
             return []
         starts, fields = zip(*queries, strict=True)
         earliest = min(starts)
-        params: list[Any] = [*starts, *dict.fromkeys(f for f in fields if f is not None),
-                             self.tenant, surface, earliest, now]
+        sql, joined = _measure_sql(fields, actor is not None)
+        params: list[Any] = [*starts, *joined, self.tenant, surface, earliest, now]
         if actor is not None:
             params.append(actor)
-        stored = self.conn.execute(_measure_sql(fields, actor is not None),
-                                   params).fetchone()
+        stored = self.conn.execute(sql, params).fetchone()
         answers = [int(value) for value in stored]
         for r in self._pending(surface, actor, earliest, now):
             for n, (since, field) in enumerate(queries):
