@@ -127,6 +127,11 @@ def test_context_that_does_not_satisfy_the_surface_is_silence(
     ('{"surface":["payment.execute"]}', "surface"),
     ('{"surface":"payment.execute","context":"amount=5"}', "context"),
     ("not json", "body"),
+    # U+0000: PostgreSQL cannot store it; refused on every backend alike.
+    ('{"surface":"payment.execute","actorId":"agent\\u0000x","context":{"amount":1,'
+     '"currency":"EUR","beneficiary":"A"}}', "body.actorId"),
+    ('{"surface":"payment.execute","context":{"amount":1,"currency":"EUR",'
+     '"beneficiary":"Acme\\u0000"}}', "body.context.beneficiary"),
 ])
 def test_malformed_bodies_are_422_naming_the_field(client: httpx.Client, raw: str,
                                                    field: str) -> None:
@@ -140,6 +145,31 @@ def test_malformed_bodies_are_422_naming_the_field(client: httpx.Client, raw: st
     assert field in body["message"]
     assert body["request_id"] == response.headers["x-request-id"]
     assert len(client.get("/v1/audit", params={"limit": 1000}).json()["entries"]) == before
+
+
+def _storage_faults(client: httpx.Client) -> str:
+    return next(line for line in client.get("/metrics").text.splitlines()
+                if line.startswith('execguard_fail_closed_total{cause="storage_unavailable"}'))
+
+
+@pytest.mark.parametrize(("method", "url", "field"), [
+    ("GET", "/v1/executions/a%00b", "execution_id"),
+    ("GET", "/verify/a%00b", "execution_id"),
+    ("GET", "/v1/receipts/a%00b/bundle", "execution_id"),
+    ("GET", "/v1/approvals/a%00b", "execution_id"),
+    ("POST", "/v1/permits/a%00b/consume", "execution_id"),
+    ("GET", "/v1/audit?actor=agent%00x", "actor"),
+    ("GET", "/v1/audit?surface=payment.execute&surface=x%00", "surface"),
+])
+def test_nul_in_the_url_is_422_naming_the_parameter_not_a_database_fault(
+        client: httpx.Client, method: str, url: str, field: str) -> None:
+    faults = _storage_faults(client)
+    response = client.request(method, url, json={} if method == "POST" else None)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert "NUL" in response.json()["expected"]
+    assert _storage_faults(client) == faults
+    assert client.get("/readyz").status_code == 200
 
 
 def test_unknown_surface_is_400(client: httpx.Client) -> None:

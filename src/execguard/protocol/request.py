@@ -108,11 +108,21 @@ def _spelt(path: _Path) -> str:
     return f"{_spelt(parent)}[{step}]" if isinstance(step, int) else f"{_spelt(parent)}.{step}"
 
 
-def _check_values(value: Any, path: _Path, depth: int = 0) -> None:
-    """Refuse values with no exact canonical form, naming where they are."""
+def _too_deep(path: _Path) -> MalformedRequest:
+    return MalformedRequest(_spelt(path), f"at most {MAX_DEPTH} levels of nesting",
+                            "deeper nesting")
+
+
+def _check_values(value: Any, path: _Path, depth: int = 0, *, nul: bool = False) -> None:
+    """Refuse values with no exact canonical form, and (unless ``nul``) text holding
+    U+0000, naming where they are.
+
+    Why NUL: PostgreSQL cannot store it in a text column, so a request that SQLite
+    would take would fail there, at the append, together with every request of its
+    transaction. Refused here, the same request gets the same answer on every backend.
+    """
     if depth > MAX_DEPTH:
-        raise MalformedRequest(_spelt(path), f"at most {MAX_DEPTH} levels of nesting",
-                               "deeper nesting")
+        raise _too_deep(path)
     if isinstance(value, bool) or value is None:
         return
     if isinstance(value, int):
@@ -125,6 +135,9 @@ def _check_values(value: Any, path: _Path, depth: int = 0) -> None:
             raise MalformedRequest(_spelt(path), "a finite number",
                                    "a number out of the float range")
     elif isinstance(value, str):
+        if not nul and "\x00" in value:
+            raise MalformedRequest(_spelt(path), "text without NUL (U+0000) characters",
+                                   describe(value))
         if value.isascii():
             return  # no surrogate is ASCII
         try:
@@ -134,15 +147,17 @@ def _check_values(value: Any, path: _Path, depth: int = 0) -> None:
                                    "a lone surrogate") from None
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _check_values(item, (path, index), depth + 1)
+            _check_values(item, (path, index), depth + 1, nul=nul)
     elif isinstance(value, dict):
         for key, item in value.items():
-            _check_values(key, path, depth + 1)
-            _check_values(item, (path, key), depth + 1)
+            _check_values(key, path, depth + 1, nul=nul)
+            _check_values(item, (path, key), depth + 1, nul=nul)
 
 
-def parse_json_object(body: bytes, what: str = "body") -> dict[str, Any]:
-    """Parse bytes as one JSON object, strictly: UTF-8, no duplicate keys, no NaN."""
+def parse_json_object(body: bytes, what: str = "body", *, nul: bool = False) -> dict[str, Any]:
+    """Parse bytes as one JSON object, strictly: UTF-8, no duplicate keys, no NaN, at most
+    ``MAX_DEPTH`` levels, and no text holding U+0000 unless ``nul`` (for documents that
+    were stored before it was refused, such as evidence)."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -156,11 +171,13 @@ def parse_json_object(body: bytes, what: str = "body") -> dict[str, Any]:
             what, "a JSON object",
             f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from None
-    except (ValueError, RecursionError):
+    except RecursionError:  # nested far deeper than MAX_DEPTH: the decoder gave up first
+        raise _too_deep(what) from None
+    except ValueError:
         raise MalformedRequest(what, "a JSON object", "JSON that cannot be read exactly") from None
     if not isinstance(value, dict):
         raise MalformedRequest(what, "a JSON object", describe(value))
-    _check_values(value, what)
+    _check_values(value, what, nul=nul)
     return value
 
 

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
@@ -27,6 +27,7 @@ from execguard.protocol.errors import (
     ServiceUnavailable,
 )
 from execguard.protocol.outcome import format_timestamp, parse_timestamp
+from execguard.protocol.request import describe
 from execguard.server.approvals import Approvals
 from execguard.server.decision_process import DecisionProcess, RelayedError
 from execguard.server.errors import install_error_handlers, request_id_of
@@ -75,6 +76,16 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def refuse_nul_in_url(request: Request) -> None:
+    """Refuse a path or query parameter holding U+0000, as body text is refused
+    (``parse_json_object``): PostgreSQL cannot even look such text up, and a
+    malformed id must not read as a database fault."""
+    for name, value in [*request.path_params.items(), *request.query_params.multi_items()]:
+        if isinstance(value, str) and "\x00" in value:
+            raise MalformedRequest(name, "text without NUL (U+0000) characters",
+                                   describe(value))
 
 
 class _ExecGuardApp(FastAPI):
@@ -155,7 +166,8 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
             await asyncio.to_thread(transparency.checkpoint_grown, committer)
 
     app = _ExecGuardApp(title="ExecGuard", version=__version__, lifespan=lifespan,
-                        description="Execution governance: no PERMIT, no execution.")
+                        description="Execution governance: no PERMIT, no execution.",
+                        dependencies=[Depends(refuse_nul_in_url)])
     app.state.gateway = gateway
     app.add_middleware(RequestLogMiddleware, metrics=metrics)  # inside the request id
     app.add_middleware(RequestIdMiddleware)

@@ -47,7 +47,8 @@ def classify_evidence(text: str) -> tuple[str, Any]:
             return "token", inner.strip()
         raise _not_evidence("a JSON string that is not a compact JWT")
     try:
-        document = parse_json_object(stripped.encode("utf-8", "surrogatepass"), "evidence")
+        document = parse_json_object(stripped.encode("utf-8", "surrogatepass"), "evidence",
+                                     nul=True)  # it reads what was stored, as it was
     except MalformedRequest as exc:
         raise _not_evidence(str(exc)) from None
     if "format" in document:

@@ -7,6 +7,7 @@ from execguard.protocol.request import (
     ExecutionRequest,
     normalized_request,
     parse_execution_request,
+    parse_json_object,
     request_hash,
 )
 
@@ -60,6 +61,10 @@ def test_context_and_signals_are_optional() -> None:
     ('{"surface": "x", "context": {"a": [1, [2, {"b": "é\\udc00"}]]}}', "body.context.a[1][1].b",
      "surrogate"),
     ('{"surface": "x", "signals": {"s": [{"n": 1e999}]}}', "body.signals.s[0].n", "float range"),
+    ('{"surface": "x", "actorId": "a\\u0000b"}', "body.actorId", "'a\\x00b'"),
+    ('{"surface": "x", "context": {"memo": ["ok", "\\u0000"]}}', "body.context.memo[1]",
+     "'\\x00'"),
+    ('{"surface": "x", "context": {"k\\u0000": 1}}', "body.context", "'k\\x00'"),
     ('\ufeff{"surface": "x"}', "body", "Unexpected UTF-8 BOM"),
     ("[1]", "body", "array"),
     ("nope", "body", "invalid JSON"),
@@ -88,6 +93,16 @@ def test_non_utf8_and_deep_nesting_are_refused() -> None:
     assert "UTF-8" in refused(b'{"surface": "\xff"}').got
     deep = '{"surface": "x", "context": ' + '{"a": ' * 40 + "1" + "}" * 40 + "}"
     assert "nesting" in refused(deep).expected
+    # So deep that the decoder itself gives up: still said as nesting, not as bad JSON.
+    deeper = '{"surface": "x", "context": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert refused(deeper).expected == "at most 32 levels of nesting"
+
+
+def test_nul_is_refused_in_requests_but_read_in_stored_documents() -> None:
+    # A stored document (evidence) is read as it was written, NUL and all.
+    assert parse_json_object(b'{"a": ["\\u0000"]}', nul=True) == {"a": ["\x00"]}
+    with pytest.raises(MalformedRequest, match=r"body\.a\[0\]: expected text without NUL"):
+        parse_json_object(b'{"a": ["\\u0000"]}')
 
 
 def test_idempotency_key_from_header_or_body_and_they_must_agree() -> None:

@@ -46,6 +46,13 @@ def test_bare_receipt() -> None:
     assert classify_evidence(json.dumps(receipt)) == ("receipt", receipt)
 
 
+def test_a_receipt_with_nul_text_is_read_as_stored() -> None:
+    # Requests holding U+0000 are refused now; a receipt signed before that still verifies.
+    receipt = decision_receipt(0, NEW, actorId="agent\x007")
+    assert classify_evidence(json.dumps(receipt)) == ("receipt", receipt)
+    verify_receipt(receipt, KEYS)
+
+
 def test_an_execute_response_yields_its_receipt() -> None:
     receipt = decision_receipt(0, NEW)
     response = {"decision": "PERMIT", "execution_token": token(), "receipt": receipt}
