@@ -210,6 +210,7 @@ def test_decision_log_lines_and_metrics_come_through(fresh_gateway: Gateway) -> 
             'mode="enforce"} 1')
     assert line in metrics
     assert "execguard_group_commit_batches_total 1" in metrics
+    fresh_gateway.stop()  # log lines are written by a thread of their own: all, by exit
     logged: list[dict[str, Any]] = []
     assert fresh_gateway.log_path is not None
     for raw in fresh_gateway.log_path.read_text().splitlines():
