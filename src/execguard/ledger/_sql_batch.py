@@ -18,15 +18,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from execguard.ledger.records import Reservation
+from execguard.ledger.records import FactRead, Reservation
 
 if TYPE_CHECKING:
     from execguard.ledger._sql_admin import Connection
 
-__all__ = ["BatchRows", "PendingReservations"]
+__all__ = ["BatchRows", "FactsAhead", "PendingReservations"]
 
 #: A batch's reservations not inserted yet: (tenant, surface) -> actor -> reservations.
 PendingReservations = dict[tuple[str, str], dict[str, list[Reservation]]]
+#: Fact reads made ahead for a batch: (tenant, read) -> each query's answer over stored rows.
+FactsAhead = dict[tuple[str, FactRead], list[int]]
 
 #: Each table's INSERT: its leading clause, one row's placeholders, and a trailer.
 _INSERTS: dict[str, tuple[str, str, str]] = {
@@ -47,13 +49,18 @@ MAX_PARAMETERS = 999
 
 
 class BatchRows:
-    """Rows waiting to be inserted, in table order, plus the batch's new reservations."""
+    """Rows waiting to be inserted, in table order, plus the batch's new reservations
+    and the fact answers read ahead over the stored ones."""
 
     def __init__(self) -> None:
         self._rows: dict[str, list[tuple[Any, ...]]] = {table: [] for table in _INSERTS}
         #: Each PERMIT's reservation in the batch, by (tenant, surface) and actor: what
         #: the fact reads add to the stored ones (an actor's, without a scan of the batch).
         self.reservations: PendingReservations = {}
+        #: Fact answers read at the batch's start (``_sql_facts.read_facts_ahead``): with
+        #: ``reservations``, the live state, until a flush stores those (or lets the
+        #: caller update stored ones) and both are emptied.
+        self.facts_ahead: FactsAhead = {}
 
     def add(self, table: str, row: tuple[Any, ...]) -> None:
         """Queue one row of ``table`` (one of the tables above)."""
@@ -81,3 +88,4 @@ class BatchRows:
                              [value for row in chunk for value in row])
             rows.clear()
         self.reservations.clear()
+        self.facts_ahead.clear()

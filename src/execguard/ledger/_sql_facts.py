@@ -6,13 +6,16 @@ from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from execguard.ledger.records import FactQuery, Reservation
+from execguard.ledger._sql_batch import MAX_PARAMETERS, FactsAhead, PendingReservations
+from execguard.ledger.records import FactQuery, FactRead, PendingEntry, Reservation
 
 if TYPE_CHECKING:
     from execguard.ledger._sql_admin import Connection
-    from execguard.ledger._sql_batch import PendingReservations
 
-__all__ = ["TxnFacts"]
+__all__ = ["TxnFacts", "read_facts_ahead"]
+
+#: SQLite's default limit of SELECTs in one compound statement.
+_MAX_COMPOUND = 500
 
 _LIVE = ("r.tenant = ? AND r.surface = ? AND r.reserved_at > ? AND r.released = 0"
          " AND (r.consumed = 1 OR r.expires_at > ?)")
@@ -20,9 +23,9 @@ _LIVE = ("r.tenant = ? AND r.surface = ? AND r.reserved_at > ? AND r.released = 
 
 @lru_cache(maxsize=256)
 def _measure_sql(fields: tuple[str | None, ...], by_actor: bool) -> tuple[str, tuple[str, ...]]:
-    """One statement answering every query, and the fields its joins take as parameters,
-    in order: a column per query, each counting or summing the rows reserved after its
-    own start (``FILTER``), one join per summed field.
+    """What one statement selects to answer every query (after ``SELECT``), and the
+    fields its joins take as parameters, in order: a column per query, each counting or
+    summing the rows reserved after its own start (``FILTER``), one join per summed field.
 
     The joins are on ``reservation_amounts``' key (execution id, field): at most one row
     each, so a reservation is still one row and ``COUNT(*)`` counts reservations. A
@@ -36,7 +39,51 @@ def _measure_sql(fields: tuple[str | None, ...], by_actor: bool) -> tuple[str, t
     joins = "".join(f" LEFT JOIN reservation_amounts {alias} ON {alias}.execution_id ="
                     f" r.execution_id AND {alias}.field = ?" for alias in aliases.values())
     where = _LIVE + (" AND r.actor = ?" if by_actor else "")
-    return f"SELECT {', '.join(columns)} FROM reservations r{joins} WHERE {where}", joined
+    return f"{', '.join(columns)} FROM reservations r{joins} WHERE {where}", joined
+
+
+def _parameters(tenant: str, read: FactRead, joined: tuple[str, ...]) -> list[Any]:
+    """The parameters of :func:`_measure_sql`'s statement for one read (as
+    :meth:`TxnFacts.measure` passes them)."""
+    starts = [query.since for query in read.queries]
+    params: list[Any] = [*starts, *joined, tenant, read.surface, min(starts), read.now]
+    if read.actor is not None:
+        params.append(read.actor)
+    return params
+
+
+@lru_cache(maxsize=64)
+def _ahead_sql(fields: tuple[str | None, ...], by_actor: bool, count: int) -> str:
+    """``count`` reads of one shape in one statement, each row led by its read's number."""
+    body, _ = _measure_sql(fields, by_actor)
+    return " UNION ALL ".join(f"SELECT {n}, {body}" for n in range(count))
+
+
+def read_facts_ahead(conn: Connection, entries: Sequence[PendingEntry]) -> FactsAhead:
+    """Every read the entries will make (``PendingEntry.reads``), made now: one statement
+    per shape of read (its fields, per actor or not) rather than one per read.
+
+    Valid only while the stored reservations stay as they were read: the caller drops
+    it before the batch inserts or updates any (``BatchRows.flush``)."""
+    shapes: dict[tuple[tuple[str | None, ...], bool], list[tuple[str, FactRead]]] = {}
+    for entry in entries:
+        for read in entry.reads:
+            if read.queries:
+                shape = (tuple(query.field for query in read.queries), read.actor is not None)
+                shapes.setdefault(shape, []).append((entry.tenant, read))
+    ahead: FactsAhead = {}
+    for (fields, by_actor), reads in shapes.items():
+        _, joined = _measure_sql(fields, by_actor)
+        per_read = len(fields) + len(joined) + 4 + by_actor  # as _parameters
+        per_statement = max(1, min(MAX_PARAMETERS // per_read, _MAX_COMPOUND))
+        for start in range(0, len(reads), per_statement):
+            chunk = reads[start:start + per_statement]
+            params = [value for tenant, read in chunk
+                      for value in _parameters(tenant, read, joined)]
+            for row in conn.execute(_ahead_sql(fields, by_actor, len(chunk)),
+                                    params).fetchall():
+                ahead[chunk[row[0]]] = [int(value) for value in row[1:]]
+    return ahead
 
 
 class TxnFacts:
@@ -48,10 +95,13 @@ class TxnFacts:
     """
 
     def __init__(self, conn: Connection, tenant: str,
-                 pending: PendingReservations | None = None) -> None:
+                 pending: PendingReservations | None = None,
+                 ahead: FactsAhead | None = None) -> None:
         self.conn = conn
         self.tenant = tenant
         self.pending = pending or {}
+        #: Answers read ahead for the batch (:func:`read_facts_ahead`), over stored rows.
+        self.ahead = ahead if ahead is not None else {}
 
     def _pending(self, surface: str, actor: str | None, since: float,
                  now: float) -> Iterator[Reservation]:
@@ -63,17 +113,23 @@ class TxnFacts:
 
     def measure(self, surface: str, actor: str | None, queries: Sequence[FactQuery],
                 now: float) -> list[int]:
-        """As ``FactReader.measure``: one statement for all the queries."""
+        """As ``FactReader.measure``: one statement for all the queries, or none when the
+        batch read them ahead (then only the batch's own reservations are added here)."""
         if not queries:
             return []
+        known = self.ahead.get((self.tenant, FactRead(surface, actor, tuple(queries), now))) \
+            if self.ahead else None
         starts, fields = zip(*queries, strict=True)
         earliest = min(starts)
-        sql, joined = _measure_sql(fields, actor is not None)
-        params: list[Any] = [*starts, *joined, self.tenant, surface, earliest, now]
-        if actor is not None:
-            params.append(actor)
-        stored = self.conn.execute(sql, params).fetchone()
-        answers = [int(value) for value in stored]
+        if known is not None:
+            answers = list(known)
+        else:
+            body, joined = _measure_sql(fields, actor is not None)
+            params: list[Any] = [*starts, *joined, self.tenant, surface, earliest, now]
+            if actor is not None:
+                params.append(actor)
+            answers = [int(value) for value in
+                       self.conn.execute("SELECT " + body, params).fetchone()]
         for r in self._pending(surface, actor, earliest, now):
             for n, (since, field) in enumerate(queries):
                 if r.reserved_at > since:

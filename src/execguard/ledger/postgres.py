@@ -88,6 +88,8 @@ def _errors(what: str) -> Any:
 class PostgresStore(SQLStore):
     """The ledger in a PostgreSQL database, through a connection pool. Thread-safe."""
 
+    reads_facts_ahead = True  # a statement inside the write lock is a round trip
+
     def __init__(self, url: str, *, readonly: bool = False, migrate: bool = False,
                  pool_size: int = 16, timeout: float = 5.0) -> None:
         super().__init__()

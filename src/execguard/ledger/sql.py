@@ -34,7 +34,7 @@ from execguard.ledger._sql_approvals import (
     resolve_execution,
 )
 from execguard.ledger._sql_batch import BatchRows
-from execguard.ledger._sql_facts import TxnFacts
+from execguard.ledger._sql_facts import TxnFacts, read_facts_ahead
 from execguard.ledger._sql_util import dumps, node_key, node_row
 from execguard.ledger.records import (
     ApprovalRecord,
@@ -82,6 +82,10 @@ class SQLStore(AdminMixin, ABC):
     #: the writer thread must never wait on anything but appends (PostgreSQL: a pooled
     #: connection that stops answering would stall every append behind a checkpoint).
     maintenance_on_writer: bool = False
+    #: Whether a batch makes its decisions' fact reads (``PendingEntry.reads``) ahead, in
+    #: one statement: yes where each statement inside the write lock is a round trip
+    #: (PostgreSQL); no where it is a function call (SQLite: it costs more than it saves).
+    reads_facts_ahead: bool = False
 
     def __init__(self) -> None:
         # Each tenant's tree edge after the last batch this store committed, keyed by
@@ -121,6 +125,8 @@ class SQLStore(AdminMixin, ABC):
         rows = BatchRows()
         with self._append_transaction() as conn:
             claims = self._live_claims(conn, entries, now_epoch)
+            if self.reads_facts_ahead:
+                rows.facts_ahead.update(read_facts_ahead(conn, entries))
             for entry in entries:
                 results.append(self._append_one(conn, entry, heads, claims, rows, now_epoch))
             rows.flush(conn)  # inside the transaction: committed with it, or not at all
@@ -215,7 +221,8 @@ class SQLStore(AdminMixin, ABC):
         if entry.decide is not None:
             # A stateful decision: taken now, under the write lock, against the live
             # reservations, so concurrent requests can never together pass a limit.
-            prepared = entry.decide(TxnFacts(conn, entry.tenant, rows.reservations))
+            prepared = entry.decide(TxnFacts(conn, entry.tenant, rows.reservations,
+                                             rows.facts_ahead))
             seal, execution, response = prepared.seal, prepared.execution, prepared.response
             reservation, approval = prepared.reservation, prepared.approval
 

@@ -20,6 +20,7 @@ from execguard.arbiter.registry import SurfaceSpec
 from execguard.ledger import (
     ApprovalRequest,
     FactQuery,
+    FactRead,
     FactReader,
     PreparedDecision,
     Reservation,
@@ -31,8 +32,8 @@ from execguard.protocol.request import ExecutionRequest
 from execguard.protocol.signing import Signer
 from execguard.protocol.token import execution_token_claims, issue_execution_token
 
-__all__ = ["DecisionInput", "NoHistory", "build_decision", "facts_for", "jsonable_facts",
-           "prepare_decision", "units_of"]
+__all__ = ["DecisionInput", "NoHistory", "build_decision", "fact_reads", "facts_for",
+           "jsonable_facts", "prepare_decision", "units_of"]
 
 #: Reservations and sums are kept in units of 10**-4: Cedar decimal's scale, so exact.
 UNITS = 10_000
@@ -74,6 +75,28 @@ def units_of(value: Any) -> int | None:
     return int(scaled) if scaled == scaled.to_integral_value() else None
 
 
+def _scopes(spec: SurfaceSpec, request: ExecutionRequest) -> dict[str | None, list[FactSpec]]:
+    """The surface's stateful facts by what they count: the actor's permits, or everyone's
+    (None)."""
+    actor = request.actor_id or ""
+    scopes: dict[str | None, list[FactSpec]] = {}
+    for fact in spec.facts.values():
+        scopes.setdefault(actor if fact.per == "actor" else None, []).append(fact)
+    return scopes
+
+
+def _queries(group: list[FactSpec], now: float) -> tuple[FactQuery, ...]:
+    return tuple([FactQuery(now - fact.window_seconds,
+                            None if fact.aggregate == "count" else fact.field)
+                  for fact in group])
+
+
+def fact_reads(spec: SurfaceSpec, request: ExecutionRequest, now: float) -> tuple[FactRead, ...]:
+    """The reads :func:`facts_for` will make for this request (``PendingEntry.reads``)."""
+    return tuple([FactRead(spec.name, scope, _queries(group, now), now)
+                  for scope, group in _scopes(spec, request).items()])
+
+
 def facts_for(spec: SurfaceSpec, request: ExecutionRequest, now: float,
               reader: FactReader | None) -> dict[str, Any]:
     """The facts of one decision: the clock's, plus the surface's stateful facts.
@@ -88,17 +111,10 @@ def facts_for(spec: SurfaceSpec, request: ExecutionRequest, now: float,
         return facts
     if reader is None:
         raise RuntimeError("stateful facts need the ledger's reader")
-    actor = request.actor_id or ""
     # One read per scope (the actor's permits, everyone's), every fact of it at once.
-    scopes: dict[str | None, list[FactSpec]] = {}
-    for fact in spec.facts.values():
-        scopes.setdefault(actor if fact.per == "actor" else None, []).append(fact)
     stored: dict[str, int] = {}
-    for scope, group in scopes.items():
-        queries = [FactQuery(now - fact.window_seconds,
-                             None if fact.aggregate == "count" else fact.field)
-                   for fact in group]
-        answers = reader.measure(spec.name, scope, queries, now)
+    for scope, group in _scopes(spec, request).items():
+        answers = reader.measure(spec.name, scope, _queries(group, now), now)
         stored.update(zip((fact.name for fact in group), answers, strict=True))
     for fact in spec.facts.values():
         if fact.aggregate == "count":

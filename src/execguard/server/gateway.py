@@ -50,7 +50,7 @@ from execguard.protocol.request import (
 )
 from execguard.protocol.signing import Signer, load_public_key_pem
 from execguard.server.datadir import hash_api_key
-from execguard.server.decisions import DecisionInput, facts_for, prepare_decision
+from execguard.server.decisions import DecisionInput, fact_reads, facts_for, prepare_decision
 from execguard.server.settings import Settings
 
 __all__ = ["Caller", "Gateway", "SigningKeys", "explain_record"]
@@ -238,7 +238,9 @@ class Gateway:
             # Stateful: decided under the ledger's write lock (see decisions.py).
             return PendingEntry(tenant=tenant, kind="decision", execution_id=minted,
                                 seal=_never, idempotency=claim,
-                                decide=lambda reader: prepare_decision(given, signer, reader))
+                                decide=lambda reader: prepare_decision(given, signer, reader),
+                                reads=fact_reads(spec, request, now)
+                                if self.store.reads_facts_ahead else ())
         prepared = prepare_decision(given, signer, None)
         return PendingEntry(tenant=tenant, kind="decision", execution_id=minted,
                             seal=prepared.seal, execution=prepared.execution,

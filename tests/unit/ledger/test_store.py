@@ -1,6 +1,8 @@
 """The ledger's contract, run against every backend (SQLite file and PostgreSQL)."""
 
 import asyncio
+import contextlib
+import dataclasses
 import sqlite3
 import threading
 import time
@@ -15,6 +17,7 @@ from execguard.ledger import (
     Committed,
     Conflicted,
     FactQuery,
+    FactRead,
     FactReader,
     GroupCommitter,
     IdempotencyClaim,
@@ -27,7 +30,7 @@ from execguard.ledger import (
     open_ledger,
 )
 from execguard.ledger._sql_batch import BatchRows
-from execguard.ledger._sql_facts import TxnFacts
+from execguard.ledger._sql_facts import TxnFacts, read_facts_ahead
 from execguard.ledger.sqlite import WAL_RESTART_PAGES, sqlite_errors
 from execguard.protocol.chain import entry_hash
 from execguard.protocol.errors import ConfigError, NotFound, StorageUnavailable
@@ -575,51 +578,65 @@ def test_a_scope_s_fact_queries_are_read_in_one_statement(store: SQLStore) -> No
     """On PostgreSQL every statement inside the lock is a round trip: a decision's facts
     of one scope, however many, are one."""
     statements: list[str] = []
-
-    class Counting:
-        def __init__(self, conn: Any) -> None:
-            self.conn = conn
-
-        def execute(self, sql: str, params: Any = ()) -> Any:
-            statements.append(sql)
-            return self.conn.execute(sql, params)
-
     queries = [FactQuery(10.0), FactQuery(20.0, "amount"), FactQuery(30.0, "fee"),
                FactQuery(40.0, "amount")]
     with store._write("test") as conn:
-        assert TxnFacts(Counting(conn), "acme").measure("pay", "ann", queries, 100.0) == \
-            [0, 0, 0, 0]
+        assert TxnFacts(Counting(conn, statements), "acme").measure(
+            "pay", "ann", queries, 100.0) == [0, 0, 0, 0]
     assert len(statements) == 1 and statements[0].count("LEFT JOIN") == 2
+
+
+STORED = [  # id, surface, actor, reserved_at, expires_at, consumed, released, amounts
+    ("s1", "pay", "ann", 90.0, 200.0, 0, 0, {"amount": 1, "fee": 100}),
+    ("s2", "pay", "ann", 50.0, 200.0, 0, 0, {"amount": 2}),  # no fee; at a window's start
+    ("s3", "pay", "ann", 30.0, 200.0, 0, 0, {"amount": 4, "fee": 400}),
+    ("s4", "pay", "ann", 95.0, 200.0, 0, 1, {"amount": 8, "fee": 800}),  # released
+    ("s5", "pay", "ann", 80.0, 99.0, 0, 0, {"amount": 16, "fee": 1600}),  # expired
+    ("s6", "pay", "ann", 85.0, 99.0, 1, 0, {"amount": 32, "fee": 3200}),  # expired, used
+    ("s7", "pay", "bob", 90.0, 200.0, 0, 0, {"amount": 64, "fee": 6400}),
+    ("s8", "ship", "ann", 90.0, 200.0, 0, 0, {"amount": 128}),
+    ("s9", "pay", "ann", 10.0, 200.0, 0, 0, {"amount": 256}),  # before every window
+]
+QUERIES = (FactQuery(50.0), FactQuery(20.0, "amount"), FactQuery(70.0, "fee"),
+           FactQuery(20.0), FactQuery(50.0, "amount"))
+
+
+def insert_reservations(conn: Any, tenant: str, stored: list[Any]) -> None:
+    for ident, surface, actor, at, expires, consumed, released, amounts in stored:
+        conn.execute("INSERT INTO reservations (execution_id, tenant, surface, actor,"
+                     " reserved_at, expires_at, consumed, released)"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (f"{tenant}-{ident}", tenant, surface, actor, at, expires, consumed,
+                      released))
+        for name, units in amounts.items():
+            conn.execute("INSERT INTO reservation_amounts VALUES (?, ?, ?)",
+                         (f"{tenant}-{ident}", name, units))
+
+
+class Counting:
+    """A connection that notes every statement it runs."""
+
+    def __init__(self, conn: Any, statements: list[str]) -> None:
+        self.conn = conn
+        self.statements = statements
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        self.statements.append(sql)
+        return self.conn.execute(sql, params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
 
 
 def test_one_statement_answers_every_fact_query_of_a_scope(store: SQLStore) -> None:
     """Counts and totals of several fields over several windows, read at once, each over
     exactly the live stored reservations (and the batch's own) its query asks about."""
-    stored = [  # id, surface, actor, reserved_at, expires_at, consumed, released, amounts
-        ("s1", "pay", "ann", 90.0, 200.0, 0, 0, {"amount": 1, "fee": 100}),
-        ("s2", "pay", "ann", 50.0, 200.0, 0, 0, {"amount": 2}),  # no fee; at a window's start
-        ("s3", "pay", "ann", 30.0, 200.0, 0, 0, {"amount": 4, "fee": 400}),
-        ("s4", "pay", "ann", 95.0, 200.0, 0, 1, {"amount": 8, "fee": 800}),  # released
-        ("s5", "pay", "ann", 80.0, 99.0, 0, 0, {"amount": 16, "fee": 1600}),  # expired
-        ("s6", "pay", "ann", 85.0, 99.0, 1, 0, {"amount": 32, "fee": 3200}),  # expired, used
-        ("s7", "pay", "bob", 90.0, 200.0, 0, 0, {"amount": 64, "fee": 6400}),
-        ("s8", "ship", "ann", 90.0, 200.0, 0, 0, {"amount": 128}),
-        ("s9", "pay", "ann", 10.0, 200.0, 0, 0, {"amount": 256}),  # before every window
-    ]
+    stored, queries = STORED, list(QUERIES)
     rows = BatchRows()  # this batch's own, not inserted yet
     rows.reserve("acme", "p1", Reservation("pay", "ann", {"amount": 512, "fee": 5000}, 70.0,
                                            300.0))
-    queries = [FactQuery(50.0), FactQuery(20.0, "amount"), FactQuery(70.0, "fee"),
-               FactQuery(20.0), FactQuery(50.0, "amount")]
     with store._write("test") as conn:
-        for ident, surface, actor, at, expires, consumed, released, amounts in stored:
-            conn.execute("INSERT INTO reservations (execution_id, tenant, surface, actor,"
-                         " reserved_at, expires_at, consumed, released)"
-                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (ident, "acme", surface, actor, at, expires, consumed, released))
-            for name, units in amounts.items():
-                conn.execute("INSERT INTO reservation_amounts VALUES (?, ?, ?)",
-                             (ident, name, units))
+        insert_reservations(conn, "acme", stored)
         facts = TxnFacts(conn, "acme", rows.reservations)
         # ann's live ones: s1 (90), s2 (50), s3 (30), s6 (85, used), and p1 (70) pending.
         # A window holds what was reserved after its start: s2 is not in the one from 50,
@@ -632,3 +649,91 @@ def test_one_statement_answers_every_fact_query_of_a_scope(store: SQLStore) -> N
             1 + 32 + 512]  # amount since 50: s1, s6, p1
         # Everyone's adds bob's s7.
         assert facts.measure("pay", None, queries, 100.0) == [4, 615, 9700, 6, 609]
+
+
+def reading(tenant: str, *reads: FactRead) -> PendingEntry:
+    return dataclasses.replace(decision(tenant, f"{tenant}-{len(reads)}"), reads=reads)
+
+
+def test_a_batch_s_fact_reads_are_made_ahead_one_statement_per_shape(store: SQLStore) -> None:
+    """``read_facts_ahead`` gives every read the answer ``measure`` would, over the stored
+    rows, in one statement per shape of read (fields, per actor or not), not per read."""
+    few = (FactQuery(20.0, "amount"),)
+    reads = {  # shapes: QUERIES per actor (3 reads), QUERIES for everyone, one sum per actor
+        "acme": [FactRead("pay", "ann", QUERIES, 100.0), FactRead("pay", None, QUERIES, 100.0),
+                 FactRead("pay", "bob", QUERIES, 100.0), FactRead("ship", "ann", few, 100.0),
+                 FactRead("pay", "ann", QUERIES, 98.5)],  # s5 not yet expired at 98.5
+        "other": [FactRead("pay", "ann", QUERIES, 100.0)],
+    }
+    statements: list[str] = []
+    with store._write("test") as conn:
+        insert_reservations(conn, "acme", STORED)
+        insert_reservations(conn, "other", STORED[6:7])  # bob's, in another tenant
+        entries = [reading(tenant, *tenant_reads) for tenant, tenant_reads in reads.items()]
+        ahead = read_facts_ahead(Counting(conn, statements), entries)
+        assert len(statements) == 3
+        assert ahead[("acme", reads["acme"][0])] == [2, 39, 3300, 4, 33]  # s1 s2 s3 s6
+        assert ahead[("acme", reads["acme"][4])] == [3, 55, 4900, 5, 49]  # and s5
+        assert ahead[("other", reads["other"][0])] == [0, 0, 0, 0, 0]
+        for tenant, tenant_reads in reads.items():
+            for read in tenant_reads:
+                assert ahead[(tenant, read)] == TxnFacts(conn, tenant).measure(*read)
+        assert len(ahead) == 6
+
+
+def test_many_reads_ahead_are_split_within_the_parameter_limit(store: SQLStore) -> None:
+    statements: list[str] = []
+    reads = [FactRead("pay", "ann", QUERIES, 100.0 + n / 1000) for n in range(200)]
+    with store._write("test") as conn:
+        insert_reservations(conn, "acme", STORED)
+        ahead = read_facts_ahead(Counting(conn, statements), [reading("acme", *reads)])
+    assert len(statements) == 3  # 12 parameters a read: 83 reads a statement
+    assert all(ahead[("acme", read)] == [2, 39, 3300, 4, 33] for read in reads)
+
+
+def stateful(store: SQLStore, execution_id: str, actor: str, units: int,
+             seen: list[list[int]], *, ahead: bool) -> PendingEntry:
+    """A decision that reads its actor's count and sum, and reserves ``units``."""
+    plain = decision("acme", execution_id)
+    read = FactRead("payment.execute", actor, (FactQuery(0.0), FactQuery(0.0, "amount")), 100.0)
+
+    def decide(reader: FactReader) -> PreparedDecision:
+        seen.append(reader.measure(*read))
+        return PreparedDecision(
+            plain.seal, {**(plain.execution or {}), "actor_id": actor}, plain.response or {},
+            Reservation("payment.execute", actor, {"amount": units}, 50.0, 200.0))
+    return PendingEntry(tenant="acme", kind="decision", execution_id=execution_id,
+                        seal=plain.seal, decide=decide, reads=(read,) if ahead else ())
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_batch_reads_its_decisions_facts_once_and_they_stay_live(
+        store: SQLStore, ahead: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With their reads known, a batch's decisions read the stored facts in one statement;
+    each still sees the batch's earlier reservations, also after a replay in the batch
+    stored them (and made what was read ahead stale)."""
+    statements: list[str] = []
+    transaction = store._append_transaction
+
+    @contextlib.contextmanager
+    def counted() -> Iterator[Any]:
+        with transaction() as conn:
+            yield Counting(conn, statements)
+    monkeypatch.setattr(store, "_append_transaction", counted)
+    seen: list[list[int]] = []
+    store.commit_batch([stateful(store, "p0", "ann", 1, seen, ahead=ahead)], 60.0)
+    key = IdempotencyClaim("k", "h", "enforce", expires_at=1000.0)
+    statements.clear()
+    results = store.commit_batch([
+        stateful(store, "p1", "ann", 2, seen, ahead=ahead),
+        stateful(store, "p2", "bob", 4, seen, ahead=ahead),
+        stateful(store, "p3", "ann", 8, seen, ahead=ahead)], 60.0)
+    assert all(isinstance(r, Committed) for r in results)
+    assert sum("FROM reservations r" in sql for sql in statements) == \
+        (1 if ahead and store.reads_facts_ahead else 3)
+    results = store.commit_batch([
+        stateful(store, "p4", "ann", 16, seen, ahead=ahead),
+        decision("acme", "d1", key), decision("acme", "d2", key),  # a replay: rows stored
+        stateful(store, "p5", "ann", 32, seen, ahead=ahead)], 60.0)
+    assert isinstance(results[2], Replayed)
+    assert seen == [[0, 0], [1, 1], [0, 0], [2, 3], [3, 11], [4, 27]]
