@@ -78,10 +78,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def refuse_nul_in_url(request: Request) -> None:
+async def refuse_nul_in_url(request: Request) -> None:
     """Refuse a path or query parameter holding U+0000, as body text is refused
     (``parse_json_object``): PostgreSQL cannot even look such text up, and a
-    malformed id must not read as a database fault."""
+    malformed id must not read as a database fault. (``async``: run on the event
+    loop, not handed to a worker thread for a few string checks.)"""
     for name, value in [*request.path_params.items(), *request.query_params.multi_items()]:
         if isinstance(value, str) and "\x00" in value:
             raise MalformedRequest(name, "text without NUL (U+0000) characters",
