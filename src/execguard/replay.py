@@ -38,7 +38,7 @@ __all__ = ["ImpactGroup", "ImpactReport", "ReplayResult", "ReplayStatus", "conte
            "impact", "log_receipts", "replay_execution", "replay_stored",
            "stored_bundle"]
 
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 _NULL_DIGEST = digest_value(None)
 #: The keys of the normalized request, the object ``requestHash`` covers.
 _NORMALIZED_KEYS = ("tenant", "surface", "action", "actorId", "context", "signals",

@@ -256,10 +256,22 @@ def test_export_package_verifies_offline_and_detects_changes(fresh_gateway: Gate
     assert run_cli("export", str(package), data=fresh_gateway.data, check=False).returncode == 1
 
 
-def test_export_refuses_a_bad_time(fresh_gateway: Gateway, tmp_path: Path) -> None:
-    result = run_cli("export", str(tmp_path / "x"), "--since", "last tuesday",
+@pytest.mark.parametrize("since", ["last tuesday", "99999999999d",  # an age before year 1
+                                   "0001-01-01T00:00:00+01:00"])  # a time before it in UTC
+def test_export_refuses_a_bad_time(fresh_gateway: Gateway, tmp_path: Path, since: str) -> None:
+    result = run_cli("export", str(tmp_path / "x"), "--since", since,
                      data=fresh_gateway.data, check=False)
     assert result.returncode == 1 and "--since" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_export_to_a_place_it_cannot_write_is_one_line(fresh_gateway: Gateway) -> None:
+    with fresh_gateway.client() as client:
+        assert client.post("/execute", json={"surface": "payment.execute", "context": {
+            "amount": 5, "currency": "EUR", "beneficiary": "Acme"}}).status_code == 200
+    result = run_cli("export", "/proc/no-such-place/out", data=fresh_gateway.data, check=False)
+    assert result.returncode == 1 and result.stderr.startswith("error: ")
+    assert "/proc/no-such-place" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_damaged_tree_hashes_break_the_consistency_of_checkpoints(

@@ -80,6 +80,17 @@ def test_decisions_that_are_not_permits_cannot_be_consumed(client: httpx.Client)
     assert bad.status_code == 422 and bad.json()["field"] == "requestHash"
 
 
+def test_a_request_hash_with_anything_after_its_64_digits_is_refused_unlogged(
+        client: httpx.Client) -> None:
+    answer = client.post("/execute", json={"surface": "payment.execute", "context": PAY}).json()
+    for text in (answer["receipt"]["requestHash"] + "\n", " " + answer["receipt"]["requestHash"]):
+        bad = consume(client, answer, text)
+        assert bad.status_code == 422 and bad.json()["field"] == "requestHash", text
+    story = client.get(f"/verify/{answer['execution_id']}").json()
+    assert story["refusedConsumptions"] == [] and story["consumption"] is None
+    assert consume(client, answer).status_code == 200
+
+
 def test_an_expired_permit_is_refused(tmp_path: Any) -> None:
     data = tmp_path / "data"
     run_cli("init", data=data)

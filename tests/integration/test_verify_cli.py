@@ -94,3 +94,8 @@ def test_junk_and_the_wrong_keys_are_refused(evidence: dict[str, Path], tmp_path
     broken.write_text('{"keys": "nope"}')
     refused = run_cli("verify", str(evidence["bundle"]), "--keys", str(broken), check=False)
     assert refused.returncode == 1 and "keys" in refused.stderr
+    deep = tmp_path / "deep-keys.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    refused = run_cli("verify", str(evidence["bundle"]), "--keys", str(deep), check=False)
+    assert refused.returncode == 1 and refused.stderr.startswith("error:")
+    assert "Traceback" not in refused.stderr and "nested too deep" in refused.stderr

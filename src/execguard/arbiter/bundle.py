@@ -60,7 +60,7 @@ README_FILE = "README.md"
 POLICY_DIR = "policies"
 MAX_FILE_BYTES = 1 << 20
 
-_REASON_RE = re.compile(r"^[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*$")
+_REASON_RE = re.compile(r"^[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*\Z")
 _ACTION_DECL_RE = re.compile(r'^\s*action\s+"', re.MULTILINE)
 _ACTION_SOURCE_RE = re.compile(r'(?<![\w"])action\s+["A-Za-z_]')
 _POLICY_PREFIX_RE = re.compile(r"^for policy `policy\d+`, ")

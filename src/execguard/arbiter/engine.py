@@ -74,7 +74,7 @@ class ApprovalRule:
 
 
 DEFAULT_APPROVERS = "approvers"
-_GROUP_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_GROUP_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}\Z")
 
 
 def approval_rule(annotations: Mapping[str, Any], policy_id: str) -> ApprovalRule:

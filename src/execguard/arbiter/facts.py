@@ -52,8 +52,8 @@ def compute_facts(now: datetime) -> dict[str, Any]:
 AGGREGATES = ("count", "sum")
 SCOPES = ("actor", "tenant")
 _FACT_KEYS = frozenset({"aggregate", "field", "window", "per"})
-_FACT_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
-_WINDOW_RE = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
+_FACT_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,63}\Z")
+_WINDOW_RE = re.compile(r"^([1-9][0-9]{0,6})([smhd])\Z")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_WINDOW_SECONDS = 90 * 86400
 

@@ -63,9 +63,9 @@ _SURFACE_KEYS = frozenset(
 )
 _FIELD_KEYS = frozenset({"type", "required", "min", "max", "enum", "max_length"})
 # Same alphabet as the request parser accepts for ``surface``.
-_SURFACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$")
+_SURFACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}\Z")
 # Plain identifiers, so policies can write ``context.amount``.
-_FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ _CASE_KEYS = frozenset({"name", "request", "facts", "expect"})
 _REQUEST_KEYS = frozenset({"surface", "action", "actorId", "context", "signals",
                            "subjectDigest"})
 _EXPECT_KEYS = frozenset({"decision", "reason", "policies"})
-_REASON_RE = re.compile(r"^[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*$")
+_REASON_RE = re.compile(r"^[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*\Z")
 _CASE_HEADER_RE = re.compile(r"^\s*\[\[\s*case\s*\]\]")
 _DERIVED_FACTS = frozenset(FACT_TYPES) - {"now"}
 MAX_NAME_LENGTH = 200

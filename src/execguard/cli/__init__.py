@@ -22,11 +22,16 @@ _COMMAND_MODULES = (setup, policy, evidence, run, proxy, approvals, shadow)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; ExecGuard errors become one line on stderr and exit code 1."""
+    """Run the CLI; ExecGuard errors (and a path that fails) become one line on stderr
+    and exit code 1."""
     try:
         code = app(args=argv, prog_name="execguard", standalone_mode=False)
     except ExecGuardError as exc:
         print(f"error: {exc.diagnostics()}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as exc:  # a path that cannot be made, read or written: not a crash
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -72,3 +72,5 @@ def load_json_source(source: str) -> Any:
         return json.loads(read_file(Path(source)))
     except ValueError as exc:
         raise ConfigError(f"{source} is not JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source} is not JSON this tool reads: nested too deep") from None

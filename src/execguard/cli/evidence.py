@@ -226,12 +226,12 @@ def _when(text: str | None, name: str) -> str | None:
 
     from execguard.protocol.outcome import format_timestamp, parse_timestamp
     units = {"d": "days", "h": "hours", "m": "minutes"}
-    if text[:-1].isdigit() and text[-1:] in units:
-        delta = timedelta(**{units[text[-1]]: int(text[:-1])})
-        return format_timestamp(datetime.now(UTC) - delta)
     try:
+        if text[:-1].isdigit() and text[-1:] in units:
+            delta = timedelta(**{units[text[-1]]: int(text[:-1])})
+            return format_timestamp(datetime.now(UTC) - delta)
         return format_timestamp(parse_timestamp(text))
-    except ValueError:
+    except (ValueError, OverflowError):  # not a time, or an age before the year 1
         raise ConfigError(f"--{name} {text!r} is neither an RFC 3339 timestamp nor an age "
                           "like 7d, 24h or 30m") from None
 

@@ -67,12 +67,12 @@ SOURCE_KINDS = ("json", "path", "query", "header", "const")
 #: Paths the proxy answers itself; no route may claim them.
 RESERVED_PATHS = frozenset({"/healthz", "/proxy/execute"})
 
-_SURFACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$")
-_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 header field name
-_PARAM_RE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+$")  # an unreserved path segment
-_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
+_SURFACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}\Z")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # RFC 9110 header field name
+_PARAM_RE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+\Z")  # an unreserved path segment
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}\Z")
 
 _DEFAULT_GATEWAY_TIMEOUT = 5.0
 _DEFAULT_UPSTREAM_TIMEOUT = 30.0
@@ -226,7 +226,7 @@ def _kind(value: Any) -> str:
 
 
 def _http_url(reader: _Reader, key: str, value: str) -> str:
-    if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", value):
+    if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?\Z", value):
         reader.fail(key, f"expected an http(s) URL without query or fragment, got {_kind(value)}")
     return value.rstrip("/")
 

@@ -27,8 +27,13 @@ def format_timestamp(moment: datetime) -> str:
 
 
 def parse_timestamp(text: str) -> datetime:
-    """Parse an RFC 3339 timestamp (``Z`` or an offset); naive input is taken as UTC."""
+    """Parse an RFC 3339 timestamp (``Z`` or an offset); naive input is taken as UTC.
+    Raises ``ValueError`` for text that is not one, or names a moment outside the years
+    1–9999 in UTC (such as ``0001-01-01T00:00:00+01:00``)."""
     moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside the years 1-9999 in UTC") from None

@@ -52,7 +52,7 @@ DECISION_RECEIPT_FIELDS = (
     "logIndex",
 )
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def receipt_hash(receipt: Mapping[str, Any]) -> str:

@@ -38,7 +38,7 @@ RESERVED_CONTEXT_KEYS = frozenset({"facts", "now"})
 EXECUTION_MODES = ("enforce", "observe")
 MAX_DEPTH = 32
 
-_SURFACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$")
+_SURFACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}\Z")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,9 @@ IDEMPOTENCY_PURGE_INTERVAL_SECONDS = 600
 APPROVAL_SWEEP_SECONDS = 2.0
 #: How long ``/readyz`` reports a failed append when nothing has committed since.
 APPEND_FAILURE_READY_SECONDS = 5.0
+#: The largest log size or index a query may name: both databases store them as signed
+#: 64-bit integers, and a larger one cannot even be asked about.
+MAX_LOG_SIZE = 2**63 - 1
 
 
 def _json(body: dict[str, Any], request: Request, status: int = 200,
@@ -276,24 +279,25 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
         return _json(transparency.checkpoint(caller_of(request).tenant), request)
 
     @app.get("/v1/log/checkpoints", summary="Stored checkpoints, smallest first")
-    def log_checkpoints(request: Request, min_size: int = Query(0, ge=0),
+    def log_checkpoints(request: Request, min_size: int = Query(0, ge=0, le=MAX_LOG_SIZE),
                         limit: int = Query(1000, ge=1, le=10000)) -> Response:
         return _json(transparency.checkpoints(caller_of(request).tenant, min_size, limit),
                      request)
 
     @app.get("/v1/log/proof/inclusion", summary="RFC 9162 inclusion proof")
-    def log_inclusion(request: Request, index: int = Query(..., ge=0),
-                      size: int | None = Query(None, ge=1)) -> Response:
+    def log_inclusion(request: Request, index: int = Query(..., ge=0, le=MAX_LOG_SIZE),
+                      size: int | None = Query(None, ge=1, le=MAX_LOG_SIZE)) -> Response:
         return _json(transparency.inclusion(caller_of(request).tenant, index, size), request)
 
     @app.get("/v1/log/proof/consistency", summary="RFC 9162 consistency proof")
-    def log_consistency(request: Request, from_: int = Query(..., alias="from", ge=1),
-                        to: int | None = Query(None, ge=1)) -> Response:
+    def log_consistency(request: Request,
+                        from_: int = Query(..., alias="from", ge=1, le=MAX_LOG_SIZE),
+                        to: int | None = Query(None, ge=1, le=MAX_LOG_SIZE)) -> Response:
         return _json(transparency.consistency(caller_of(request).tenant, from_, to), request)
 
     @app.get("/v1/log/entries", summary="Log entries start <= index < end, with receipts")
-    def log_entries(request: Request, start: int = Query(..., ge=0),
-                    end: int = Query(..., ge=1)) -> Response:
+    def log_entries(request: Request, start: int = Query(..., ge=0, le=MAX_LOG_SIZE),
+                    end: int = Query(..., ge=1, le=MAX_LOG_SIZE)) -> Response:
         return _json(transparency.entries(caller_of(request).tenant, start, end), request)
 
     @app.get("/v1/receipts/{execution_id}/bundle",

@@ -39,7 +39,7 @@ __all__ = ["ExecuteFastPath", "RequestIdMiddleware", "new_request_id", "with_req
 
 log = logging.getLogger("execguard.server")
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")
 
 
 def new_request_id() -> str:

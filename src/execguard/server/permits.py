@@ -33,7 +33,7 @@ from execguard.server.settings import Settings
 
 __all__ = ["Permits"]
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class Permits:

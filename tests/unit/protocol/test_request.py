@@ -45,6 +45,7 @@ def test_context_and_signals_are_optional() -> None:
     ('{"surface": 5}', "surface", "integer 5"),
     ('{"surface": ""}', "surface", "string ''"),
     ('{"surface": "a b"}', "surface", "string 'a b'"),
+    ('{"surface": "payment.execute\\n"}', "surface", "string 'payment.execute\\n'"),
     ('{"surface": "x", "context": []}', "context", "array"),
     ('{"surface": "x", "context": "amount=5"}', "context", "string"),
     ('{"surface": "x", "signals": 1}', "signals", "integer 1"),

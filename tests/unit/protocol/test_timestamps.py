@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,3 +27,12 @@ def test_same_text_as_strftime_and_read_back(moment: datetime) -> None:
     text = format_timestamp(moment)
     assert text == moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
     assert parse_timestamp(text) == moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def test_a_moment_outside_the_utc_years_is_a_value_error() -> None:
+    # Valid text whose UTC moment falls before year 1 or after 9999: callers catch
+    # ValueError for bad input, so it must not surface as an OverflowError.
+    for text in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
+        with pytest.raises(ValueError, match="outside the years"):
+            parse_timestamp(text)
+    assert parse_timestamp("0001-01-01T00:00:00Z") == datetime(1, 1, 1, tzinfo=UTC)
