@@ -174,3 +174,37 @@ def test_an_acknowledged_consumption_survives_a_crash(fresh_gateway: Gateway) ->
     fresh_gateway.start()
     with fresh_gateway.client() as client:
         assert consume(client, answer).json()["error"] == "permit_already_consumed"
+
+
+def test_a_permit_whose_execution_has_an_outcome_cannot_start_it(client: httpx.Client) -> None:
+    """A FAILURE reported before the permit is used frees its share of the actor's limit;
+    the permit must not then run the action after all (the limit would not count it)."""
+    actor = f"agent-ended-{time.monotonic_ns()}"
+    spent = 0
+    for _ in range(6):  # 60,000 against the demo's daily 50,000 per actor, had they run
+        answer = client.post("/execute", json={"surface": "payment.execute", "actorId": actor,
+                                               "context": {**PAY, "amount": 10_000}}).json()
+        assert answer["decision"] == "PERMIT"
+        ended = client.post(f"/executions/{answer['execution_id']}/outcome",
+                            json={"result": "FAILURE"})
+        assert ended.status_code == 200
+        refused = consume(client, answer)
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"] == "execution_ended"
+        assert refused.json()["refusalReason"] == "OUTCOME_RECORDED"
+        assert refused.json()["receipt"]["consumeResult"] == "REFUSED"
+        story = client.get(f"/verify/{answer['execution_id']}").json()
+        assert story["consumption"] is None and len(story["refusedConsumptions"]) == 1
+        spent += 10_000 if consume(client, answer).status_code == 200 else 0
+    assert spent == 0
+    # A SUCCESS reported first ends it too.
+    answer = permit(client)
+    assert client.post(f"/executions/{answer['execution_id']}/outcome",
+                       json={"result": "SUCCESS"}).status_code == 200
+    assert consume(client, answer).json()["refusalReason"] == "OUTCOME_RECORDED"
+    # The usual order is untouched: consumed, then its outcome, then a replay is a replay.
+    answer = permit(client)
+    assert consume(client, answer).status_code == 200
+    assert client.post(f"/executions/{answer['execution_id']}/outcome",
+                       json={"result": "SUCCESS"}).status_code == 200
+    assert consume(client, answer).json()["refusalReason"] == "ALREADY_CONSUMED"

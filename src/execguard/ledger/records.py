@@ -151,9 +151,10 @@ class PendingEntry:
     execution: Mapping[str, Any] | None = None
     response: Mapping[str, Any] | None = None
     idempotency: IdempotencyClaim | None = None
-    #: For ``kind == "consume"``: the receipt to record instead if the permit was
-    #: already consumed (the store decides, inside its write lock).
-    seal_refused: Sealer | None = None
+    #: For ``kind == "consume"``: the receipt to record instead, given the reason, if
+    #: the store refuses the consumption inside its write lock (``ALREADY_CONSUMED``: the
+    #: permit was used; ``OUTCOME_RECORDED``: the execution has already ended).
+    refuse: Callable[[str], Sealer] | None = None
     #: For a PERMIT: what it reserves against stateful limits until it is released.
     reservation: Reservation | None = None
     #: For decisions that depend on the ledger's own state (stateful facts): called

@@ -204,14 +204,23 @@ class SQLStore(AdminMixin, ABC):
         kind, seal = entry.kind, entry.seal
         if kind != "decision":
             rows.flush(conn)  # rare kinds read and update what the batch may have written
-        if kind == "consume" and conn.execute(
-                "SELECT 1 FROM log WHERE tenant = ? AND execution_id = ? AND kind = 'consume'",
-                (entry.tenant, entry.execution_id)).fetchone() is not None:
-            # Single use is decided from the log itself, inside the write lock: the
-            # second attempt is recorded as refused, never as a second consumption.
-            if entry.seal_refused is None:  # pragma: no cover - the gateway always sets it
-                return Conflicted("already_consumed")
-            kind, seal = "consume-refused", entry.seal_refused
+        if kind == "consume":
+            # Decided from what is stored, inside the write lock: a second attempt is
+            # recorded as refused, never as a second consumption; and a permit whose
+            # execution has an outcome already (a FAILURE freed its share of the limits)
+            # cannot start it after all.
+            reason = None
+            if conn.execute("SELECT 1 FROM log WHERE tenant = ? AND execution_id = ?"
+                            " AND kind = 'consume'",
+                            (entry.tenant, entry.execution_id)).fetchone() is not None:
+                reason = "ALREADY_CONSUMED"
+            elif conn.execute("SELECT 1 FROM outcomes WHERE execution_id = ?",
+                              (entry.execution_id,)).fetchone() is not None:
+                reason = "OUTCOME_RECORDED"
+            if reason is not None:
+                if entry.refuse is None:  # pragma: no cover - the gateway always sets it
+                    return Conflicted(reason.lower())
+                kind, seal = "consume-refused", entry.refuse(reason)
 
         if kind in ("approval-vote", "approval-expire"):
             return self._approval_step(conn, entry, heads, rows, now_epoch)

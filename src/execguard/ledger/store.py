@@ -74,8 +74,9 @@ class LedgerStore(Protocol):
         is live with the same request hash and mode gives ``Replayed``; with
         another, ``Conflicted("idempotency_key_reuse")``. A second outcome for one
         execution gives ``Conflicted("outcome_exists")``. A ``consume`` entry for an
-        execution that already has one is appended as ``consume-refused``, sealed
-        with ``seal_refused``: single use is decided from the log. If the transaction
+        execution that already has one, or already has an outcome, is appended as
+        ``consume-refused``, sealed by ``refuse`` with the reason: single use is decided
+        from the log, and an execution that has ended cannot start. If the transaction
         fails, nothing of the batch is stored and ``StorageUnavailable`` is raised.
         """
 

@@ -125,6 +125,7 @@ class PermitRefused(Conflict):
         "EXPIRED": "permit_expired",
         "REQUEST_MISMATCH": "request_mismatch",
         "NOT_PERMITTED": "not_permitted",
+        "OUTCOME_RECORDED": "execution_ended",
     }
     MESSAGES: ClassVar[dict[str, str]] = {
         "ALREADY_CONSUMED": "the permit for execution {id} was already used: a permit runs "
@@ -133,6 +134,8 @@ class PermitRefused(Conflict):
         "REQUEST_MISMATCH": "the request presented does not hash to the request execution {id} "
                             "was permitted for",
         "NOT_PERMITTED": "execution {id} was not permitted ({decision}): there is no permit",
+        "OUTCOME_RECORDED": "execution {id} already has an outcome: it ended, and its permit "
+                            "can no longer start it",
     }
 
     def __init__(self, reason: str, execution_id: str, receipt: object = None,

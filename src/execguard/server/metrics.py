@@ -24,8 +24,8 @@ What is counted, and where it is observed:
   (``cause`` is their error code: ``storage_unavailable``, ``keys_unavailable``,
   ``service_unavailable``) and 500s (``cause="internal_error"``).
 - ``execguard_permits_consumed_total`` / ``execguard_permit_refusals_total{reason}``:
-  consume attempts as recorded in the log (``reason`` is the refusal reason:
-  ``ALREADY_CONSUMED``, ``EXPIRED``, ``REQUEST_MISMATCH``, ``NOT_PERMITTED``).
+  consume attempts as recorded in the log (``reason`` is the refusal reason, one of
+  ``PermitRefused.CODES``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from execguard.ledger import Committed
+from execguard.protocol.errors import PermitRefused
 
 if TYPE_CHECKING:
     from execguard.ledger import CommitResult, LedgerStore, PendingEntry
@@ -306,7 +307,7 @@ class Metrics:
         for cause in ("storage_unavailable", "keys_unavailable", "service_unavailable",
                       "internal_error"):
             self.fail_closed.inc(0, cause=cause)
-        for reason in ("ALREADY_CONSUMED", "EXPIRED", "REQUEST_MISMATCH", "NOT_PERMITTED"):
+        for reason in PermitRefused.CODES:
             self.permit_refusals.inc(0, reason=reason)
 
     # -- scrape-time gauges ------------------------------------------------------------

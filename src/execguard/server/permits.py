@@ -90,7 +90,7 @@ class Permits:
         else:
             entry = PendingEntry(tenant=caller.tenant, kind="consume", execution_id=execution_id,
                                  seal=sealed("CONSUMED", None),
-                                 seal_refused=sealed("REFUSED", "ALREADY_CONSUMED"))
+                                 refuse=lambda reason: sealed("REFUSED", reason))
         result = await self.committer.submit(entry)
         assert isinstance(result, Committed)
         receipt = result.receipt

@@ -180,6 +180,33 @@ def test_limits_count_the_reservations_of_the_same_batch(store: SQLStore) -> Non
     assert seen[-1] == (3, 60, 4, 65)
 
 
+def consume(tenant: str, execution_id: str) -> PendingEntry:
+    def sealed(result: str, reason: str | None) -> Any:
+        return lambda index: seal_receipt({"receiptType": "consume", "executionId": execution_id,
+                                           "consumeResult": result, "refusalReason": reason,
+                                           "logIndex": index}, SIGNER)
+    return PendingEntry(tenant=tenant, kind="consume", execution_id=execution_id,
+                        seal=sealed("CONSUMED", None),
+                        refuse=lambda reason: sealed("REFUSED", reason))
+
+
+def test_a_permit_is_consumed_once_and_never_after_its_execution_ended(
+        store: SQLStore) -> None:
+    """Both decided inside the lock, so also within one batch: a second consumption is
+    refused, and so is a first one after an outcome (a FAILURE freed its limits)."""
+    store.commit_batch([decision("acme", "e1"), decision("acme", "e2")], 0)
+    results = store.commit_batch([consume("acme", "e1"), consume("acme", "e1"),
+                                  outcome("acme", "e2"), consume("acme", "e2")], 1)
+    receipts = [r.receipt for r in results if isinstance(r, Committed)]
+    assert [(r["receiptType"], r.get("consumeResult"), r.get("refusalReason"))
+            for r in receipts] == [("consume", "CONSUMED", None),
+                                   ("consume", "REFUSED", "ALREADY_CONSUMED"),
+                                   ("outcome", None, None),
+                                   ("consume", "REFUSED", "OUTCOME_RECORDED")]
+    kinds = [e.kind for e in store.execution_log("acme", "e2")]
+    assert kinds == ["decision", "outcome", "consume-refused"]
+
+
 def test_an_outcome_is_recorded_once(store: SQLStore) -> None:
     store.commit_batch([decision("acme", "e1")], 0)
     assert isinstance(store.commit_batch([outcome("acme", "e1")], 0)[0], Committed)
