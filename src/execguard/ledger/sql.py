@@ -209,14 +209,12 @@ class SQLStore(AdminMixin, ABC):
             # recorded as refused, never as a second consumption; and a permit whose
             # execution has an outcome already (a FAILURE freed its share of the limits)
             # cannot start it after all.
-            reason = None
-            if conn.execute("SELECT 1 FROM log WHERE tenant = ? AND execution_id = ?"
-                            " AND kind = 'consume'",
-                            (entry.tenant, entry.execution_id)).fetchone() is not None:
-                reason = "ALREADY_CONSUMED"
-            elif conn.execute("SELECT 1 FROM outcomes WHERE execution_id = ?",
-                              (entry.execution_id,)).fetchone() is not None:
-                reason = "OUTCOME_RECORDED"
+            consumed, ended = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM log WHERE tenant = ? AND execution_id = ?"
+                " AND kind = 'consume'), EXISTS (SELECT 1 FROM outcomes"
+                " WHERE execution_id = ?)",  # one statement: on PostgreSQL, one round trip
+                (entry.tenant, entry.execution_id, entry.execution_id)).fetchone()
+            reason = "ALREADY_CONSUMED" if consumed else "OUTCOME_RECORDED" if ended else None
             if reason is not None:
                 if entry.refuse is None:  # pragma: no cover - the gateway always sets it
                     return Conflicted(reason.lower())
