@@ -265,6 +265,14 @@ def test_export_refuses_a_bad_time(fresh_gateway: Gateway, tmp_path: Path, since
     assert "Traceback" not in result.stderr
 
 
+def test_export_refuses_a_period_that_ends_before_it_starts(fresh_gateway: Gateway,
+                                                           tmp_path: Path) -> None:
+    result = run_cli("export", str(tmp_path / "x"), "--since", "2030-01-01T00:00:00Z",
+                     "--until", "2020-01-01T00:00:00Z", data=fresh_gateway.data, check=False)
+    assert result.returncode == 1 and "is not before --until" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_export_to_a_place_it_cannot_write_is_one_line(fresh_gateway: Gateway) -> None:
     with fresh_gateway.client() as client:
         assert client.post("/execute", json={"surface": "payment.execute", "context": {

@@ -351,6 +351,10 @@ def test_coach_is_a_dry_run(client: httpx.Client) -> None:
     assert "receipt" not in advice
     assert client.get("/v1/audit", params={"actor": actor}).json()["entries"] == []
     assert client.post("/v1/coach", json={"intent": "nope.surface"}).status_code == 400
+    for falsy in ([], 0, "", False):  # not read as "no context"
+        refused = client.post("/v1/coach", json={
+            "intent": {"surface": "payment.execute", "context": falsy}})
+        assert refused.status_code == 422 and refused.json()["field"] == "intent.context"
 
 
 def test_outcome_is_a_signed_receipt_linked_to_the_decision(client: httpx.Client) -> None:

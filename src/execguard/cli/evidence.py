@@ -251,6 +251,9 @@ def export(
     from execguard.server.settings import Settings
     from execguard.server.transparency import Transparency
     start, end = _when(since, "since"), _when(until, "until")
+    if start is not None and end is not None and start >= end:
+        raise ConfigError(f"--since {since!r} is not before --until {until!r}: "
+                          "nothing could be exported")
     settings = Settings.from_env(data_dir=data)
     directory = datadir(data)
     store = directory.open_store()

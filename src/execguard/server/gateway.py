@@ -307,7 +307,9 @@ class Gateway:
         surface = intent.get("surface")
         if not isinstance(surface, str):
             raise MalformedRequest("intent.surface", "a surface name", describe(surface))
-        intent_context = intent.get("context") or {}
+        intent_context = intent.get("context")
+        if intent_context is None:
+            intent_context = {}
         if not isinstance(intent_context, dict):
             raise MalformedRequest("intent.context", "a JSON object", describe(intent_context))
         # The same validation as /execute, on the request the intent describes.
