@@ -42,13 +42,12 @@ def _measure_sql(fields: tuple[str | None, ...], by_actor: bool) -> tuple[str, t
     return f"{', '.join(columns)} FROM reservations r{joins} WHERE {where}", joined
 
 
-def _parameters(tenant: str, read: FactRead, joined: tuple[str, ...]) -> list[Any]:
-    """The parameters of :func:`_measure_sql`'s statement for one read (as
-    :meth:`TxnFacts.measure` passes them)."""
-    starts = [query.since for query in read.queries]
-    params: list[Any] = [*starts, *joined, tenant, read.surface, min(starts), read.now]
-    if read.actor is not None:
-        params.append(read.actor)
+def _parameters(tenant: str, surface: str, actor: str | None, starts: Sequence[float],
+                joined: tuple[str, ...], now: float) -> list[Any]:
+    """The parameters of :func:`_measure_sql`'s statement for one read."""
+    params: list[Any] = [*starts, *joined, tenant, surface, min(starts), now]
+    if actor is not None:
+        params.append(actor)
     return params
 
 
@@ -74,12 +73,13 @@ def read_facts_ahead(conn: Connection, entries: Sequence[PendingEntry]) -> Facts
     ahead: FactsAhead = {}
     for (fields, by_actor), reads in shapes.items():
         _, joined = _measure_sql(fields, by_actor)
-        per_read = len(fields) + len(joined) + 4 + by_actor  # as _parameters
+        per_read = len(fields) + len(joined) + 4 + by_actor  # as _parameters builds
         per_statement = max(1, min(MAX_PARAMETERS // per_read, _MAX_COMPOUND))
         for start in range(0, len(reads), per_statement):
             chunk = reads[start:start + per_statement]
-            params = [value for tenant, read in chunk
-                      for value in _parameters(tenant, read, joined)]
+            params = [value for tenant, read in chunk for value in _parameters(
+                tenant, read.surface, read.actor, [query.since for query in read.queries],
+                joined, read.now)]
             for row in conn.execute(_ahead_sql(fields, by_actor, len(chunk)),
                                     params).fetchall():
                 ahead[chunk[row[0]]] = [int(value) for value in row[1:]]
@@ -125,9 +125,7 @@ class TxnFacts:
             answers = list(known)
         else:
             body, joined = _measure_sql(fields, actor is not None)
-            params: list[Any] = [*starts, *joined, self.tenant, surface, earliest, now]
-            if actor is not None:
-                params.append(actor)
+            params = _parameters(self.tenant, surface, actor, starts, joined, now)
             answers = [int(value) for value in
                        self.conn.execute("SELECT " + body, params).fetchone()]
         for r in self._pending(surface, actor, earliest, now):

@@ -113,8 +113,8 @@ def _too_deep(path: _Path) -> MalformedRequest:
                             "deeper nesting")
 
 
-def _check_values(value: Any, path: _Path, depth: int = 0, *, nul: bool = False) -> None:
-    """Refuse values with no exact canonical form, and (unless ``nul``) text holding
+def _check_values(value: Any, path: _Path, depth: int = 0, refuse_nul: bool = True) -> None:
+    """Refuse values with no exact canonical form, and (if ``refuse_nul``) text holding
     U+0000, naming where they are.
 
     Why NUL: PostgreSQL cannot store it in a text column, so a request that SQLite
@@ -135,7 +135,7 @@ def _check_values(value: Any, path: _Path, depth: int = 0, *, nul: bool = False)
             raise MalformedRequest(_spelt(path), "a finite number",
                                    "a number out of the float range")
     elif isinstance(value, str):
-        if not nul and "\x00" in value:
+        if refuse_nul and "\x00" in value:
             raise MalformedRequest(_spelt(path), "text without NUL (U+0000) characters",
                                    describe(value))
         if value.isascii():
@@ -147,11 +147,11 @@ def _check_values(value: Any, path: _Path, depth: int = 0, *, nul: bool = False)
                                    "a lone surrogate") from None
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _check_values(item, (path, index), depth + 1, nul=nul)
+            _check_values(item, (path, index), depth + 1, refuse_nul)
     elif isinstance(value, dict):
         for key, item in value.items():
-            _check_values(key, path, depth + 1, nul=nul)
-            _check_values(item, (path, key), depth + 1, nul=nul)
+            _check_values(key, path, depth + 1, refuse_nul)
+            _check_values(item, (path, key), depth + 1, refuse_nul)
 
 
 def parse_json_object(body: bytes, what: str = "body", *, nul: bool = False) -> dict[str, Any]:
@@ -177,7 +177,8 @@ def parse_json_object(body: bytes, what: str = "body", *, nul: bool = False) -> 
         raise MalformedRequest(what, "a JSON object", "JSON that cannot be read exactly") from None
     if not isinstance(value, dict):
         raise MalformedRequest(what, "a JSON object", describe(value))
-    _check_values(value, what, nul=nul)
+    # JSON text can hold U+0000 only as the escape \u0000: without one, no string has it.
+    _check_values(value, what, 0, not nul and "\\u0000" in text)
     return value
 
 
