@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from execguard.arbiter import demo_bundle_path
+from execguard.arbiter.registry import INTEGER_LIMIT
 from tests.conftest import Gateway, free_port, run_cli
 
 PAY = {"currency": "EUR", "beneficiary": "Acme Office Supplies"}
@@ -84,3 +88,71 @@ def test_an_unused_permit_releases_its_share_when_it_expires(tmp_path: Any) -> N
             assert pay(client, "agent-slow", 10_000)["decision"] == "PERMIT"
     finally:
         gateway.stop()
+
+
+BATCH_SURFACE = """
+[surfaces."batch.run"]
+description = "Run a batch job over some items"
+risk = "low"
+observe = false
+
+[surfaces."batch.run".context]
+items = { type = "integer", required = true, min = 0 }
+
+[surfaces."batch.run".facts]
+items_1h = { aggregate = "sum", field = "items", window = "1h", per = "actor" }
+"""
+BATCH_POLICY = """
+@id("batch-within-limit")
+@reason("BATCH_OK")
+permit (principal, action == Action::"batch.run", resource);
+
+@id("batch-limit")
+@reason("BATCH_LIMIT")
+forbid (principal, action == Action::"batch.run", resource)
+when { context.facts.items_1h > 2000000000000000 };
+"""
+
+
+def test_the_largest_amounts_are_decided_and_summed_exactly(fresh_gateway: Gateway,
+                                                           tmp_path: Path) -> None:
+    """Amounts are kept in units of 10**-4 in 64 bits: an integer field holds at most
+    INTEGER_LIMIT (a larger one is a SILENCE naming it, never a failed append), and a
+    total past 64 bits is still exact (it once failed every later decision of the actor
+    as a storage fault)."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle_path(), bundle)
+    with (bundle / "surfaces.toml").open("a") as surfaces:
+        surfaces.write(BATCH_SURFACE)
+    (bundle / "policies" / "batch.cedar").write_text(BATCH_POLICY)
+    run_cli("policy", "push", str(bundle), "--activate", data=fresh_gateway.data)
+
+    def run(client: httpx.Client, actor: str, items: int) -> tuple[str, str]:
+        answer = client.post("/execute", json={"surface": "batch.run", "actorId": actor,
+                                               "context": {"items": items}})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["decision"], answer.json()["reasonCode"]
+
+    with fresh_gateway.client() as client:
+        deadline = time.monotonic() + 10  # the active policy is cached for a second
+        while client.post("/execute", json={"surface": "batch.run", "actorId": "probe",
+                                            "context": {"items": 0}}).json()[
+                "decision"] != "PERMIT":
+            assert time.monotonic() < deadline, "the pushed policy never took effect"
+            time.sleep(0.2)
+        too_large = client.post("/execute", json={"surface": "batch.run", "actorId": "big",
+                                                  "context": {"items": INTEGER_LIMIT + 1}})
+        assert too_large.json()["decision"] == "SILENCE"
+        assert too_large.json()["reasonCode"] == "INVALID_CONTEXT"
+        assert f"context.items must be an integer within ±{INTEGER_LIMIT}" in \
+            too_large.json()["reason"]
+        # 2 x INTEGER_LIMIT x 10**4 units is past 2**63: the third one's total still counts.
+        assert run(client, "big", INTEGER_LIMIT) == ("PERMIT", "BATCH_OK")
+        assert run(client, "big", INTEGER_LIMIT) == ("PERMIT", "BATCH_OK")
+        assert run(client, "big", INTEGER_LIMIT) == ("DENY", "BATCH_LIMIT")
+        assert run(client, "big", 1) == ("PERMIT", "BATCH_OK")
+        assert run(client, "other", INTEGER_LIMIT) == ("PERMIT", "BATCH_OK")
+        assert client.get("/readyz").status_code == 200
+        faults = [line for line in client.get("/metrics").text.splitlines()
+                  if line.startswith('execguard_fail_closed_total{cause="storage_unavailable"}')]
+        assert faults == ['execguard_fail_closed_total{cause="storage_unavailable"} 0']

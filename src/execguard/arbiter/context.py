@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from execguard.arbiter.registry import DECIMAL_LIMIT, FieldSpec, decimal_text
-from execguard.protocol.request import MAX_SAFE_INTEGER, describe
+from execguard.arbiter.registry import DECIMAL_LIMIT, INTEGER_LIMIT, FieldSpec, decimal_text
+from execguard.protocol.request import describe
 
 __all__ = ["FieldProblem", "convert_fields"]
 
@@ -65,8 +65,8 @@ def _convert(spec: FieldSpec, value: Any) -> tuple[Any, str | None]:
     if spec.type == "boolean":
         return (value, None) if isinstance(value, bool) else (None, "true or false")
     if spec.type == "integer":
-        expected = f"an integer within ±{MAX_SAFE_INTEGER}"
-        if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_SAFE_INTEGER:
+        expected = f"an integer within ±{INTEGER_LIMIT}"
+        if isinstance(value, bool) or not isinstance(value, int) or abs(value) > INTEGER_LIMIT:
             return None, expected
         problem = _in_range(spec, value)
         return (None, f"an integer {problem}") if problem else (value, None)

@@ -31,6 +31,7 @@ from execguard.protocol.request import MAX_SAFE_INTEGER, describe
 __all__ = [
     "DECIMAL_LIMIT",
     "FIELD_TYPES",
+    "INTEGER_LIMIT",
     "RESERVED_FIELD_NAMES",
     "RISK_LEVELS",
     "FieldSpec",
@@ -55,6 +56,10 @@ RISK_LEVELS = ("low", "medium", "high", "critical")
 RESERVED_FIELD_NAMES = frozenset({"action", "facts", "now", "signals"})
 #: Cedar's ``decimal`` is a 64-bit integer scaled by 10**4.
 DECIMAL_LIMIT = Decimal("922337203685477.5807")
+#: The largest integer a request's integer field may hold. A PERMIT keeps its numeric
+#: context fields exactly, in units of 10**-4 in 64 bits, for the sums of stateful facts
+#: (as Cedar keeps a decimal), so an integer field has a decimal's range.
+INTEGER_LIMIT = int(DECIMAL_LIMIT)
 MAX_RETENTION_DAYS = 36500
 
 _SURFACE_KEYS = frozenset(

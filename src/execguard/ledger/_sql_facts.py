@@ -21,11 +21,18 @@ _LIVE = ("r.tenant = ? AND r.surface = ? AND r.reserved_at > ? AND r.released = 
          " AND (r.consumed = 1 OR r.expires_at > ?)")
 
 
+#: A sum is read as two sums, of each amount's high bits and of its low ``_HALF`` bits,
+#: so that no total overflows 64 bits (SQLite refuses with "integer overflow"): each part
+#: stays within 64 bits for up to 2**31 reservations, and :func:`_totals` adds them exactly.
+_HALF = 32
+
+
 @lru_cache(maxsize=256)
 def _measure_sql(fields: tuple[str | None, ...], by_actor: bool) -> tuple[str, tuple[str, ...]]:
     """What one statement selects to answer every query (after ``SELECT``), and the
-    fields its joins take as parameters, in order: a column per query, each counting or
-    summing the rows reserved after its own start (``FILTER``), one join per summed field.
+    fields its joins take as parameters, in order: a column per count and two per sum
+    (:data:`_HALF`), each over the rows reserved after its query's start
+    (``FILTER``), one join per summed field.
 
     The joins are on ``reservation_amounts``' key (execution id, field): at most one row
     each, so a reservation is still one row and ``COUNT(*)`` counts reservations. A
@@ -33,22 +40,37 @@ def _measure_sql(fields: tuple[str | None, ...], by_actor: bool) -> tuple[str, t
     counts."""
     joined = tuple(dict.fromkeys(name for name in fields if name is not None))
     aliases = {name: f"a{n}" for n, name in enumerate(joined)}
-    columns = ["COUNT(*) FILTER (WHERE r.reserved_at > ?)" if name is None else
-               f"COALESCE(SUM({aliases[name]}.units) FILTER (WHERE r.reserved_at > ?), 0)"
-               for name in fields]
+    columns: list[str] = []
+    for name in fields:
+        if name is None:
+            columns.append("COUNT(*) FILTER (WHERE r.reserved_at > ?)")
+            continue
+        units = f"{aliases[name]}.units"
+        columns += [f"COALESCE(SUM({part}) FILTER (WHERE r.reserved_at > ?), 0)"
+                    for part in (f"{units} >> {_HALF}", f"{units} & {(1 << _HALF) - 1}")]
     joins = "".join(f" LEFT JOIN reservation_amounts {alias} ON {alias}.execution_id ="
                     f" r.execution_id AND {alias}.field = ?" for alias in aliases.values())
     where = _LIVE + (" AND r.actor = ?" if by_actor else "")
     return f"{', '.join(columns)} FROM reservations r{joins} WHERE {where}", joined
 
 
-def _parameters(tenant: str, surface: str, actor: str | None, starts: Sequence[float],
+def _parameters(tenant: str, surface: str, actor: str | None, queries: Sequence[FactQuery],
                 joined: tuple[str, ...], now: float) -> list[Any]:
     """The parameters of :func:`_measure_sql`'s statement for one read."""
-    params: list[Any] = [*starts, *joined, tenant, surface, min(starts), now]
+    params: list[Any] = [query.since for query in queries
+                         for _column in range(1 if query.field is None else 2)]
+    params += [*joined, tenant, surface, min(query.since for query in queries), now]
     if actor is not None:
         params.append(actor)
     return params
+
+
+def _totals(fields: Sequence[str | None], row: Sequence[Any]) -> list[int]:
+    """A statement's columns as the answers to its queries: a count, or a sum's parts
+    added up."""
+    values = iter(row)
+    return [int(next(values)) if field is None
+            else (int(next(values)) << _HALF) + int(next(values)) for field in fields]
 
 
 @lru_cache(maxsize=64)
@@ -73,16 +95,16 @@ def read_facts_ahead(conn: Connection, entries: Sequence[PendingEntry]) -> Facts
     ahead: FactsAhead = {}
     for (fields, by_actor), reads in shapes.items():
         _, joined = _measure_sql(fields, by_actor)
-        per_read = len(fields) + len(joined) + 4 + by_actor  # as _parameters builds
+        columns = sum(1 if field is None else 2 for field in fields)
+        per_read = columns + len(joined) + 4 + by_actor  # as _parameters builds
         per_statement = max(1, min(MAX_PARAMETERS // per_read, _MAX_COMPOUND))
         for start in range(0, len(reads), per_statement):
             chunk = reads[start:start + per_statement]
             params = [value for tenant, read in chunk for value in _parameters(
-                tenant, read.surface, read.actor, [query.since for query in read.queries],
-                joined, read.now)]
+                tenant, read.surface, read.actor, read.queries, joined, read.now)]
             for row in conn.execute(_ahead_sql(fields, by_actor, len(chunk)),
                                     params).fetchall():
-                ahead[chunk[row[0]]] = [int(value) for value in row[1:]]
+                ahead[chunk[row[0]]] = _totals(fields, row[1:])
     return ahead
 
 
@@ -125,9 +147,8 @@ class TxnFacts:
             answers = list(known)
         else:
             body, joined = _measure_sql(fields, actor is not None)
-            params = _parameters(self.tenant, surface, actor, starts, joined, now)
-            answers = [int(value) for value in
-                       self.conn.execute("SELECT " + body, params).fetchone()]
+            params = _parameters(self.tenant, surface, actor, queries, joined, now)
+            answers = _totals(fields, self.conn.execute("SELECT " + body, params).fetchone())
         for r in self._pending(surface, actor, earliest, now):
             for n, (since, field) in enumerate(queries):
                 if r.reserved_at > since:

@@ -678,6 +678,21 @@ def test_one_statement_answers_every_fact_query_of_a_scope(store: SQLStore) -> N
         assert facts.measure("pay", None, queries, 100.0) == [4, 615, 9700, 6, 609]
 
 
+def test_totals_past_64_bits_are_exact(store: SQLStore) -> None:
+    """Each amount fits 64 bits; their total need not (SQLite's SUM() refuses it with
+    "integer overflow"), nor a running total on the way to one that does."""
+    largest = 2**63 - 1
+    stored = [(f"b{n}", "pay", "ann", 90.0, 200.0, 0, 0, {"amount": units})
+              for n, units in enumerate([largest, largest, -largest, -5, largest, 3])]
+    queries = (FactQuery(20.0, "amount"), FactQuery(20.0))
+    with store._write("test") as conn:
+        insert_reservations(conn, "acme", stored)
+        answer = [2 * largest - 2, 6]
+        assert TxnFacts(conn, "acme").measure("pay", "ann", queries, 100.0) == answer
+        read = FactRead("pay", "ann", queries, 100.0)
+        assert read_facts_ahead(conn, [reading("acme", read)]) == {("acme", read): answer}
+
+
 def reading(tenant: str, *reads: FactRead) -> PendingEntry:
     return dataclasses.replace(decision(tenant, f"{tenant}-{len(reads)}"), reads=reads)
 
@@ -714,7 +729,7 @@ def test_many_reads_ahead_are_split_within_the_parameter_limit(store: SQLStore) 
     with store._write("test") as conn:
         insert_reservations(conn, "acme", STORED)
         ahead = read_facts_ahead(Counting(conn, statements), [reading("acme", *reads)])
-    assert len(statements) == 3  # 12 parameters a read: 83 reads a statement
+    assert len(statements) == 4  # 15 parameters a read (a sum two): 66 reads a statement
     assert all(ahead[("acme", read)] == [2, 39, 3300, 4, 33] for read in reads)
 
 
