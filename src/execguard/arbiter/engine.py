@@ -233,15 +233,24 @@ class CompiledBundle:
                               "request.", tuple(m.id for m in permits), self.version, errors)
         escalations = [m for m in fired if m.escalate]
         if escalations:
+            rules = [m.approval or ApprovalRule(DEFAULT_APPROVERS, 1) for m in escalations]
+            groups = sorted({rule.approvers for rule in rules})
+            if len(groups) > 1:
+                # One approval has one group of approvers: it cannot stand for the others'.
+                return self._silence(
+                    "APPROVAL_GROUPS_CONFLICT",
+                    f"Policies {', '.join(repr(m.id) for m in escalations)} require approvals "
+                    f"of different groups ({', '.join(groups)}) for this {surface} request; "
+                    "one approval cannot give both, so it cannot run.",
+                    errors=tuple(f"{m.id}: @approvers({rule.approvers!r})"
+                                 for m, rule in zip(escalations, rules, strict=True)))
             escalated = self._decide(
                 Outcome.ESCALATE, escalations, "APPROVAL_REQUIRED", errors,
                 f"Policy {escalations[0].id!r} requires a human approval for this "
                 f"{surface} request.",
             )
-            # Several escalations: the strictest quorum; the first policy's group decides.
-            rule = ApprovalRule(str(escalations[0].approval.approvers if escalations[0].approval
-                                    else DEFAULT_APPROVERS),
-                                max(m.approval.quorum if m.approval else 1 for m in escalations))
+            # Several escalations of one group: the strictest quorum.
+            rule = ApprovalRule(groups[0], max(rule.quorum for rule in rules))
             return replace(escalated, approval=rule)
         if decision == cedarpy.Decision.Allow:
             permits = [m for m in fired if m.effect == "permit"]

@@ -295,3 +295,28 @@ def test_the_daily_limit_reads_the_computed_facts(demo_engine: CompiledBundle) -
                    {"amount_sum_24h": Decimal("0.00001"), "payments_1h": 1}):
         result = demo_engine.evaluate(request, {**THURSDAY_CLOCK, **broken})
         assert (result.outcome, result.reason_code) == (Outcome.SILENCE, "EVALUATION_ERROR")
+
+
+# --- several escalations ----------------------------------------------------------------------
+
+
+def test_escalations_of_one_group_take_the_strictest_quorum_and_of_two_groups_block(
+        small_engine: Callable[..., CompiledBundle]) -> None:
+    """One approval has one group of approvers; it must not stand for another group's."""
+    def escalation(policy_id: str, group: str, quorum: int, above: int) -> str:
+        return (f'@id("{policy_id}") @escalate @approvers("{group}") @quorum("{quorum}")\n'
+                f'forbid (principal, action, resource) when {{ context.n > {above} }};\n')
+
+    engine = small_engine({"p.cedar": '@id("any") permit (principal, action, resource);\n'
+                                      + escalation("big", "finance", 1, 10)
+                                      + escalation("bigger", "finance", 2, 100)
+                                      + escalation("risky", "security", 1, 1000)})
+    for n, quorum in ((11, 1), (101, 2)):
+        result = engine.evaluate(ExecutionRequest(surface="job.run", context={"n": n}),
+                                 THURSDAY)
+        assert result.outcome is Outcome.ESCALATE
+        assert (result.approval.approvers, result.approval.quorum) == ("finance", quorum)
+    both = engine.evaluate(ExecutionRequest(surface="job.run", context={"n": 1001}), THURSDAY)
+    assert (both.outcome, both.reason_code) == (Outcome.SILENCE, "APPROVAL_GROUPS_CONFLICT")
+    assert both.approval is None
+    assert "finance, security" in both.reason and "'risky'" in both.reason
