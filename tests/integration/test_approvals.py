@@ -219,8 +219,11 @@ def test_webhooks_are_signed_and_a_failing_one_blocks_nothing(fresh_gateway: Gat
         run_cli("webhooks", "add", good.url, "--secret", "s3cret", data=fresh_gateway.data)
         run_cli("webhooks", "add", slack.url, "--format", "slack", "--event",
                 "approval.requested", data=fresh_gateway.data)
-        run_cli("webhooks", "add", broken.url, data=fresh_gateway.data)
-        run_cli("webhooks", "add", "http://127.0.0.1:9/nowhere", data=fresh_gateway.data)
+        # A webhook URL may hold credentials: the logs must never show them.
+        run_cli("webhooks", "add", broken.url.replace("http://", "http://hook:PASSWORD1@")
+                + "?token=QUERY1", data=fresh_gateway.data)
+        run_cli("webhooks", "add", "http://hook:PASSWORD2@127.0.0.1:9/nowhere?token=QUERY2",
+                data=fresh_gateway.data)
         alice = approver(fresh_gateway, "finance", "alice")
         with fresh_gateway.client() as client:
             started = time.monotonic()
@@ -249,6 +252,11 @@ def test_webhooks_are_signed_and_a_failing_one_blocks_nothing(fresh_gateway: Gat
         assert "finance" in jsonlib.loads(slack.deliveries[0][1])["text"]
         assert len(slack.deliveries) == 1  # it asked for approval.requested only
         broken.wait_for(2)  # retried, and nothing waited for it
+        fresh_gateway.stop()
+        logged = fresh_gateway.log_path.read_text()
+        assert "failed (attempt 2): HTTP 500" in logged and "(host 127.0.0.1)" in logged
+        for secret in ("PASSWORD1", "PASSWORD2", "QUERY1", "QUERY2", "/nowhere"):
+            assert secret not in logged
     finally:
         for receiver in (good, slack, broken):
             receiver.server.shutdown()

@@ -258,6 +258,9 @@ def configure_logging(log_format: str = "json", level: int = logging.INFO,
     enqueue = _Enqueue(records)  # type: ignore[arg-type]
     root.addHandler(enqueue)
     root.setLevel(level)
+    # httpx logs each request's whole URL at INFO, and a webhook's or an upstream's URL
+    # can hold a credential.
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
     _direct[:] = [enqueue] if log_format == "json" else []
 
 

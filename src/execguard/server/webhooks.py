@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -94,10 +95,12 @@ class Notifier:
                         return
                     problem = f"HTTP {response.status_code}"
                 except httpx.HTTPError as exc:
-                    problem = str(exc) or exc.__class__.__name__
-                log.warning("webhook %s to %s failed (attempt %d): %s", event, target.url,
+                    said = str(exc).replace(target.url, "<its URL>")
+                    problem = f"{exc.__class__.__name__}: {said}" if said else \
+                        exc.__class__.__name__
+                log.warning("webhook %s to %s failed (attempt %d): %s", event, _where(target),
                             attempt + 1, problem)
-        log.error("webhook %s to %s gave up after %d attempts", event, target.url,
+        log.error("webhook %s to %s gave up after %d attempts", event, _where(target),
                   len(self._delays) + 1)
 
     async def drain(self, timeout: float = 5.0) -> None:
@@ -106,3 +109,13 @@ class Notifier:
             _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
             for task in pending:
                 task.cancel()
+
+
+def _where(target: WebhookRecord) -> str:
+    """A webhook as the logs name it: its id and host, never its URL, whose user
+    information, path or query may be a credential (a Slack webhook's path is one)."""
+    try:
+        host = urlsplit(target.url).hostname or "?"
+    except ValueError:
+        host = "?"
+    return f"{target.id} (host {host})"
