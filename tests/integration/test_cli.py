@@ -25,6 +25,7 @@ def snapshot(directory: Path) -> dict[str, str]:
 
 def test_init_creates_everything_once(tmp_path: Path) -> None:
     data = tmp_path / "data"
+    data.mkdir(mode=0o755)  # an empty directory made beforehand: init closes it to others
     first = run_cli("init", data=data)
     key = api_key_from(first.stdout)
     assert first.stdout.strip().splitlines()[-1] == f"EXECGUARD_API_KEY={key}"
@@ -34,6 +35,11 @@ def test_init_creates_everything_once(tmp_path: Path) -> None:
     assert stat.S_IMODE(key_files[0].stat().st_mode) == 0o600
     assert stat.S_IMODE((data / "keys").stat().st_mode) == 0o700
     assert stat.S_IMODE((data / "demo-api-key").stat().st_mode) == 0o600
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    # The ledger holds every stored request and the webhooks' secrets.
+    ledger_files = list(data.glob("execguard.db*"))
+    assert data / "execguard.db" in ledger_files
+    assert {stat.S_IMODE(path.stat().st_mode) for path in ledger_files} == {0o600}
 
     before = snapshot(data)
     again = run_cli("init", data=data)
@@ -53,6 +59,39 @@ def test_commands_without_a_data_dir_fail_with_one_clear_line(tmp_path: Path) ->
     assert result.stderr.startswith("error: no ExecGuard data directory")
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_tenant_name_that_could_not_name_its_log_is_refused(tmp_path: Path) -> None:
+    """A tenant names its log's checkpoint origin: a newline or an edge space there made
+    every checkpoint of a tenant that could decide fail."""
+    data = tmp_path / "data"
+    run_cli("init", data=data)
+    for name in ["nl\nten", "demo ", " x", "", "a/b", "x" * 65]:
+        refused = run_cli("keys", "create", "--tenant", name, data=data, check=False)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert refused.stderr.startswith(f"error: tenant name {name!r}")
+    assert api_key_from(run_cli("keys", "create", "--tenant", "team-1.eu_x",
+                                data=data).stdout)
+    assert api_key_from(run_cli("keys", "create", "--tenant", "demo", data=data).stdout)
+
+
+def test_a_webhook_no_delivery_could_use_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    run_cli("init", data=data)
+    for url in ["ftp://host/x", "http://", "http:// bad host/x", "http://127.0.0.1:99999/x",
+                "http://[::1", "http://h:0/x", "https://host/a b"]:
+        refused = run_cli("webhooks", "add", url, data=data, check=False)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert refused.stderr.startswith(f"error: webhook URL {url!r}")
+    assert "wh_" not in run_cli("webhooks", "list", data=data).stdout
+    run_cli("webhooks", "add", "https://hooks.example.com:8443/h?x=1", data=data)
+    assert "wh_" in run_cli("webhooks", "list", data=data).stdout
+
+
+def test_a_serving_ledger_s_files_are_its_owner_s_alone(gateway: Gateway) -> None:
+    files = list(gateway.data.glob("execguard.db*"))  # none on PostgreSQL
+    assert {stat.S_IMODE(path.stat().st_mode) for path in files} <= {0o600}
+    assert not files or gateway.data / "execguard.db-wal" in files
 
 
 @pytest.mark.parametrize("command", [

@@ -6,6 +6,7 @@ import json
 import secrets
 import uuid
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import httpx
 import typer
@@ -127,8 +128,7 @@ def webhooks_add(
     from execguard.ledger import WebhookRecord
     from execguard.server.datadir import now_text
     from execguard.server.webhooks import EVENTS
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"webhook URL {url!r} must start with http:// or https://")
+    _check_webhook_url(url)
     if fmt not in ("json", "slack"):
         raise ConfigError(f"--format {fmt!r} is not json or slack")
     events = tuple(event or EVENTS)
@@ -175,3 +175,17 @@ def webhooks_remove(webhook_id: str, tenant: TenantOption = "demo",
     if not removed:
         raise ConfigError(f"tenant {tenant!r} has no webhook {webhook_id!r}")
     out.print(f"Removed webhook {webhook_id}")
+
+
+def _check_webhook_url(url: str) -> None:
+    """Refuse a URL that no delivery could use, now rather than at every event."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # a port out of range, a bracket left open
+        parts, port_ok = None, False
+    if parts is None or parts.scheme not in ("http", "https"):
+        raise ConfigError(f"webhook URL {url!r} must start with http:// or https://")
+    if not parts.hostname or not port_ok or any(c.isspace() or ord(c) < 32 for c in url):
+        raise ConfigError(f"webhook URL {url!r} needs a host (and a port from 1 to 65535, "
+                          "if any), and no spaces")

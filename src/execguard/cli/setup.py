@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated
 
@@ -18,6 +19,10 @@ from execguard.cli._common import (
     keys_app,
     out,
 )
+from execguard.protocol.errors import ConfigError
+
+#: A tenant names its log's checkpoint origin (``<authority>/<tenant>``), URLs and files.
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
 @app.command()
@@ -110,6 +115,9 @@ def keys_create(
     directory = datadir(data)
     store = directory.open_store()
     try:
+        if not store.tenant_exists(tenant) and not _TENANT_RE.match(tenant):
+            raise ConfigError(f"tenant name {tenant!r}: expected a letter or digit, then up "
+                              "to 63 letters, digits, '.', '_' or '-'")
         if store.create_tenant(tenant, now_text()):
             out.print(f"Created tenant {tenant} (it has no active policy yet: "
                       "push and activate one)")

@@ -20,6 +20,7 @@ thread has not, so that the WAL starts over.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -104,6 +105,7 @@ class SQLiteStore(SQLStore):
             if not Path(self.path).exists():
                 raise StorageUnavailable(f"no database at {self.path}")
         else:
+            _create_private(self.path)
             self._migrate()
 
     # -- connections -------------------------------------------------------------------
@@ -285,6 +287,14 @@ class SQLiteStore(SQLStore):
         self._local = threading.local()
         # With no connection left, SQLite removes the WAL; a later one starts a new file.
         self._files.clear()
+
+
+def _create_private(path: str) -> None:
+    """Create a new database file that only its owner can read: it holds every request
+    stored and the webhooks' secrets. (SQLite gives the -wal and -shm files its mode.)"""
+    # If it exists, or cannot be created (opening it will say why), there is nothing to do.
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 class _WalCheckpointer:

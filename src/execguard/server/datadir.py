@@ -277,6 +277,7 @@ class DataDir:
             return InitResult(False, self.path, keys[-1].key_id if keys else "", demo_key,
                               version)
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.chmod(0o700)  # it may have existed, empty, open to others
         url = self.database_url
         store = open_ledger(self.ledger_location, migrate=True)
         if url is not None:
