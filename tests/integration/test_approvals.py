@@ -71,6 +71,9 @@ def test_an_approval_turns_the_escalation_into_a_single_use_permit(
         polled = client.get(f"/v1/executions/{answer['execution_id']}").json()
         assert polled["decision"] == "PERMIT" and polled["approvalStatus"] == "approved"
         assert [d["decision"] for d in polled["decisions"]] == ["ESCALATE", "PERMIT"]
+        assert (polled["logIndex"], polled["timestamp"]) == (
+            polled["receipt"]["logIndex"], polled["receipt"]["timestamp"])
+        assert polled["logIndex"] > answer["receipt"]["logIndex"]
         again = client.post("/execute", headers={"Idempotency-Key": key}, json={
             "surface": "payment.execute", "actorId": "bob",
             "context": {**PAY, "amount": 20_000}}).json()

@@ -369,8 +369,9 @@ def explain_record(record: ExecutionRecord) -> dict[str, Any]:
         "determiningPolicies": response.get("determiningPolicies", []),
         "executionMode": response.get("executionMode"),
         "wouldDecision": response.get("would_decision"),
-        "timestamp": record.created_at,
-        "logIndex": record.log_index,
+        # The current receipt's (a resolved approval's, not its ESCALATE's).
+        "timestamp": record.receipt["timestamp"],
+        "logIndex": record.receipt["logIndex"],
         "requestHash": record.request_hash,
         "receipt": record.receipt,
         "outcome": record.outcome_receipt,
