@@ -120,6 +120,9 @@ def test_context_that_does_not_satisfy_the_surface_is_silence(
      ',"currency":"EUR","beneficiary":"A"}}', "body.context.amount"),
     ('{"surface":"payment.execute","context":{"amount":1,"amount":99999999,'
      '"currency":"EUR","beneficiary":"A"}}', "body"),
+    # Read as 10000.0, it was decided as that, under the demo's escalation threshold.
+    ('{"surface":"payment.execute","context":{"amount":10000.0000000000001,'
+     '"currency":"EUR","beneficiary":"A"}}', "body"),
     ('{"surface":"payment.execute","context":{"facts":{"amount_sum_24h":0},'
      '"amount":1,"currency":"EUR","beneficiary":"A"}}', "context.facts"),
     ('{"surface":"payment.execute","context":{"now":"2020-01-01T00:00:00Z"}}', "context.now"),

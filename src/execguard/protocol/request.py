@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from execguard.protocol.canonical import canonical_sha256
@@ -91,9 +92,24 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def _float_as_written(text: str) -> float:
+    """A JSON number with a fraction or an exponent, as a float, if the float is the number
+    written: one more precise than a float was read as another, so a policy decided on
+    an amount other than the one sent (and forwarded) on."""
+    value = float(text)
+    shortest = repr(value)
+    if shortest != text and math.isfinite(value) and Decimal(text) != Decimal(shortest):
+        written = text if len(text) <= 40 else text[:37] + "..."
+        raise MalformedRequest("body", "numbers no more precise than a 64-bit float (about 17 "
+                               "significant digits)", f"the number {written}, which a float "
+                               f"holds only as {shortest}")
+    return value  # out of range (inf): refused where its field is known, by _check_values
+
+
 #: One strict decoder for every body: ``json.loads`` with these arguments builds one per call.
 _STRICT_JSON = json.JSONDecoder(object_pairs_hook=_unique_object,
-                                parse_constant=_reject_constant)
+                                parse_constant=_reject_constant,
+                                parse_float=_float_as_written)
 
 
 #: Where a value is: a field name, or (where its container is, its key or index). Spelt

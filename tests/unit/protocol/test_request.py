@@ -83,6 +83,23 @@ def test_non_standard_number_literals_are_refused(literal: str) -> None:
     assert literal in error.got
 
 
+@pytest.mark.parametrize(("number", "held_as"), [
+    ("10000.0000000000001", "10000.0"), ("1e-400", "0.0"),
+    ("3.14159265358979323846", "3.141592653589793")])
+def test_a_number_more_precise_than_a_float_is_refused_not_rounded(number: str,
+                                                                   held_as: str) -> None:
+    error = refused('{"surface": "payment.execute", "context": {"amount": ' + number + "}}")
+    assert error.got == f"the number {number}, which a float holds only as {held_as}"
+
+
+@pytest.mark.parametrize(("number", "value"), [
+    ("0.1", 0.1), ("0.30000000000000004", 0.30000000000000004), ("1E5", 1e5), ("1.50", 1.5),
+    ("-0.0", -0.0), ("5e-324", 5e-324), ("1.0000000000000000000", 1.0)])
+def test_a_number_a_float_holds_as_written_is_read(number: str, value: float) -> None:
+    body = '{"surface": "payment.execute", "context": {"amount": ' + number + "}}"
+    assert parse(body).context["amount"] == value
+
+
 def test_duplicate_keys_are_refused_not_resolved() -> None:
     error = refused('{"surface": "payment.execute", "context": {"amount": 1, "amount": 99999}}')
     assert "duplicate key 'amount'" in error.got
