@@ -61,6 +61,39 @@ def test_commands_without_a_data_dir_fail_with_one_clear_line(tmp_path: Path) ->
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_revoked_key_stops_working_on_the_running_gateway(fresh_gateway: Gateway) -> None:
+    data = fresh_gateway.data
+    agent = api_key_from(run_cli("keys", "create", "--tenant", "demo", "--label", "bot",
+                                 data=data).stdout)
+    approver = api_key_from(run_cli("keys", "create", "--tenant", "demo", "--role",
+                                    "approver", "--group", "ops", data=data).stdout)
+    listed = json.loads(run_cli("keys", "list", "--json", data=data).stdout)["keys"]
+    bot = next(k for k in listed if k["label"] == "bot")
+    assert agent not in json.dumps(listed)  # ids, never the keys
+    assert bot["id"] == hashlib.sha256(agent.encode()).hexdigest()[:16]
+    assert bot["revokedAt"] is None and len(listed) == 3  # the demo's admin key too
+    with fresh_gateway.client(api_key=agent) as client:
+        assert client.get("/v1/audit").status_code == 200  # now cached by the gateway
+        run_cli("keys", "revoke", bot["id"], data=data)
+        deadline = time.monotonic() + 30
+        while client.get("/v1/audit").status_code == 200:
+            assert time.monotonic() < deadline, "the revoked key still works"
+            time.sleep(0.2)
+        answer = client.post("/execute", json={"surface": "payment.execute", "context": PAY})
+        assert answer.status_code == 401
+    again = run_cli("keys", "revoke", bot["id"], data=data, check=False)
+    assert again.returncode == 1 and "was revoked before" in again.stderr
+    run_cli("keys", "revoke", approver, data=data)  # by the key itself
+    unknown = run_cli("keys", "revoke", "egk_not-a-key", data=data, check=False)
+    assert unknown.returncode == 1 and "no API key with id" in unknown.stderr
+    assert "egk_not-a-key" not in unknown.stderr
+    states = {k["label"]: k["revokedAt"] is not None for k in json.loads(
+        run_cli("keys", "list", "--json", data=data).stdout)["keys"]}
+    assert states == {"demo": False, "bot": True, None: True}
+    with fresh_gateway.client() as client:  # the demo key is untouched
+        assert client.get("/v1/audit").status_code == 200
+
+
 def test_a_tenant_name_that_could_not_name_its_log_is_refused(tmp_path: Path) -> None:
     """A tenant names its log's checkpoint origin: a newline or an edge space there made
     every checkpoint of a tenant that could decide fail."""
@@ -100,7 +133,7 @@ def test_a_serving_ledger_s_files_are_its_owner_s_alone(gateway: Gateway) -> Non
     ["receipt", "verify"], ["verify"], ["audit"], ["export"], ["run"], ["proxy"], ["replay"],
     ["keys", "rotate"], ["policy", "test"], ["policy", "impact"], ["policy", "shadow"],
     ["policy", "shadow-report"], ["approvals", "list"], ["approvals", "approve"],
-    ["webhooks", "add"],
+    ["webhooks", "add"], ["keys", "list"], ["keys", "revoke"],
 ])
 def test_every_command_has_help(command: list[str]) -> None:
     result = run_cli(*command, "--help")

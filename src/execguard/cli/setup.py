@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 from enum import StrEnum
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from execguard.cli._common import (
     DEFAULT_DATA,
     DataOption,
     DbOption,
+    JsonOption,
     TenantOption,
     app,
     datadir,
@@ -128,6 +131,75 @@ def keys_create(
     print(f"EXECGUARD_API_KEY={key}")
 
 
+
+
+#: A key is named by the first digits of its SHA-256, as vote receipts name voters.
+KEY_ID_DIGITS = 16
+
+
+@keys_app.command("list")
+def keys_list(tenant: TenantOption = "demo", json_output: JsonOption = False,
+              data: DataOption = DEFAULT_DATA) -> None:
+    """List the tenant's API keys by id (never the keys themselves), revoked ones too."""
+    store = datadir(data).open_store()
+    try:
+        if not store.tenant_exists(tenant):
+            raise ConfigError(f"tenant {tenant!r} does not exist")
+        keys = store.api_keys(tenant)
+    finally:
+        store.close()
+    rows = [{"id": k.key_hash[:KEY_ID_DIGITS], "role": k.role, "label": k.label,
+             "groups": list(k.groups), "createdAt": k.created_at, "revokedAt": k.revoked_at}
+            for k in keys]
+    if json_output:
+        print(json.dumps({"tenant": tenant, "keys": rows}, indent=2))
+        return
+    table = Table("id", "role", "label", "groups", "created", "revoked")
+    for row in rows:
+        table.add_row(row["id"], row["role"], row["label"] or "", ", ".join(row["groups"]),
+                      row["createdAt"], row["revokedAt"] or "")
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(
+        metavar="KEY", help="The API key itself, or its id ('keys list', or a vote "
+                            "receipt's voterKey).")],
+    tenant: TenantOption = "demo",
+    data: DataOption = DEFAULT_DATA,
+) -> None:
+    """Revoke an API key for good: every gateway refuses it within 5 seconds."""
+    from execguard.server.datadir import hash_api_key, now_text
+    from execguard.server.gateway import KEY_CACHE_SECONDS
+    store = datadir(data).open_store()
+    try:
+        if not store.tenant_exists(tenant):
+            raise ConfigError(f"tenant {tenant!r} does not exist")
+        wanted = key.strip().lower()
+        is_id = len(wanted) == KEY_ID_DIGITS and all(c in "0123456789abcdef" for c in wanted)
+        matches = [k for k in store.api_keys(tenant)
+                   if (k.key_hash[:KEY_ID_DIGITS] == wanted if is_id
+                       else k.key_hash == hash_api_key(key.strip()))]
+        if not matches:
+            raise ConfigError(f"tenant {tenant!r} has no API key {_shown(key, is_id)}")
+        if len(matches) > 1:  # two keys whose hashes share 64 bits: never seen, but say so
+            raise ConfigError(f"id {wanted} names {len(matches)} keys: give the key itself")
+        record = matches[0]
+        if not store.revoke_api_key(record.key_hash, now_text()):
+            raise ConfigError(f"API key {record.key_hash[:KEY_ID_DIGITS]} was revoked before "
+                              f"({record.revoked_at or 'just now'})")
+    finally:
+        store.close()
+    out.print(f"Revoked API key {record.key_hash[:KEY_ID_DIGITS]} ({record.role}"
+              f"{', ' + record.label if record.label else ''}) of tenant {tenant}; "
+              f"gateways refuse it within {KEY_CACHE_SECONDS:g} seconds.")
+
+
+def _shown(key: str, is_id: bool) -> str:
+    # A key given by its text is a secret: name it by its id, never echo it.
+    from execguard.server.datadir import hash_api_key
+    return key.strip().lower() if is_id else f"with id {hash_api_key(key.strip())[:KEY_ID_DIGITS]}"
 
 
 @keys_app.command("rotate")

@@ -112,11 +112,15 @@ ALTER TABLE merkle_nodes ADD PRIMARY KEY (tenant, last_leaf, level);
 ALTER TABLE merkle_nodes ENABLE TRIGGER merkle_nodes_append_only;
 """
 
+#: API keys can be revoked (``execguard keys revoke``).
+_V4 = "ALTER TABLE api_keys ADD COLUMN revoked_at TEXT;"
+
 #: ``(version, SQL)`` in order; the database's version is the last one applied.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, _V1),
     (2, _V2),
     (3, _V3),
+    (4, _V4),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -79,14 +79,26 @@ class AdminMixin:
                           record.created_at, ",".join(record.groups)))
 
     def lookup_api_key(self, key_hash: str) -> ApiKeyRecord | None:
-        """The API key with this hash, or None."""
+        """The API key with this hash, or None (also if it was revoked)."""
         with self._read("reading API keys") as conn:
-            row = conn.execute(
-                "SELECT key_hash, tenant, role, label, created_at, groups FROM api_keys"
-                " WHERE key_hash = ?", (key_hash,)).fetchone()
-        if row is None:
-            return None
-        return ApiKeyRecord(*row[:5], groups=tuple(g for g in row[5].split(",") if g))
+            row = conn.execute(f"SELECT {_API_KEY_COLUMNS} FROM api_keys"
+                               " WHERE key_hash = ? AND revoked_at IS NULL",
+                               (key_hash,)).fetchone()
+        return None if row is None else _api_key(row)
+
+    def api_keys(self, tenant: str) -> list[ApiKeyRecord]:
+        """The tenant's API keys, revoked ones included, oldest first."""
+        with self._read("reading API keys") as conn:
+            rows = conn.execute(f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE tenant = ?"
+                                " ORDER BY created_at, key_hash", (tenant,)).fetchall()
+        return [_api_key(row) for row in rows]
+
+    def revoke_api_key(self, key_hash: str, now: str) -> bool:
+        """Revoke a key for good; False if there is no such key or it was revoked before."""
+        with self._write("revoking an API key") as conn:
+            cur = conn.execute("UPDATE api_keys SET revoked_at = ? WHERE key_hash = ?"
+                               " AND revoked_at IS NULL", (now, key_hash))
+            return cur.rowcount == 1
 
     def add_signing_key(self, record: SigningKeyRecord) -> None:
         """Publish a public signing key."""
@@ -216,3 +228,10 @@ class AdminMixin:
         return [WebhookRecord(r[0], r[1], r[2], r[3], r[4], tuple(r[5].split(",")), r[6])
                 for r in rows]
 
+
+_API_KEY_COLUMNS = "key_hash, tenant, role, label, created_at, groups, revoked_at"
+
+
+def _api_key(row: Sequence[Any]) -> ApiKeyRecord:
+    return ApiKeyRecord(*row[:5], groups=tuple(g for g in row[5].split(",") if g),
+                        revoked_at=row[6])

@@ -11,14 +11,15 @@ from execguard.protocol.merkle import CompactRange
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "upgrade"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, created_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS api_keys (
     key_hash TEXT PRIMARY KEY, tenant TEXT NOT NULL REFERENCES tenants(name),
-    role TEXT NOT NULL, label TEXT, created_at TEXT NOT NULL, groups TEXT NOT NULL DEFAULT '');
+    role TEXT NOT NULL, label TEXT, created_at TEXT NOT NULL, groups TEXT NOT NULL DEFAULT '',
+    revoked_at TEXT);
 CREATE TABLE IF NOT EXISTS signing_keys (
     key_id TEXT PRIMARY KEY, public_pem TEXT NOT NULL, status TEXT NOT NULL,
     created_at TEXT NOT NULL);
@@ -111,6 +112,8 @@ def upgrade(conn: sqlite3.Connection, version: int) -> None:
         conn.execute("DROP INDEX IF EXISTS reservations_by_actor")
     if version < 5:
         _upgrade_4_to_5(conn)
+    if version < 6:
+        _add_column(conn, "api_keys", "revoked_at", "TEXT")  # version 6: keys can be revoked
 
 
 def _create_merkle_nodes(conn: sqlite3.Connection) -> None:
@@ -140,9 +143,14 @@ def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
 
 def _upgrade_2_to_3(conn: sqlite3.Connection) -> None:
     """Version 3 gives API keys their approver groups."""
-    columns = [row[1] for row in conn.execute("PRAGMA table_info(api_keys)")]
-    if "groups" not in columns:
-        conn.execute("ALTER TABLE api_keys ADD COLUMN groups TEXT NOT NULL DEFAULT ''")
+    _add_column(conn, "api_keys", "groups", "TEXT NOT NULL DEFAULT ''")
+
+
+def _add_column(conn: sqlite3.Connection, table: str, column: str, definition: str) -> None:
+    """Add a column unless the table has it (a database upgraded in one step from an older
+    version may)."""
+    if column not in [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]:
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 def _upgrade_4_to_5(conn: sqlite3.Connection) -> None:

@@ -45,6 +45,8 @@ class ApiKeyRecord:
     created_at: str
     #: Approver groups this key votes for (role ``approver``).
     groups: tuple[str, ...] = ()
+    #: When it was revoked (``execguard keys revoke``); a revoked key authenticates nobody.
+    revoked_at: str | None = None
 
 
 @dataclass(frozen=True)

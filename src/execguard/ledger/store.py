@@ -38,7 +38,13 @@ class LedgerStore(Protocol):
         """Store an API key by its hash. The tenant must exist (else ``NotFound``)."""
 
     def lookup_api_key(self, key_hash: str) -> ApiKeyRecord | None:
-        """The key with this hash, or None."""
+        """The key with this hash, or None (also if it was revoked)."""
+
+    def api_keys(self, tenant: str) -> list[ApiKeyRecord]:
+        """The tenant's keys, revoked ones included, oldest first."""
+
+    def revoke_api_key(self, key_hash: str, now: str) -> bool:
+        """Revoke a key for good; False if there is none or it was revoked before."""
 
     def add_signing_key(self, record: SigningKeyRecord) -> None:
         """Publish a public key. Keys are never deleted."""

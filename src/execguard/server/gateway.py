@@ -55,8 +55,9 @@ from execguard.server.settings import Settings
 
 __all__ = ["Caller", "Gateway", "SigningKeys", "explain_record"]
 
-#: How long an API key found in the store is trusted without asking it again.
-KEY_CACHE_SECONDS = 30.0
+#: How long an API key found in the store is trusted without asking it again: a key
+#: revoked (``execguard keys revoke``, on any replica) stops working within this long.
+KEY_CACHE_SECONDS = 5.0
 #: How long a tenant's active and shadow policy versions are used without reading them
 #: again. Another process (``execguard policy activate``, another replica on the same
 #: database) may change them: its change takes effect on ``/execute`` within this long.
@@ -123,7 +124,7 @@ class Gateway:
             found = self.store.lookup_api_key(key_hash)
             if found is None:
                 raise AuthError("the API key is not valid")
-            # Keys are immutable once created: a short cache saves a read per request.
+            # A key changes only when it is revoked: a short cache saves a read per request.
             record = found
             self._keys[key_hash] = (record, time.monotonic() + KEY_CACHE_SECONDS)
         if consumer is not None and consumer.strip() and consumer.strip() != record.tenant:

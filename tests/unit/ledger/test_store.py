@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from execguard.ledger import (
+    ApiKeyRecord,
     Committed,
     Conflicted,
     FactQuery,
@@ -247,6 +248,42 @@ def test_bundles_are_immutable_and_one_is_active(store: SQLStore) -> None:
     assert store.active_bundle_version("other") is None
 
 
+def test_a_revoked_api_key_is_found_by_no_lookup_and_listed_as_revoked(
+        store: SQLStore) -> None:
+    for key_hash, tenant in (("a" * 64, "acme"), ("b" * 64, "acme"), ("c" * 64, "other")):
+        store.add_api_key(ApiKeyRecord(key_hash, tenant, "approver", "ann", "t1", ("ops",)))
+    assert store.revoke_api_key("a" * 64, "t2")
+    assert not store.revoke_api_key("a" * 64, "t3")  # once, and the first time stays
+    assert not store.revoke_api_key("d" * 64, "t3")
+    assert store.lookup_api_key("a" * 64) is None
+    assert store.lookup_api_key("b" * 64) == ApiKeyRecord("b" * 64, "acme", "approver", "ann",
+                                                          "t1", ("ops",))
+    assert [(k.key_hash[0], k.revoked_at) for k in store.api_keys("acme")] == [
+        ("a", "t2"), ("b", None)]
+
+
+def test_a_version_5_database_gets_revocable_api_keys(tmp_path: Path) -> None:
+    from execguard.ledger.sqlite import SCHEMA_VERSION
+
+    path = tmp_path / "v5.db"
+    old = SQLiteStore(path)
+    old.create_tenant("acme", "t0")
+    old.add_api_key(ApiKeyRecord("a" * 64, "acme", "agent", None, "t1"))
+    old.close()
+    with sqlite3.connect(path) as conn:  # the version 5 table, as it was
+        conn.executescript("ALTER TABLE api_keys DROP COLUMN revoked_at;"
+                           "UPDATE meta SET value = '5' WHERE key = 'schema_version';")
+    upgraded = SQLiteStore(path)
+    try:
+        assert upgraded.schema_version() == SCHEMA_VERSION
+        assert upgraded.lookup_api_key("a" * 64) == ApiKeyRecord("a" * 64, "acme", "agent",
+                                                                 None, "t1")
+        assert upgraded.revoke_api_key("a" * 64, "t2")
+        assert upgraded.lookup_api_key("a" * 64) is None
+    finally:
+        upgraded.close()
+
+
 def test_every_sqlite_error_class_is_translated() -> None:
     classes = [getattr(sqlite3, name) for name in dir(sqlite3)
                if isinstance(getattr(sqlite3, name), type)
@@ -428,7 +465,7 @@ def test_a_version_4_database_gets_its_merkle_nodes_keyed_by_their_last_leaf(
 
     upgraded = SQLiteStore(path)
     try:
-        assert upgraded.schema_version() == SCHEMA_VERSION == 5
+        assert upgraded.schema_version() == SCHEMA_VERSION
         assert upgraded.tree_root("acme", 13) == root
         assert upgraded.inclusion_proof("acme", 5, 13) == proof
         assert upgraded.consistency_proof("acme", 6, 13) == consistency
