@@ -120,6 +120,10 @@ def test_a_quorum_of_two(fresh_gateway: Gateway) -> None:
     one = vote(fresh_gateway, first, answer["execution_id"]).json()
     assert one["approval"]["status"] == "pending" and one["resolution"] is None
     assert vote(fresh_gateway, first, answer["execution_id"]).status_code == 409  # no 2nd vote
+    # Nor with a second key of the same approver: a quorum counts people, not keys.
+    again = vote(fresh_gateway, approver(fresh_gateway, "privacy", "dana"),
+                 answer["execution_id"])
+    assert again.status_code == 409 and "already voted" in again.json()["message"]
     two = vote(fresh_gateway, second, answer["execution_id"]).json()
     assert two["approval"]["status"] == "approved"
     assert two["resolution"]["decision"] == "PERMIT"

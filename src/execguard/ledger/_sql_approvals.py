@@ -44,9 +44,12 @@ def approval_row(conn: Connection, tenant: str,
     return (row[0], int(row[1]), float(row[2])) if row else None
 
 
-def has_voted(conn: Connection, execution_id: str, voter_key: str) -> bool:
-    return conn.execute("SELECT 1 FROM approval_votes WHERE execution_id = ? AND voter_key = ?",
-                        (execution_id, voter_key)).fetchone() is not None
+def has_voted(conn: Connection, execution_id: str, vote: Vote) -> bool:
+    """Whether this vote's key, or another key of the same holder (its label: a rotated
+    key, a second key), voted on the execution: a quorum counts people, not keys."""
+    return conn.execute("SELECT 1 FROM approval_votes WHERE execution_id = ?"
+                        " AND (voter_key = ? OR voter = ?)",
+                        (execution_id, vote.voter_key, vote.voter)).fetchone() is not None
 
 
 def record_vote(conn: Connection, execution_id: str, vote: Vote, now: str,

@@ -312,7 +312,7 @@ class SQLStore(AdminMixin, ABC):
         else:
             vote = entry.vote
             assert vote is not None
-            if has_voted(conn, entry.execution_id, vote.voter_key):
+            if has_voted(conn, entry.execution_id, vote):
                 return Conflicted("already_voted")
             index, receipt = self._append_log(conn, heads, rows, entry.tenant,
                                               "approval-vote", entry.execution_id, vote.seal)

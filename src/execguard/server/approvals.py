@@ -201,7 +201,8 @@ class Approvals:
 
 
 _CONFLICTS = {
-    "already_voted": "this API key already voted on approval {id}",
+    "already_voted": "this approver (this API key, or another key of its label) already "
+                     "voted on approval {id}",
     "approval_approved": "approval {id} is already resolved (approved)",
     "approval_denied": "approval {id} is already resolved (denied)",
     "approval_expired": "approval {id} expired before this vote; it resolved to SILENCE",
