@@ -20,10 +20,20 @@ import httpx
 import orjson
 
 from execguard.ledger import CheckpointRecord, SQLStore
+from execguard.ledger._sql_util import node_key
 from execguard.protocol.checkpoint import verifier_key
-from execguard.protocol.errors import ConfigError, StorageUnavailable
+from execguard.protocol.errors import ConfigError, StorageUnavailable, VerificationError
+from execguard.protocol.merkle import HASH_SIZE
 from execguard.protocol.signing import load_public_key_pem
-from execguard.verify.audit import AuditEntry, ConsistencySource, TrustedHead
+from execguard.verify.audit import (
+    AuditEntry,
+    ConsistencySource,
+    StoredCheckpoint,
+    StoredNodes,
+    TrustedHead,
+)
+from execguard.verify.bundle import decode_hash
+from execguard.verify.evidence import read_evidence_json
 
 __all__ = [
     "PACKAGE_FORMAT",
@@ -42,26 +52,57 @@ __all__ = [
 
 @dataclass
 class LogEvidence:
-    """One tenant's log as a source holds it: size, signed checkpoints, entries."""
+    """One tenant's log as a source holds it: size, signed checkpoints, entries, tree."""
 
     tenant: str
     size: int
-    checkpoints: list[str]
+    checkpoints: list[StoredCheckpoint]
     entries: Iterator[AuditEntry]
     consistency: ConsistencySource | None = None
+    nodes: StoredNodes | None = None
 
 
-def _entry(index: int, text: str | dict[str, Any], leaf: bytes | None, prev: str | None,
-           chained: str | None) -> AuditEntry:
-    if isinstance(text, dict):
-        return AuditEntry(index, text, leaf, prev, chained)
+def read_receipt(text: Any) -> dict[str, Any]:
+    """A stored receipt's text read as the one strict reader reads evidence, or raise
+    VerificationError.
+
+    Fast path: text that orjson writes back byte for byte (the ledger stores receipts
+    in orjson's compact form) holds no duplicate key, since a written object never
+    does; anything else is read by the strict reader, which refuses duplicates.
+    """
+    if isinstance(text, str):
+        try:
+            value = orjson.loads(text)
+            if isinstance(value, dict) and orjson.dumps(value) == text.encode():
+                return value
+        except (orjson.JSONDecodeError, orjson.JSONEncodeError, UnicodeEncodeError):
+            pass  # the strict reader says precisely what is wrong
+        return read_evidence_json(text, "the receipt")
+    if isinstance(text, bytes):
+        return read_evidence_json(text, "the receipt")
+    raise VerificationError(f"the receipt is stored as {type(text).__name__}, not text")
+
+
+def _entry(index: Any, text: Any, leaf: Any = None, prev: Any = None, chained: Any = None,
+           kind: Any = None, execution_id: Any = None, receipt_hash: Any = None) -> AuditEntry:
+    columns = {"leaf_hash": bytes(leaf) if isinstance(leaf, memoryview) else leaf,
+               "prev_hash": prev, "entry_hash": chained, "kind": kind,
+               "execution_id": execution_id, "receipt_hash": receipt_hash}
+    if isinstance(text, dict):  # already parsed strictly by the source's reader
+        return AuditEntry(index, text, **columns)
     try:
-        receipt = orjson.loads(text)  # strict (no NaN), and 3x faster over a million rows
-    except orjson.JSONDecodeError as exc:
-        return AuditEntry(index, None, leaf, prev, chained, problem=f"not JSON ({exc})")
-    if not isinstance(receipt, dict):
-        return AuditEntry(index, None, leaf, prev, chained, problem="not a JSON object")
-    return AuditEntry(index, receipt, leaf, prev, chained)
+        receipt = read_receipt(text)
+    except VerificationError as exc:
+        return AuditEntry(index, None, problem=str(exc), **columns)
+    return AuditEntry(index, receipt, **columns)
+
+
+def _decoded_hash(text: Any) -> Any:
+    """Canonical base64 of a hash as bytes; anything else as it came (it will not match)."""
+    try:
+        return decode_hash(text)
+    except VerificationError:
+        return text
 
 
 # -- a database file -------------------------------------------------------------------
@@ -77,49 +118,90 @@ def keys_document_from_store(store: SQLStore, authority: str) -> dict[str, Any]:
 
 
 def database_evidence(store: SQLStore, tenant: str) -> LogEvidence:
-    """A tenant's log read straight from a (read-only) database file."""
+    """A tenant's log read straight from a (read-only) database file, rows as stored."""
     rows = store.iter_log(tenant)
     return LogEvidence(
         tenant=tenant, size=store.log_size(tenant),
-        checkpoints=[c.note for c in store.checkpoints(tenant)],
-        entries=(_entry(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows),
-        consistency=lambda first, second: store.consistency_proof(tenant, first, second))
+        checkpoints=[StoredCheckpoint(note, size, bytes(root) if isinstance(root, memoryview)
+                                      else root)
+                     for size, root, note in store.checkpoint_rows(tenant)],
+        entries=(_entry(*r) for r in rows),
+        consistency=lambda first, second: store.consistency_proof(tenant, first, second),
+        nodes=_stored_nodes(store, tenant))
+
+
+def _stored_nodes(store: SQLStore, tenant: str) -> StoredNodes:
+    """The stored Merkle nodes as the gateway reads them: by (last leaf, level)."""
+    for level, index, digest, last_leaf in store.iter_merkle_nodes(tenant):
+        raw = bytes(digest) if isinstance(digest, memoryview) else digest
+        keyed = type(level) is int and type(index) is int and type(last_leaf) is int \
+            and 0 <= level < 64 and index >= 0 and node_key(level, index) == last_leaf
+        # A row keyed elsewhere is never read as this node: it cannot match.
+        yield level, index, raw if keyed else None
 
 
 # -- a running gateway -----------------------------------------------------------------
 
 
 def gateway_evidence(client: httpx.Client, page: int = 1000) -> LogEvidence:
-    """The caller's tenant's log, fetched page by page from a gateway's log API."""
-    def get(path: str, **params: Any) -> Any:
+    """The caller's tenant's log, fetched page by page from a gateway's log API.
+
+    Every answer is read by the one strict reader of evidence. An empty log has no
+    checkpoint yet (404) and is audited as the empty log it is.
+    """
+    def get(path: str, *, missing_ok: bool = False, **params: Any) -> dict[str, Any] | None:
         try:
             response = client.get(path, params=params)
         except httpx.HTTPError as exc:
             raise StorageUnavailable(f"cannot reach {client.base_url}: {exc}") from exc
+        if response.status_code == 404 and missing_ok:
+            return None
         if response.status_code != 200:
             raise ConfigError(f"{client.base_url}{path} answered {response.status_code}: "
                               f"{response.text[:200]}")
-        return response.json()
+        try:
+            return read_evidence_json(response.content, f"the answer of {path}")
+        except VerificationError as exc:
+            raise ConfigError(f"{client.base_url}: {exc}") from None
 
-    head = get("/v1/log/checkpoint")
-    origin = str(head["origin"])
-    tenant = origin.rsplit("/", 1)[-1]
-    notes = [c["note"] for c in get("/v1/log/checkpoints")["checkpoints"]]
-    size = int(head["size"])
+    def page_of(path: str, key: str, **params: Any) -> list[dict[str, Any]]:
+        items = (get(path, **params) or {}).get(key)
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise ConfigError(f"{client.base_url}{path} answered no list of {key}")
+        return items
+
+    head = get("/v1/log/checkpoint", missing_ok=True)
+    size = head.get("size") if head is not None else 0
+    if type(size) is not int or size < 0:
+        raise ConfigError(f"{client.base_url}/v1/log/checkpoint answered size {size!r}")
+    listed: list[dict[str, Any]] = []
+    while True:  # every checkpoint, a page at a time
+        last = listed[-1].get("size") if listed else -1
+        batch = page_of("/v1/log/checkpoints", "checkpoints",
+                        min_size=last + 1 if type(last) is int else 0, limit=10000)
+        listed += batch
+        if len(batch) < 10000 or type(last) is not int:
+            break
+    checkpoints = [StoredCheckpoint(c.get("note"), c.get("size"), _decoded_hash(c.get("root")))
+                   for c in listed]
+    origin = (get("/v1/log/checkpoints", limit=1) or {}).get("origin")
+    if head is None and (checkpoints or not isinstance(origin, str)):
+        raise ConfigError(f"{client.base_url}/v1/log/checkpoint answered 404")
+    tenant = str(origin).rsplit("/", 1)[-1]
 
     def entries() -> Iterator[AuditEntry]:
         for start in range(0, size, page):
-            batch = get("/v1/log/entries", start=start, end=min(size, start + page))
-            for e in batch["entries"]:
-                yield _entry(int(e["index"]), e["receipt"],
-                             base64.b64decode(e["leafHash"]), e.get("prevEntryHash"),
-                             e.get("entryHash"))
+            for e in page_of("/v1/log/entries", "entries", start=start,
+                             end=min(size, start + page)):
+                yield _entry(e.get("index"), e.get("receipt"), _decoded_hash(e.get("leafHash")),
+                             e.get("prevEntryHash"), e.get("entryHash"), e.get("kind"),
+                             e.get("executionId"))
 
     def consistency(first: int, second: int) -> list[bytes]:
-        proof = get("/v1/log/proof/consistency", **{"from": first, "to": second})
-        return [base64.b64decode(h, validate=True) for h in proof["hashes"]]
+        proof = get("/v1/log/proof/consistency", **{"from": first, "to": second}) or {}
+        return [decode_hash(h) for h in proof["hashes"]]
 
-    return LogEvidence(tenant=tenant, size=size, checkpoints=notes, entries=entries(),
+    return LogEvidence(tenant=tenant, size=size, checkpoints=checkpoints, entries=entries(),
                        consistency=consistency)
 
 
@@ -140,27 +222,48 @@ class AuditState:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.logs: dict[str, dict[str, Any]] = {}
-        if path.exists():
-            try:
-                data = json.loads(path.read_text())
-                assert data.get("format") == self.FORMAT
-                self.logs = dict(data["logs"])
-            except (ValueError, AssertionError, KeyError, TypeError) as exc:
-                raise ConfigError(f"audit state file {path} is damaged ({exc}); it is "
-                                  "what detects rollbacks, so it is not ignored") from None
+        if not path.exists():
+            return
+        try:
+            data = read_evidence_json(path.read_bytes(), "its content")
+        except VerificationError as exc:
+            raise self._damaged(str(exc)) from None
+        if data.get("format") != self.FORMAT:
+            raise self._damaged(f"format is {data.get('format')!r}, not {self.FORMAT!r}")
+        logs = data.get("logs")
+        if not isinstance(logs, dict):
+            raise self._damaged('"logs" is not an object of tree heads by origin')
+        for origin, entry in logs.items():
+            self._head(origin, entry)  # each one checked now, before any audit relies on it
+        self.logs = logs
+
+    def _damaged(self, why: str) -> ConfigError:
+        return ConfigError(f"audit state file {self.path} is damaged: {why}; it is what "
+                           "detects rollbacks, so it is not ignored")
+
+    def _head(self, origin: str, entry: Any) -> TrustedHead:
+        if not isinstance(entry, dict):
+            raise self._damaged(f"the entry of {origin!r} is not an object")
+        size, root, when = entry.get("size"), _decoded_hash(entry.get("root")), \
+            entry.get("verifiedAt")
+        if type(size) is not int or size < 0:
+            raise self._damaged(f"the size of {origin!r} is {size!r}, not an integer >= 0")
+        if not isinstance(root, bytes):
+            raise self._damaged(f"the root of {origin!r} is {entry.get('root')!r}, not "
+                                f"base64 of {HASH_SIZE} bytes")
+        if when is not None and not isinstance(when, str):
+            raise self._damaged(f"verifiedAt of {origin!r} is not text")
+        return TrustedHead(size, root, when)
 
     def trusted(self, origin: str) -> TrustedHead | None:
         """The head an earlier audit verified for this log, if any."""
         entry = self.logs.get(origin)
-        if entry is None:
-            return None
-        return TrustedHead(int(entry["size"]), base64.b64decode(entry["root"]),
-                           entry.get("verifiedAt"))
+        return None if entry is None else self._head(origin, entry)
 
     def remember(self, origin: str, size: int, root: bytes, when: str) -> None:
         """Record a verified head (only ever moving forward)."""
-        current = self.logs.get(origin)
-        if current is None or int(current["size"]) <= size:
+        current = self.trusted(origin)
+        if current is None or current.size <= size:
             self.logs[origin] = {"size": size, "root": base64.b64encode(root).decode(),
                                  "verifiedAt": when}
 
@@ -197,7 +300,10 @@ def export_package(store: SQLStore, tenant: str, checkpoint: CheckpointRecord,
     versions: set[str] = set()
     count = 0
     with (out / "entries.jsonl").open("w", encoding="utf-8") as handle:
-        for index, text, _leaf, _prev, _chained in store.iter_log(tenant):
+        for row in store.iter_log(tenant):
+            index, text = row[0], row[1]
+            if index < 0:  # not an entry of the log (the audit reports such rows)
+                continue
             if index >= checkpoint.size:
                 break
             receipt = json.loads(text)
@@ -241,31 +347,51 @@ class Package:
     policies: dict[str, dict[str, bytes]]
 
 
+def _bundle_files(directory: Path) -> dict[str, bytes]:
+    """A bundle's files by relative POSIX path; hidden ones (a name starting with ".")
+    are not part of a bundle (PROTOCOL.md §7), as the gateway reads bundles."""
+    files: dict[str, bytes] = {}
+    for file in sorted(directory.rglob("*")):
+        relative = file.relative_to(directory).as_posix()
+        if file.is_file() and not any(part.startswith(".") for part in relative.split("/")):
+            files[relative] = file.read_bytes()
+    return files
+
+
 def read_package(path: Path) -> Package:
-    """Read a package directory written by :func:`export_package`."""
+    """Read a package directory written by :func:`export_package`.
+
+    Every JSON document in it is read by the one strict reader of evidence. A file
+    that cannot be read at all is a :class:`ConfigError`; a damaged line of
+    ``entries.jsonl`` is handed on as an unreadable entry, for the verifier to report.
+    """
+    def document(name: str) -> dict[str, Any]:
+        try:
+            return read_evidence_json((path / name).read_bytes(), name)
+        except (OSError, VerificationError) as exc:
+            raise ConfigError(f"cannot read the package at {path}: {exc}") from None
+
+    manifest = document("manifest.json")
+    if manifest.get("format") != PACKAGE_FORMAT:
+        raise ConfigError(f"{path} is not an ExecGuard export ({manifest.get('format')!r})")
+    keys_document = document("keys.json")
     try:
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        if manifest.get("format") != PACKAGE_FORMAT:
-            raise ConfigError(f"{path} is not an ExecGuard export ({manifest.get('format')!r})")
-        keys_document = json.loads((path / "keys.json").read_text(encoding="utf-8"))
         note = (path / "checkpoint.txt").read_text(encoding="utf-8")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read the package at {path}: {exc}") from None
     policies: dict[str, dict[str, bytes]] = {}
     root = path / "policies"
     if root.is_dir():
-        for version_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            policies[version_dir.name] = {
-                f.relative_to(version_dir).as_posix(): f.read_bytes()
-                for f in sorted(version_dir.rglob("*")) if f.is_file()}
+        for version_dir in sorted(p for p in root.iterdir()
+                                  if p.is_dir() and not p.name.startswith(".")):
+            policies[version_dir.name] = _bundle_files(version_dir)
 
     def entries() -> Iterator[dict[str, Any]]:
-        with (path / "entries.jsonl").open(encoding="utf-8") as handle:
+        with (path / "entries.jsonl").open("rb") as handle:
             for number, line in enumerate(handle, 1):
                 try:
-                    value = json.loads(line)
-                except ValueError:
-                    value = {"receipt": None, "problem": f"line {number} is not JSON"}
-                yield value if isinstance(value, dict) else {"receipt": None}
+                    yield read_evidence_json(line, f"entries.jsonl line {number}")
+                except VerificationError as exc:
+                    yield {"receipt": None, "problem": str(exc)}
 
     return Package(manifest, keys_document, note, entries(), policies)

@@ -208,3 +208,60 @@ def test_a_permit_whose_execution_has_an_outcome_cannot_start_it(client: httpx.C
     assert client.post(f"/executions/{answer['execution_id']}/outcome",
                        json={"result": "SUCCESS"}).status_code == 200
     assert consume(client, answer).json()["refusalReason"] == "ALREADY_CONSUMED"
+
+
+def test_a_permit_consumed_twice_after_relabelling_its_entry_is_found(
+        fresh_gateway: Gateway) -> None:
+    """The gateway decides single use from the log's kind column; the audit checks that
+    column against the signed receipt, and that no execution is consumed twice."""
+    with fresh_gateway.client() as client:
+        answer = permit(client)
+        first = consume(client, answer)
+        assert first.status_code == 200
+    fresh_gateway.stop()
+    fresh_gateway.remove_log_guards()
+    fresh_gateway.sql("UPDATE log SET kind = 'decision' WHERE execution_id = ?"
+                      " AND kind = 'consume'", (answer["execution_id"],))
+    fresh_gateway.port = free_port()
+    fresh_gateway.start()
+    with fresh_gateway.client() as client:
+        second = consume(client, answer)  # the relabelled log lets it through...
+        assert second.status_code == 200
+    fresh_gateway.stop()
+    result = run_cli("audit", "--db", fresh_gateway.ledger, "--no-state", "--json",
+                     check=False)
+    assert result.returncode == 1  # ...and the audit says so, naming both entries
+    findings = json.loads(result.stdout)[0]["findings"]
+    before, after = first.json()["receipt"]["logIndex"], second.json()["receipt"]["logIndex"]
+    assert any(f["kind"] == "modified" and f["index"] == before and "kind" in f["message"]
+               for f in findings), findings
+    (twice,) = [f for f in findings if f["kind"] == "consumed-twice"]
+    assert twice["index"] == after and f"entry {before}" in twice["message"]
+
+
+def test_a_log_of_every_kind_of_entry_audits_clean(fresh_gateway: Gateway) -> None:
+    """Decisions, votes, resolutions, consumptions (used and refused) and outcomes: each
+    stored kind agrees with its receipt, so an untouched log stays clean."""
+    from tests.integration.test_approvals import approver, escalate, vote
+
+    alice = approver(fresh_gateway, "finance", "alice")
+    with fresh_gateway.client() as client:
+        escalated = escalate(client)
+        assert vote(fresh_gateway, alice, escalated["execution_id"]).status_code == 200
+        resolved = client.get(f"/v1/executions/{escalated['execution_id']}").json()
+        answer = permit(client)
+        assert consume(client, answer).status_code == 200
+        assert consume(client, answer).status_code == 409
+        assert client.post(f"/executions/{answer['execution_id']}/outcome",
+                           json={"result": "SUCCESS"}).status_code == 200
+        kinds = {kind for (kind,) in fresh_gateway.sql("SELECT kind FROM log")}
+        assert kinds == {"decision", "approval-vote", "consume", "consume-refused", "outcome"}
+        assert resolved["decision"] == "PERMIT", resolved
+        client.get("/v1/log/checkpoint")
+    result = run_cli("audit", "--url", fresh_gateway.url, "--api-key", fresh_gateway.api_key,
+                     "--no-state", "--json", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    fresh_gateway.stop()
+    result = run_cli("audit", "--db", fresh_gateway.ledger, "--no-state", "--json",
+                     check=False)
+    assert result.returncode == 0, result.stdout

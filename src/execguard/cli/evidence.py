@@ -53,6 +53,7 @@ from execguard.verify import (
     verify_receipt,
 )
 from execguard.verify.audit import LogAuditor, LogAuditReport
+from execguard.verify.evidence import read_evidence_json
 from execguard.verify.package import verify_package
 
 
@@ -64,7 +65,8 @@ def receipt_verify(
 ) -> None:
     """Verify a receipt offline: recompute its hash and check its signature."""
     keyset = KeySet.from_document(load_json_source(keys))
-    _verify_and_report(lambda: _verify_one("receipt", load_json_source(str(file)), keyset, 0.0),
+    _verify_and_report(lambda: _verify_one("receipt", read_evidence_json(read_file(file),
+                                                                         str(file)), keyset, 0.0),
                        as_json)
 
 
@@ -85,7 +87,7 @@ def _audit_log(evidence: LogEvidence, keys: KeySet, state: AuditState | None,
     origin = f"{keys.authority}/{evidence.tenant}"
     auditor = LogAuditor(tenant=evidence.tenant, keys=keys, checkpoints=evidence.checkpoints,
                          trusted=state.trusted(origin) if state else None,
-                         consistency=evidence.consistency)
+                         consistency=evidence.consistency, nodes=evidence.nodes)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err, transient=True,
                   disable=quiet or not err.is_terminal) as progress:
@@ -126,6 +128,8 @@ def _print_reports(reports: list[LogAuditReport], as_json: bool) -> None:
                       f"[red]{r.finding_count} finding(s)[/red]")
     out.print(table)
     for r in reports:
+        if r.ok and r.entries == 0:
+            out.print(f"{r.origin}: the log is empty, and an empty log is clean")
         for f in r.findings[:50]:
             where = "" if f.index is None else f" at index {f.index}"
             out.print(f"[red]{f.kind}[/red]{where}: {f.message}")
@@ -167,7 +171,11 @@ def audit(
         try:
             keyset = _keyset(keys, keys_document_from_store(store, authority), "the database",
                              as_json)
-            for name in [tenant] if tenant else store.tenants():
+            tenants = store.tenants()
+            if tenant is not None and tenant not in tenants:
+                raise ConfigError(f"the database has no tenant {tenant!r} (its tenants: "
+                                  f"{', '.join(tenants) or 'none'})")
+            for name in [tenant] if tenant else tenants:
                 reports.append(_audit_log(database_evidence(store, name), keyset,
                                           audit_state, as_json))
         finally:
@@ -193,7 +201,7 @@ def _audit_package(path: Path, keys: str | None, as_json: bool) -> int:
     keyset = _keyset(keys, package.keys_document, "the package", as_json)
     report = verify_package(tenant=str(package.manifest.get("tenant")), keys=keyset,
                             checkpoint_note=package.checkpoint_note, entries=package.entries,
-                            policies=package.policies)
+                            policies=package.policies, manifest=package.manifest)
     if as_json:
         print(json.dumps({"tenant": report.tenant, "ok": report.ok,
                           "receipts": report.receipts,

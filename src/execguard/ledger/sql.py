@@ -437,20 +437,53 @@ class SQLStore(AdminMixin, ABC):
     def iter_log(self, tenant: str, batch: int = 5000) -> Iterator[tuple[Any, ...]]:
         """Every stored row of the tenant's log in index order, as stored (for audits).
 
-        Rows are ``(index, receipt text, leaf hash, prev hash, entry hash)``; the
-        receipt is not parsed, so an auditor sees damaged rows as they are.
+        Rows are ``(index, receipt text, leaf hash, prev hash, entry hash, kind,
+        execution id, receipt hash)``; nothing is parsed or converted, so an auditor
+        sees damaged rows as they are, at whatever index they claim (negative ones too:
+        the gateway reads those as well).
         """
-        start = -1
+        columns = ("SELECT idx, receipt, leaf_hash, prev_hash, entry_hash, kind, execution_id,"
+                   " receipt_hash FROM log WHERE tenant = ?")
+        after: tuple[Any, ...] = ()
         while True:
             with self._read("reading the log") as conn:
-                rows = conn.execute(
-                    "SELECT idx, receipt, leaf_hash, prev_hash, entry_hash FROM log"
-                    " WHERE tenant = ? AND idx > ? ORDER BY idx LIMIT ?",
-                    (tenant, start, batch)).fetchall()
+                rows = conn.execute(columns + (" AND idx > ?" if after else "")
+                                    + " ORDER BY idx LIMIT ?",
+                                    (tenant, *after, batch)).fetchall()
             if not rows:
                 return
             yield from rows
-            start = rows[-1][0]
+            after = (rows[-1][0],)
+
+    def iter_merkle_nodes(self, tenant: str,
+                          batch: int = 10000) -> Iterator[tuple[Any, ...]]:
+        """Every stored Merkle node of the tenant, as stored (for audits).
+
+        Rows are ``(level, index, hash, last leaf)`` in the order of their key (last
+        leaf, then level): the order in which appends create them.
+        """
+        columns = "SELECT level, idx, hash, last_leaf FROM merkle_nodes WHERE tenant = ?"
+        after: tuple[Any, ...] = ()
+        while True:
+            with self._read("reading the Merkle tree") as conn:
+                rows = conn.execute(columns + (" AND (last_leaf, level) > (?, ?)" if after
+                                               else "") + " ORDER BY last_leaf, level LIMIT ?",
+                                    (tenant, *after, batch)).fetchall()
+            if not rows:
+                return
+            yield from rows
+            after = (rows[-1][3], rows[-1][0])
+
+    def checkpoint_rows(self, tenant: str) -> list[tuple[Any, Any, Any]]:
+        """The tenant's checkpoints as stored, ``(size, root, note)`` (for audits).
+
+        Unlike :meth:`checkpoints`, nothing is converted: the audit compares the
+        size and root columns the gateway serves with the signed note.
+        """
+        with self._read("reading checkpoints") as conn:
+            return [(r[0], r[1], r[2]) for r in conn.execute(
+                "SELECT size, root, note FROM checkpoints WHERE tenant = ? ORDER BY size",
+                (tenant,)).fetchall()]
 
     def fact_reader(self, tenant: str) -> FactReader:
         """Live reservations read outside a write (for dry runs; decisions read them inside)."""

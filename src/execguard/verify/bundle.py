@@ -29,7 +29,7 @@ from execguard.protocol.merkle import HASH_SIZE, verify_inclusion
 from execguard.verify.keys import KeySet
 from execguard.verify.receipt import VerifiedReceipt, verify_receipt
 
-__all__ = ["BUNDLE_FORMAT", "BundleMalformed", "VerifiedBundle", "verify_bundle"]
+__all__ = ["BUNDLE_FORMAT", "BundleMalformed", "VerifiedBundle", "decode_hash", "verify_bundle"]
 
 #: The ``format`` of the only bundle version this verifier understands.
 BUNDLE_FORMAT = "execguard-bundle/1"
@@ -98,20 +98,27 @@ def _check_shape(bundle: Any) -> None:
         raise BundleMalformed(1, "inclusionProof hashes is not a list of strings")
 
 
-def _decode_hash(text: str, position: int) -> bytes:
-    """Strict standard base64 of 32 bytes, in its one canonical spelling.
+def decode_hash(text: Any) -> bytes:
+    """A hash from strict standard base64 of 32 bytes, in its one canonical spelling.
 
     A 32-byte value leaves 2 unused bits in the last base64 character; refusing
-    other spellings makes every change to the text a change to the hash.
+    other spellings makes every change to the text a change to the hash. Raises
+    :class:`VerificationError` for anything else.
     """
     try:
-        raw = base64.b64decode(text, validate=True)
+        raw = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) != HASH_SIZE or base64.b64encode(raw).decode("ascii") != text:
-        raise BundleMalformed(5, f"inclusionProof hashes[{position}] is not canonical "
-                                 f"base64 of {HASH_SIZE} bytes")
+        raise VerificationError(f"not canonical base64 of {HASH_SIZE} bytes")
     return raw
+
+
+def _decode_hash(text: str, position: int) -> bytes:
+    try:
+        return decode_hash(text)
+    except VerificationError as exc:
+        raise BundleMalformed(5, f"inclusionProof hashes[{position}] is {exc}") from None
 
 
 def _note_step(exc: VerificationError, number: int) -> None:

@@ -16,7 +16,7 @@ from execguard.protocol.request import parse_json_object
 from execguard.verify.bundle import BUNDLE_FORMAT
 from execguard.verify.receipt import extract_receipt
 
-__all__ = ["classify_evidence"]
+__all__ = ["classify_evidence", "read_evidence_json"]
 
 # A compact JWS: three base64url segments (the header always starts with "eyJ", i.e. '{"').
 _COMPACT_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
@@ -24,6 +24,22 @@ _COMPACT_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 def _not_evidence(why: str) -> VerificationError:
     return VerificationError(f"the evidence is not a receipt, token or bundle: {why}")
+
+
+def read_evidence_json(data: bytes | str, what: str = "the evidence") -> dict[str, Any]:
+    """Read one JSON object of evidence the one strict way, or raise VerificationError.
+
+    As the gateway reads requests: duplicate keys, NaN and unsafe integers are
+    refused, so no two readers can disagree about what the evidence says. Text
+    holding U+0000 is read as it was stored (requests refuse it; old evidence may
+    hold it).
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    try:
+        return parse_json_object(raw, what, nul=True)
+    except MalformedRequest as exc:
+        raise VerificationError(f"{what} is not strict JSON: expected {exc.expected}, "
+                                f"got {exc.got}") from None
 
 
 def classify_evidence(text: str) -> tuple[str, Any]:
@@ -47,9 +63,8 @@ def classify_evidence(text: str) -> tuple[str, Any]:
             return "token", inner.strip()
         raise _not_evidence("a JSON string that is not a compact JWT")
     try:
-        document = parse_json_object(stripped.encode("utf-8", "surrogatepass"), "evidence",
-                                     nul=True)  # it reads what was stored, as it was
-    except MalformedRequest as exc:
+        document = read_evidence_json(stripped)
+    except VerificationError as exc:
         raise _not_evidence(str(exc)) from None
     if "format" in document:
         if document["format"] == BUNDLE_FORMAT:
