@@ -93,7 +93,8 @@ def audit_in_process(db: Path) -> dict[str, float]:
     store = SQLiteStore(db, readonly=True)
     keys = KeySet.from_document(keys_document_from_store(store, "execguard"))
     evidence = database_evidence(store, "demo")
-    auditor = LogAuditor(tenant="demo", keys=keys, checkpoints=evidence.checkpoints)
+    auditor = LogAuditor(tenant="demo", keys=keys, checkpoints=evidence.checkpoints,
+                         consistency=evidence.consistency, nodes=evidence.nodes)
     started = time.perf_counter()
     for entry in evidence.entries:
         auditor.add(entry)
