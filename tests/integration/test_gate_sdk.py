@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import re
 import threading
 import time
@@ -799,6 +800,16 @@ def test_configuration_comes_from_the_environment_or_fails(
         Gate()
     with pytest.raises(ConfigError, match="timeout"):
         Gate(gateway.url, gateway.api_key, timeout=0)
+    # No deadline is no timeout (a hung gateway would hold the caller forever); a URL
+    # that cannot be sent to is refused when the gate is made, not on the first call.
+    for kind in (Gate, AsyncGate):
+        for timeout in (math.inf, math.nan, -1.0):
+            with pytest.raises(ConfigError, match="positive, finite number of seconds"):
+                kind(gateway.url, gateway.api_key, timeout=timeout)
+        with pytest.raises(ConfigError, match=r"url=: 'http://\[::1' is not a URL"):
+            kind("http://[::1", gateway.api_key)
+        with pytest.raises(ConfigError, match="port 99999 is not within 1-65535"):
+            kind("http://127.0.0.1:99999", gateway.api_key)
 
 
 def test_each_gate_refuses_the_other_kind_of_function(gateway: Gateway) -> None:

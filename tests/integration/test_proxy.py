@@ -18,7 +18,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,10 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from execguard.gate.proxy import load_proxy_config
+from execguard.gate.proxy import ProxyConfig, create_proxy_app, load_proxy_config
 from tests.conftest import REPO, Gateway, api_key_from, free_port, run_cli
 
 # The proxy command registers itself on import (also when the CLI package imports it).
@@ -65,7 +67,8 @@ allowed_surfaces = ["tool.invoke", "memory.write"]
 
 
 def proxy_config(gateway_url: str, upstream_url: str, *, timeout: float = 5,
-                 keys: str | None = None, routes: str = ROUTES) -> str:
+                 keys: str | None = None, routes: str = ROUTES,
+                 upstream_timeout: float = 30) -> str:
     pinned = f'keys = "{keys}"\n' if keys else ""
     return f"""
 [gateway]
@@ -76,6 +79,7 @@ timeout_seconds = {timeout}
 [upstream]
 url = "{upstream_url}"
 headers = {{ Authorization = "env:PAYMENTS_API_TOKEN", X-Upstream-Client = "execguard-proxy" }}
+timeout_seconds = {upstream_timeout}
 {routes}"""
 
 
@@ -99,7 +103,9 @@ class Upstream:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
 
-def start_upstream() -> Upstream:
+def start_upstream(delay_seconds: float = 0) -> Upstream:
+    """The upstream; with ``delay_seconds``, it records each call, then waits that long to
+    answer (a slow upstream: the action ran, the answer is late)."""
     upstream: Upstream
 
     class Handler(BaseHTTPRequestHandler):
@@ -110,6 +116,7 @@ def start_upstream() -> Upstream:
             body = self.rfile.read(length) if length else b""
             upstream.calls.append(Call(self.command, self.path,
                                        {k.lower(): v for k, v in self.headers.items()}, body))
+            time.sleep(delay_seconds)
             if self.path.startswith("/payouts/"):
                 status, answer = 500, {"error": "ledger_unavailable"}
             elif self.path == "/v1/chat/completions":
@@ -162,6 +169,27 @@ class Proxy:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+@contextmanager
+def serving(config: ProxyConfig) -> Iterator[str]:
+    """``create_proxy_app(config)`` under uvicorn in this process (a configuration built in
+    code, as an integrator's may be); yields its URL, stops it (and its lifespan) after."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_proxy_app(config), host="127.0.0.1",
+                                           port=port, log_level="warning", log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "proxy did not start"
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def proxy_env(gateway: Gateway | None = None) -> dict[str, str]:
@@ -300,7 +328,10 @@ def test_a_permitted_request_is_forwarded_once_with_the_proxys_credentials(
     key = f"pay-{uuid.uuid4()}"
     body = payment(memo="office chairs")
     headers = {"Authorization": AGENT_KEY, "X-Agent-Id": "agent-7", "Idempotency-Key": key}
-    response = proxy.post("/payments", body, **headers)
+    # Asking the upstream to run another method than the one decided on: dropped.
+    overrides = {"X-HTTP-Method-Override": "DELETE", "X-Method-Override": "DELETE",
+                 "X-HTTP-Method": "DELETE"}
+    response = proxy.post("/payments", body, **headers, **overrides)
 
     assert response.status_code == 201, response.text
     assert response.json() == {"id": "pay_1", "status": "accepted"}
@@ -314,6 +345,7 @@ def test_a_permitted_request_is_forwarded_once_with_the_proxys_credentials(
     assert call.headers["x-agent-id"] == "agent-7"
     assert call.headers["idempotency-key"] == key
     assert "x-execution-token" not in call.headers
+    assert not {name.lower() for name in overrides} & set(call.headers)
     assert json.loads(call.body) == body
 
     detail = story(gateway, execution_id)
@@ -341,6 +373,101 @@ def test_an_upstream_failure_is_relayed_and_recorded_as_failure(
     detail = story(gateway, response.headers["X-Execution-Id"])
     assert detail["surface"] == "payment.execute"
     assert detail["outcome"]["outcome"] == "FAILURE"
+
+
+def test_a_header_that_cannot_be_forwarded_is_400_before_any_permit_is_used(
+        proxy: Proxy, upstream: Upstream, gateway: Gateway) -> None:
+    """A non-ASCII header value is text in an unknown encoding: refused, naming the header,
+    before the gateway is asked or a presented permit is consumed."""
+    key = f"pay-{uuid.uuid4()}"
+    headers = {"X-Agent-Id": "agent-7", "Idempotency-Key": key}
+    refused = httpx.post(proxy.url + "/payments", json=payment(amount=17), timeout=30.0,
+                         headers={**headers, "X-Note": "caf\u00e9".encode()})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"] == "malformed_request"
+    assert "'x-note'" in refused.json()["message"].lower()
+    assert upstream.calls == []
+    # Nothing was used up: the same request (same Idempotency-Key) with a clean header runs.
+    ran = proxy.post("/payments", payment(amount=17), **headers, **{"X-Note": "cafe"})
+    assert ran.status_code == 201, ran.text
+    assert len(upstream.calls) == 1
+
+    issued = issue_token(gateway)
+    as_agent = {"X-Agent-Id": "agent-9", "X-Execution-Token": issued["execution_token"]}
+    refused = httpx.post(proxy.url + "/payments", json=payment(amount=120), timeout=30.0,
+                         headers={**as_agent, "X-Note": "caf\u00e9".encode()})
+    assert refused.status_code == 400, refused.text
+    assert story(gateway, issued["execution_id"], outcome=False)["consumption"] is None
+    assert proxy.post("/payments", payment(amount=120), **as_agent).status_code == 201
+    assert len(upstream.calls) == 2
+
+
+def test_an_unforeseen_failure_to_send_is_a_502_and_a_failure_outcome(
+        gateway: Gateway, upstream: Upstream, tmp_path: Path) -> None:
+    """The last line of defence: an error no one planned for, once the permit is used (here
+    a port the loader would refuse, in a configuration built in code), is answered with the
+    proxy's error shape and recorded as FAILURE: nothing was sent."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(proxy_config(gateway.url, upstream.url))
+    config = load_proxy_config(path, env=proxy_env(gateway))
+    config = replace(config, upstream=replace(config.upstream, url="http://127.0.0.1:99999"))
+    upstream.calls.clear()
+    with serving(config) as url:
+        response = httpx.post(url + "/payments", json=payment(amount=18), timeout=30.0,
+                              headers={"Idempotency-Key": f"pay-{uuid.uuid4()}"})
+    assert response.status_code == 502, response.text
+    answer = response.json()
+    assert answer["error"] == "upstream_unavailable" and "not sent" in answer["message"]
+    detail = story(gateway, answer["executionId"])
+    assert detail["consumption"]["consumeResult"] == "CONSUMED"
+    assert detail["outcome"]["outcome"] == "FAILURE"
+    assert upstream.calls == []
+
+
+def test_a_request_sent_without_an_answer_keeps_its_share_of_the_limits(
+        gateway: Gateway, tmp_path: Path) -> None:
+    """The upstream received each payment and answers too late: it may have paid. No FAILURE
+    is recorded (it would free the amount), so the daily limit (50,000) still holds."""
+    slow = start_upstream(delay_seconds=5)
+    proxy = start_proxy(tmp_path, proxy_config(gateway.url, slow.url, upstream_timeout=0.5),
+                        proxy_env(gateway))
+    actor = f"agent-{uuid.uuid4().hex[:8]}"
+    try:
+        answers = [proxy.post("/payments", payment(amount=10_000), **{
+            "X-Agent-Id": actor, "Idempotency-Key": f"pay-{uuid.uuid4()}"}) for _ in range(6)]
+        for late in answers[:5]:
+            assert late.status_code == 504, late.text
+            assert late.json()["error"] == "upstream_result_unknown"
+            assert "may have been executed" in late.json()["message"]
+            detail = story(gateway, late.json()["executionId"], outcome=False)
+            assert detail["consumption"]["consumeResult"] == "CONSUMED"
+            assert detail["outcome"] is None
+        assert assert_blocked(answers[5], "DENY")["reasonCode"] == "SPEND_LIMIT"
+        assert len(slow.calls) == 5
+    finally:
+        proxy.stop()
+        slow.server.shutdown()
+        slow.server.server_close()
+
+
+def test_a_request_never_sent_is_a_failure_that_frees_its_share(
+        gateway: Gateway, tmp_path: Path) -> None:
+    """Nothing listens at the upstream: the payment cannot have run, FAILURE is the truth,
+    and the amount is free again."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    proxy = start_proxy(tmp_path, proxy_config(gateway.url, closed), proxy_env(gateway))
+    actor = f"agent-{uuid.uuid4().hex[:8]}"
+    try:
+        for _ in range(6):
+            answer = proxy.post("/payments", payment(amount=10_000), **{
+                "X-Agent-Id": actor, "Idempotency-Key": f"pay-{uuid.uuid4()}"})
+            assert answer.status_code == 502, answer.text
+            assert answer.json()["error"] == "upstream_unavailable"
+            assert "not sent" in answer.json()["message"]
+            assert story(gateway, answer.json()["executionId"])["outcome"]["outcome"] == \
+                "FAILURE"
+    finally:
+        proxy.stop()
 
 
 # -- a permit the caller presents ------------------------------------------------------------
@@ -474,6 +601,12 @@ def test_a_gateway_that_does_not_answer_means_403_within_the_timeout(
     ("GET", "/payments"), ("POST", "/admin/delete-everything"), ("POST", "/payments/"),
     ("POST", "/payouts/a%2F..%2Fadmin"), ("POST", "/payouts/.."), ("DELETE", "/payouts/x"),
     ("POST", "/"),
+    # A segment an upstream could read otherwise than the policy did: a servlet container
+    # cuts at ";" (the beneficiary would be "Acme"), some servers collapse "//" or read a
+    # backslash as "/"; and an empty parameter.
+    ("POST", "/payouts/Acme%20Office%20Supplies;jsessionid=1"),
+    ("POST", "/payouts/Acme%3Bjsessionid=1"), ("POST", "/payouts/"), ("POST", "//payouts/x"),
+    ("POST", "/payouts/a%5c..%5cadmin"), ("POST", "/payouts/a%5Cb"),
 ])
 def test_unknown_routes_are_404_and_never_forwarded(proxy: Proxy, upstream: Upstream,
                                                     method: str, path: str) -> None:
@@ -569,6 +702,12 @@ def test_proxy_execute_wire_shape(proxy: Proxy, upstream: Upstream, gateway: Gat
     assert (refused["permitted"], refused["decision"]) == (False, "SILENCE")
     assert refused["executionId"] and refused["reason"]
     assert proxy.post("/proxy/execute", body).status_code == 401
+    # A context that is not an object is refused, falsy or not (absent or null is none).
+    for context in ([], 0, False, "", "abc"):
+        bad = proxy.post("/proxy/execute", {**body, "context": context},
+                         Authorization=f"Bearer {gateway.api_key}")
+        assert bad.status_code == 400, (context, bad.text)
+        assert bad.json()["error"] == "malformed_request" and "context" in bad.json()["message"]
     assert len(upstream.calls) == 1
 
 
@@ -586,6 +725,19 @@ def test_proxy_execute_wire_shape(proxy: Proxy, upstream: Upstream, gateway: Gat
      "upstream.headers.Authorization: environment variable PAYMENTS_API_TOKEN is not set"),
     (("", ""), "EXECGUARD_API_KEY",
      "gateway.api_key_env: environment variable EXECGUARD_API_KEY is not set"),
+    # Values that load but could never work are refused at load, not at the first request.
+    (('[upstream]\nurl = "http://127.0.0.1:9"', '[upstream]\nurl = "http://127.0.0.1:99999"'),
+     None, "upstream.url: 'http://127.0.0.1:99999' is not a usable base URL: port 99999"),
+    (('[upstream]\nurl = "http://127.0.0.1:9"', '[upstream]\nurl = "http://[::1"'), None,
+     "upstream.url: 'http://[::1' is not a URL"),
+    (('"execguard-proxy"', '"caf\\u00e9"'), None,
+     "upstream.headers.X-Upstream-Client: the value holds a character that is not printable"),
+    (("timeout_seconds = 5", "timeout_seconds = inf"), None,
+     "gateway.timeout_seconds: expected a positive, finite number, got number inf"),
+    (("timeout_seconds = 5", "timeout_seconds = nan"), None, "gateway.timeout_seconds"),
+    (("timeout_seconds = 30", "timeout_seconds = inf"), None, "upstream.timeout_seconds"),
+    (('path = "/payments"', 'path = "/payments;v=1"'), None,
+     "routes[0].path: segment 'payments;v=1' is neither a plain name nor a {param}"),
 ])
 def test_configuration_errors_exit_1_with_one_line_naming_the_key(
         tmp_path: Path, change: tuple[str, str], env_drop: str | None, named: str) -> None:

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from execguard.protocol.canonical import canonical_json, canonical_sha256
 from execguard.protocol.errors import (
     CanonicalizationError,
+    ConfigError,
     ExecGuardError,
     MalformedRequest,
     VerificationError,
@@ -35,8 +39,10 @@ __all__ = [
     "ExecutionBlocked",
     "Permit",
     "PreparedRequest",
+    "check_base_url",
     "check_consumption",
     "check_decision",
+    "check_timeout",
     "digest_result",
     "prepare",
 ]
@@ -88,6 +94,43 @@ class Permit:
     def receipt(self) -> Mapping[str, Any]:
         """The decision's signed receipt."""
         return self.decision["receipt"]  # type: ignore[no-any-return]
+
+
+def check_timeout(seconds: float) -> float:
+    """``seconds`` if it is a usable timeout: a positive, finite number. Else ConfigError.
+
+    An infinite (or NaN) deadline is no deadline: a hung peer would hold the caller forever.
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
+            or not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"timeout must be a positive, finite number of seconds, "
+                          f"got {seconds!r}")
+    return float(seconds)
+
+
+def check_base_url(url: str) -> str:
+    """``url`` without a trailing ``/`` if a client can send to it: http(s), a host, a port
+    in 1-65535, no query or fragment. Else ConfigError saying why.
+
+    Checked with the parser that will send to it (httpx's), so a URL accepted here is
+    never refused later, when a request is already on its way.
+    """
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ConfigError(f"{url!r} is not a URL: {exc}") from None
+    problem = None
+    if parsed.scheme not in ("http", "https"):
+        problem = "it is not http:// or https://"
+    elif not parsed.host:
+        problem = "it names no host"
+    elif parsed.port is not None and not 0 < parsed.port < 65536:
+        problem = f"port {parsed.port} is not within 1-65535"
+    elif parsed.query or parsed.fragment:
+        problem = "it has a query or fragment"
+    if problem is not None:
+        raise ConfigError(f"{url!r} is not a usable base URL: {problem}")
+    return url.rstrip("/")
 
 
 def prepare(surface: str, context: Mapping[str, Any] | None = None, *,

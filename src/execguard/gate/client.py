@@ -36,8 +36,10 @@ from execguard.gate._core import (
     ExecutionBlocked,
     Permit,
     PreparedRequest,
+    check_base_url,
     check_consumption,
     check_decision,
+    check_timeout,
     digest_result,
     prepare,
 )
@@ -79,15 +81,18 @@ class _GateBase:
     def __init__(self, url: str | None = None, api_key: str | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT, keys: KeySet | Mapping[str, Any] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.url = (url or os.environ.get("EXECGUARD_URL") or "").rstrip("/")
+        where = "url=" if url else "EXECGUARD_URL"
+        url = url or os.environ.get("EXECGUARD_URL") or ""
         self.api_key = api_key or os.environ.get("EXECGUARD_API_KEY") or ""
-        if not self.url:
+        if not url:
             raise ConfigError("no gateway URL: pass url= or set EXECGUARD_URL")
         if not self.api_key:
             raise ConfigError("no API key: pass api_key= or set EXECGUARD_API_KEY")
-        if timeout <= 0:
-            raise ConfigError(f"timeout must be positive, got {timeout}")
-        self.timeout = timeout
+        try:
+            self.url = check_base_url(url)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        self.timeout = check_timeout(timeout)
         self.clock = clock
         self._pinned = keys if isinstance(keys, KeySet) else (
             KeySet.from_document(keys) if keys is not None else None)
@@ -205,7 +210,7 @@ class Gate(_GateBase):
                  clock: Callable[[], float] = time.time) -> None:
         super().__init__(url, api_key, timeout=timeout, keys=keys, clock=clock)
         self._client = httpx.Client(base_url=self.url, headers=self._headers,
-                                    timeout=timeout, transport=transport)
+                                    timeout=self.timeout, transport=transport)
 
     def _send(self, call: _Call) -> _Answer:
         try:
@@ -336,7 +341,7 @@ class AsyncGate(_GateBase):
                  clock: Callable[[], float] = time.time) -> None:
         super().__init__(url, api_key, timeout=timeout, keys=keys, clock=clock)
         self._client = httpx.AsyncClient(base_url=self.url, headers=self._headers,
-                                         timeout=timeout, transport=transport)
+                                         timeout=self.timeout, transport=transport)
 
     async def _send(self, call: _Call) -> _Answer:
         try:

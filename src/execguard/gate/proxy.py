@@ -74,8 +74,12 @@ EXECUTION_ID_HEADER = "X-Execution-Id"
 #: RFC 9110 §7.6.1 connection-specific fields, never forwarded in either direction.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"})
+#: Headers that ask many frameworks to run another method than the request line's: the
+#: gateway decided on the request line's, so the upstream must run that one.
+METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-method-override", "x-http-method"})
 #: Caller headers the upstream never sees (its credentials come from the configuration).
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", TOKEN_HEADER}
+_NOT_FORWARDED = HOP_BY_HOP | METHOD_OVERRIDES | {"host", "content-length", "authorization",
+                                                  TOKEN_HEADER}
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 _CALLER_GATES = 1024
 _MISSING = object()
@@ -200,14 +204,19 @@ def _raw_path(request: Request) -> bytes:
 
 
 def _segments(raw_path: str) -> list[str] | None:
-    """The decoded segments of a path, or None when a segment could mean two things
-    (an encoded ``/``, a dot segment, a NUL): the upstream might read it differently."""
+    """The decoded segments of a path, or None when a segment could mean two things: the
+    upstream might read it differently from the route (and the policy).
+
+    An encoded ``/`` and a backslash (Windows servers read it as ``/``), a dot segment,
+    an empty segment (``//`` is collapsed by some servers), a ``;`` (servlet containers
+    cut a segment there: ``name;jsessionid=1`` is ``name`` to them), a NUL.
+    """
     if not raw_path.startswith("/"):
         return None
     decoded = [unquote(s, errors="strict") for s in raw_path[1:].split("/")] \
         if raw_path != "/" else []
     for segment in decoded:
-        if "/" in segment or "\0" in segment or segment in (".", ".."):
+        if not segment or segment in (".", "..") or any(c in segment for c in "/\\;\0"):
             return None
     return decoded
 
@@ -287,10 +296,22 @@ def _connection_listed(headers: list[tuple[bytes, bytes]]) -> set[str]:
 
 def _forward_headers(raw: list[tuple[bytes, bytes]],
                      credentials: Mapping[str, str]) -> list[tuple[str, str]]:
-    """The caller's headers minus hop-by-hop and credentials, plus the upstream's credentials."""
+    """The caller's headers minus hop-by-hop and credentials, plus the upstream's credentials.
+
+    A forwarded value must be ASCII: bytes beyond it are text in an unknown encoding,
+    which the proxy (latin-1) and the upstream (often UTF-8) would read differently, and
+    httpx cannot send them. Raises :class:`_BadRequest` naming the header.
+    """
     dropped = _NOT_FORWARDED | _connection_listed(raw) | {k.lower() for k in credentials}
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw
-               if k.decode("latin-1").lower() not in dropped]
+    headers: list[tuple[str, str]] = []
+    for name, value in raw:
+        if name.decode("latin-1").lower() in dropped:
+            continue
+        if not value.isascii():
+            raise _BadRequest(400, "malformed_request", f"the header {name.decode('latin-1')!r}"
+                              " holds bytes that are not ASCII; the proxy forwards only ASCII "
+                              "header values")
+        headers.append((name.decode("latin-1"), value.decode("ascii")))
     if not any(k.lower() == "accept-encoding" for k, _ in headers):
         # No compression the caller did not ask for: the body is relayed (and hashed) as is.
         headers.append(("Accept-Encoding", "identity"))
@@ -323,6 +344,29 @@ def _id_header(execution_id: str | None) -> dict[str, str]:
 
 def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class _UpstreamFailure(Exception):
+    """A permitted request got no answer; ``sent``: whether the upstream may have received it."""
+
+    def __init__(self, cause: Exception, *, sent: bool) -> None:
+        super().__init__(str(cause))
+        self.cause, self.sent = cause, sent
+
+
+class _SendTrace:
+    """httpcore's ``trace`` extension, noting when the request starts going out.
+
+    Before that, nothing of it reached the upstream, whatever the error; after it,
+    the upstream may have received it all and acted.
+    """
+
+    def __init__(self) -> None:
+        self.sending = False
+
+    async def __call__(self, event: str, _info: Mapping[str, Any]) -> None:
+        if event.endswith(".send_request_headers.started"):
+            self.sending = True
 
 
 class _Proxy:
@@ -421,6 +465,9 @@ class _Proxy:
             context = incoming.values(route.context)
             signals = incoming.values(route.signals)
             actor = incoming.value(route.actor) if route.actor else _MISSING
+            # Built now, while the permit is whole: a request that cannot be sent is refused
+            # before it uses one up.
+            outgoing = self._outgoing(request, body)
         except _BadRequest as exc:
             return JSONResponse({"error": exc.error, "message": exc.message}, exc.status)
         token = request.headers.get(TOKEN_HEADER)
@@ -439,28 +486,71 @@ class _Proxy:
         except ExecutionBlocked as exc:
             log.info("blocked %s %s: %s", request.method, request.url.path, exc)
             return JSONResponse(_blocked(exc), 403, headers=_id_header(exc.execution_id))
-        return await self._forward(request, body, permit)
+        return await self._forward(outgoing, permit)
 
-    async def _forward(self, request: Request, body: bytes, permit: Permit) -> Response:
-        assert self.upstream is not None and self.gate is not None
-        gate, upstream = self.gate, self.config.upstream
+    def _outgoing(self, request: Request, body: bytes) -> httpx.Request:
+        """The request the upstream gets: the caller's path, query and body as received,
+        its headers as :func:`_forward_headers` makes them. Raises :class:`_BadRequest`."""
+        assert self.upstream is not None
+        upstream = self.config.upstream
         query = (request.scope.get("query_string") or b"").decode("latin-1")
         url = upstream.url + _raw_path(request).decode("ascii") + (f"?{query}" if query else "")
-        outgoing = self.upstream.build_request(
-            request.method, url, content=body,
-            headers=_forward_headers(request.headers.raw, upstream.headers))
+        headers = _forward_headers(request.headers.raw, upstream.headers)
+        try:
+            return self.upstream.build_request(request.method, url, content=body,
+                                               headers=headers)
+        except httpx.InvalidURL as exc:
+            raise _BadRequest(400, "malformed_request",
+                              f"the request's URL cannot be forwarded: {exc}") from None
+
+    async def _send(self, outgoing: httpx.Request, *, stream: bool) -> httpx.Response:
+        """Send a permitted request; any failure is an :class:`_UpstreamFailure` saying
+        whether the upstream may have received it."""
+        assert self.upstream is not None
+        trace = _SendTrace()
+        outgoing.extensions["trace"] = trace
+        try:
+            return await self.upstream.send(outgoing, stream=stream)
+        except Exception as exc:  # foreseen (httpx) or not, it is answered, never a traceback
+            if not isinstance(exc, httpx.HTTPError):
+                log.exception("sending to the upstream failed unexpectedly")
+            raise _UpstreamFailure(exc, sent=trace.sending) from exc
+
+    def _upstream_failed(self, gate: _ProxyGate, permit: Permit, failure: _UpstreamFailure,
+                         started: float) -> tuple[dict[str, Any], int]:
+        """The answer (and status) for a permitted request the upstream did not answer.
+
+        Never sent (refused connection, connect timeout, unknown host): the outcome is
+        FAILURE, which frees the permit's share of the limits. Sent, then no complete
+        answer (a read timeout, a dropped connection): the action may have run, and a
+        FAILURE would let the limits count it as not spent, so no outcome is recorded.
+        """
+        execution_id, cause = permit.execution_id, type(failure.cause).__name__
+        if not failure.sent:
+            self._later(gate.report(permit, False, int((time.monotonic() - started) * 1000)))
+            log.warning("upstream not reached for %s: %s", execution_id, failure.cause)
+            return {"error": "upstream_unavailable",
+                    "message": f"the upstream could not be reached ({cause}); the request "
+                               "was not sent",
+                    "executionId": execution_id}, 502
+        log.warning("upstream gave no answer for %s, which may have run: %s (no outcome "
+                    "recorded)", execution_id, failure.cause)
+        timed_out = isinstance(failure.cause, httpx.TimeoutException)
+        what = "did not answer in time" if timed_out else "gave no complete answer"
+        return {"error": "upstream_result_unknown",
+                "message": f"the request was sent, but the upstream {what} ({cause}): it may "
+                           "have been executed; no outcome is recorded",
+                "executionId": execution_id}, 504 if timed_out else 502
+
+    async def _forward(self, outgoing: httpx.Request, permit: Permit) -> Response:
+        assert self.gate is not None
+        gate = self.gate
         started = time.monotonic()
         try:
-            response = await self.upstream.send(outgoing, stream=True)
-        except httpx.HTTPError as exc:
-            latency = int((time.monotonic() - started) * 1000)
-            self._later(gate.report(permit, False, latency))
-            log.warning("upstream failed for %s: %s", permit.execution_id, exc)
-            return JSONResponse({"error": "upstream_unavailable",
-                                 "message": f"the upstream could not be reached: "
-                                            f"{type(exc).__name__}",
-                                 "executionId": permit.execution_id}, 502,
-                                headers=_id_header(permit.execution_id))
+            response = await self._send(outgoing, stream=True)
+        except _UpstreamFailure as failure:
+            answer, status = self._upstream_failed(gate, permit, failure, started)
+            return JSONResponse(answer, status, headers=_id_header(permit.execution_id))
         relay = _Relay(self, gate, permit, response, started)
         answer = _RelayResponse(relay, status_code=response.status_code)
         answer.raw_headers = _response_headers(response.headers.raw, permit.execution_id)
@@ -482,7 +572,9 @@ class _Proxy:
         try:
             body = parse_json_object(await _read_body(request,
                                                       self.config.upstream.max_body_bytes))
-            context = body.get("context") or {}
+            context = body.get("context")
+            if context is None:  # absent or null: no context
+                context = {}
             if not isinstance(context, dict):
                 raise MalformedRequest("context", "a JSON object", type(context).__name__)
         except _BadRequest as exc:
@@ -491,6 +583,11 @@ class _Proxy:
         except MalformedRequest as exc:
             return JSONResponse({"permitted": False, "error": "malformed_request",
                                  "message": str(exc)}, 400)
+        # Built now, while the permit is whole (the configuration's URL and headers).
+        outgoing = self.upstream.build_request(
+            "POST", self.config.upstream.url + lite.upstream_path, json=body.get("payload"),
+            headers={"Content-Type": "application/json", "Accept-Encoding": "identity",
+                     **self.config.upstream.headers})
         surface = context.get("surface") or lite.surface
         header_key = request.headers.get("idempotency-key")
         context_key = context.get("idempotencyKey")
@@ -511,18 +608,12 @@ class _Proxy:
             log.info("blocked /proxy/execute on %s: %s", surface, exc)
             return JSONResponse({**_blocked(exc), "permitted": False}, 403,
                                 headers=_id_header(exc.execution_id))
-        url = self.config.upstream.url + lite.upstream_path
-        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
-                   **self.config.upstream.headers}
         started = time.monotonic()
         try:
-            forwarded = await self.upstream.post(url, json=body.get("payload"), headers=headers)
-        except httpx.HTTPError as exc:
-            self._later(gate.report(permit, False, int((time.monotonic() - started) * 1000)))
-            return JSONResponse({"permitted": True, "error": "upstream_unavailable",
-                                 "message": f"the upstream could not be reached: "
-                                            f"{type(exc).__name__}",
-                                 "executionId": permit.execution_id}, 502,
+            forwarded = await self._send(outgoing, stream=False)
+        except _UpstreamFailure as failure:
+            answer, status = self._upstream_failed(gate, permit, failure, started)
+            return JSONResponse({"permitted": True, **answer}, status,
                                 headers=_id_header(permit.execution_id))
         latency = int((time.monotonic() - started) * 1000)
         await gate.report(permit, forwarded.is_success, latency, _digest(forwarded.content))

@@ -34,6 +34,7 @@ See docs/PROXY.md for every key.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tomllib
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from execguard.gate._core import check_base_url
 from execguard.protocol.errors import ConfigError, VerificationError
 from execguard.protocol.request import RESERVED_CONTEXT_KEYS
 from execguard.verify import KeySet
@@ -70,7 +72,8 @@ RESERVED_PATHS = frozenset({"/healthz", "/proxy/execute"})
 _SURFACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}\Z")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # RFC 9110 header field name
 _PARAM_RE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+\Z")  # an unreserved path segment
+# A plain path segment; no ";" (a servlet upstream would read what follows as parameters).
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,=:@-]+\Z")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}\Z")
 
@@ -198,8 +201,10 @@ class _Reader:
             return default
         value = self.table[key]
         kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
-            self.fail(self.name(key), "expected a positive "
+        # inf is no limit (a hung peer would hold a request forever); nan is no number.
+        if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0 \
+                or not math.isfinite(value):
+            self.fail(self.name(key), "expected a positive, finite "
                       f"{'whole number' if integer else 'number'}, got {_kind(value)}")
         return float(value)
 
@@ -228,7 +233,10 @@ def _kind(value: Any) -> str:
 def _http_url(reader: _Reader, key: str, value: str) -> str:
     if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?\Z", value):
         reader.fail(key, f"expected an http(s) URL without query or fragment, got {_kind(value)}")
-    return value.rstrip("/")
+    try:
+        return check_base_url(value)
+    except ConfigError as exc:
+        reader.fail(key, str(exc))
 
 
 def _env(reader: _Reader, key: str, name: str, env: Mapping[str, str]) -> str:
@@ -415,8 +423,11 @@ def parse_proxy_config(document: Mapping[str, Any], *, env: Mapping[str, str] | 
             up.fail(key, f"expected a string or 'env:NAME', got {_kind(value)}")
         if value.startswith("env:"):
             value = _env(up, key, value[4:], env)
-        if any(c in value for c in "\r\n\0"):
-            up.fail(key, "the value contains a line break or NUL")
+        # HTTP sends header values as bytes; only visible ASCII, spaces and tabs mean the
+        # same to every reader (and the HTTP client refuses the rest when it sends).
+        if not all(c == "\t" or " " <= c <= "~" for c in value):
+            up.fail(key, "the value holds a character that is not printable ASCII (a line "
+                    "break, a control character or a non-ASCII letter)")
         headers[name] = value
     upstream = UpstreamConfig(
         url=upstream_url, headers=headers,
