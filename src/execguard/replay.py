@@ -7,43 +7,33 @@ edited data; then it evaluates the stored request with the stored facts and
 compares the decision (``wouldDecision`` in observe mode) and reason code.
 
 Sensitive context fields are stored only as digests: under policies that read
-one a replay cannot be exact (not replayable). Otherwise such a field can still
-decide a SILENCE through its declaration, so it gets a stand-in keeping what the
-decision shows: absent if null, invalid if named invalid, else a valid value.
+one a replay cannot be exact (not replayable; ``arbiter/digested.py``).
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from functools import lru_cache
-from types import MappingProxyType
 from typing import Any
 
-import cedarpy
-
 from execguard.arbiter import CompiledBundle, Evaluation, PolicyBundle
-from execguard.arbiter.registry import FieldSpec, SurfaceSpec
+from execguard.arbiter.digested import stored_context
+from execguard.arbiter.registry import SurfaceSpec
 from execguard.ledger import ExecutionRecord, LedgerStore
 from execguard.protocol.canonical import canonical_sha256
 from execguard.protocol.errors import CanonicalizationError, NotFound
 from execguard.protocol.receipt import receipt_hash
-from execguard.protocol.request import ExecutionRequest, digest_value, request_hash
+from execguard.protocol.request import ExecutionRequest, request_hash
 
-__all__ = ["ImpactGroup", "ImpactReport", "ReplayResult", "ReplayStatus", "context_reads",
-           "impact", "log_receipts", "replay_execution", "replay_stored",
-           "stored_bundle"]
+__all__ = ["ImpactGroup", "ImpactReport", "ReplayResult", "ReplayStatus", "impact",
+           "log_receipts", "replay_execution", "replay_stored", "stored_bundle"]
 
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
-_NULL_DIGEST = digest_value(None)
 #: The keys of the normalized request, the object ``requestHash`` covers.
 _NORMALIZED_KEYS = ("tenant", "surface", "action", "actorId", "context", "signals",
                     "subjectDigest")
-_INVALID = {"redacted": "stand-in for a sensitive value the decision found invalid"}
 MAX_EXAMPLES = 3
 
 
@@ -129,7 +119,8 @@ def replay_execution(record: ExecutionRecord, bundle: PolicyBundle, *,
     # Why the decision refused its context, if it did (the receipt keeps only the code).
     invalid = str(record.response.get("reason") or "") \
         if receipt.get("reasonCode") == "INVALID_CONTEXT" else ""
-    context = _context(bundle, spec, recorded_spec, request.get("context") or {}, invalid)
+    context = stored_context(bundle, spec, recorded_spec, request.get("context") or {},
+                             invalid)
     if isinstance(context, str):
         return stop(ReplayStatus.NOT_REPLAYABLE, context)
     replayed = ExecutionRequest(
@@ -209,89 +200,9 @@ def _facts(stored: Any, spec: SurfaceSpec) -> dict[str, Any] | str:
     return facts
 
 
-def _context(bundle: PolicyBundle, spec: SurfaceSpec, recorded_spec: SurfaceSpec | None,
-             stored: Mapping[str, Any], invalid: str) -> dict[str, Any] | str:
-    """The stored context with stand-ins for digested sensitive fields, or why it cannot be."""
-    context = dict(stored)
-    # The fields stored as digests are those sensitive when the decision was taken.
-    sensitive = spec.sensitive | (recorded_spec.sensitive if recorded_spec else frozenset())
-    digested = sorted(name for name in sensitive
-                      if isinstance(stored.get(name), str) and _DIGEST_RE.match(stored[name]))
-    if not digested:
-        return context
-    reads = context_reads(bundle, spec.name)
-    for name in digested:
-        readers = reads.get(name, ()) + reads.get("*", ())
-        if readers:
-            return (f"policy {readers[0]!r} reads context.{name}, which is sensitive and "
-                    "stored only as a digest, so the replay cannot be exact")
-        declared = spec.context.get(name)
-        if declared is None:
-            continue  # undeclared fields never reach the policies
-        before = recorded_spec.context.get(name) if recorded_spec is not None else declared
-        if before != declared:
-            return (f"this policy version declares the sensitive field context.{name} "
-                    "differently, and its recorded value is only a digest")
-        if stored[name] == _NULL_DIGEST:
-            context[name] = None
-        elif invalid.startswith(f"context.{name} "):
-            context[name] = _INVALID
-        else:
-            context[name] = _stand_in(declared, stored[name])
-    return context
-
-
-def _stand_in(spec: FieldSpec, digest: str) -> Any:
-    """A value its declaration accepts: what the recorded decision says the field held."""
-    if spec.type == "boolean":
-        return True
-    if spec.type in ("integer", "decimal"):  # 0, moved into [min, max]
-        low = spec.minimum if spec.minimum is not None else 0
-        value = min(low, spec.maximum) if spec.maximum is not None else low
-        return int(value) if value == int(value) else float(value)
-    if spec.type == "string":
-        return spec.enum[0] if spec.enum else digest[: spec.max_length or None]
-    return []  # string_set
-
-
 @lru_cache(maxsize=16)  # bundles hash by identity: one compilation per replayed bundle
 def _compiled(bundle: PolicyBundle) -> CompiledBundle:
     return CompiledBundle(bundle)
-
-
-@lru_cache(maxsize=64)
-def context_reads(bundle: PolicyBundle, surface: str) -> Mapping[str, tuple[str, ...]]:
-    """Context field -> the @ids of the policies for ``surface`` that read its value
-    (``*``: policies that use the context record as a whole)."""
-    reads: dict[str, tuple[str, ...]] = {}
-    for policy in json.loads(cedarpy.policies_to_json_str(bundle.policy_text))[
-            "staticPolicies"].values():
-        scope = policy.get("action", {})
-        named = [scope["entity"]] if "entity" in scope else scope.get("entities", [])
-        if scope.get("op") in ("==", "in") and surface not in {e["id"] for e in named}:
-            continue
-        fields: set[str] = set()
-        _walk(policy.get("conditions", []), fields)
-        for name in fields:
-            reads[name] = (*reads.get(name, ()), policy["annotations"]["id"])
-    return MappingProxyType(reads)
-
-
-def _walk(node: Any, fields: set[str]) -> None:
-    """Collect the context fields a Cedar JSON expression reads."""
-    if isinstance(node, list):
-        for item in node:
-            _walk(item, fields)
-    elif node == {"Var": "context"}:
-        fields.add("*")  # the record as a whole (compared, passed on): every field counts
-    elif isinstance(node, dict):
-        for op, operand in node.items():
-            if op in (".", "has") and isinstance(operand, dict) \
-                    and operand.get("left") == {"Var": "context"}:
-                if op == ".":  # ``has`` only tests presence, which the stand-ins keep
-                    fields.add(str(operand.get("attr")))
-            else:
-                _walk(operand, fields)
 
 
 # -- impact of a candidate bundle ---------------------------------------------------------

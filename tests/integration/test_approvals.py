@@ -129,6 +129,42 @@ def test_a_quorum_of_two(fresh_gateway: Gateway) -> None:
     assert two["resolution"]["decision"] == "PERMIT"
 
 
+def test_an_approved_request_with_a_sensitive_field_is_evaluated_again_faithfully(
+        fresh_gateway: Gateway, tmp_path: Path) -> None:
+    """The stored request holds a sensitive field only as its digest. Re-evaluated as that
+    digest, the demo's approved payments with an account were SILENCE (the digest is
+    longer than the field's max_length), and a forbid on the account activated meanwhile
+    did not fire: a PERMIT. Now the field gets a stand-in where no policy reads it, and
+    where one does, the approval cannot be evaluated again: SILENCE, never a PERMIT."""
+    alice = approver(fresh_gateway, "finance", "alice")
+    account = {**PAY, "amount": 20_000, "beneficiary_account": "DE89370400440532013000"}
+
+    def escalated(client: httpx.Client) -> str:
+        answer = client.post("/execute", json={"surface": "payment.execute",
+                                               "actorId": "bob", "context": account}).json()
+        assert answer["decision"] == "ESCALATE", answer
+        return str(answer["execution_id"])
+
+    with fresh_gateway.client() as client:
+        first, second = escalated(client), escalated(client)
+    resolved = vote(fresh_gateway, alice, first).json()["resolution"]
+    assert (resolved["decision"], resolved["reasonCode"]) == ("PERMIT", "APPROVED")
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle_path(), bundle)
+    (bundle / "policies" / "blocked.cedar").write_text(
+        '@id("blocked-account") @reason("BLOCKED_ACCOUNT")\n'
+        'forbid (principal, action == Action::"payment.execute", resource)\n'
+        'when { context has beneficiary_account &&'
+        ' context.beneficiary_account == "DE89370400440532013000" };\n')
+    run_cli("policy", "push", str(bundle), "--activate", data=fresh_gateway.data)
+    resolved = vote(fresh_gateway, alice, second).json()["resolution"]
+    assert (resolved["decision"], resolved["reasonCode"]) == ("SILENCE", "EVALUATION_ERROR")
+    assert "reads context.beneficiary_account" in resolved["reason"]
+    assert "execution_token" not in resolved
+    assert "DE89370400440532013000" not in str(resolved)
+
+
 def test_a_deny_vote_resolves_to_deny(fresh_gateway: Gateway) -> None:
     alice = approver(fresh_gateway, "finance", "alice")
     with fresh_gateway.client() as client:

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from execguard.arbiter import Evaluation
+from execguard.arbiter import Evaluation, PolicyBundle, SurfaceSpec
+from execguard.arbiter.digested import stored_context
 from execguard.ledger import (
     ApprovalRecord,
     Committed,
@@ -173,12 +174,14 @@ class Approvals:
                   ) -> Callable[[FactReader, str], PreparedDecision]:
         signer = self.signers.current()
         stored = execution.request
-        request = ExecutionRequest(
-            surface=execution.surface, action=stored.get("action"),
-            actor_id=stored.get("actorId"), context=stored.get("context") or {},
-            signals=stored.get("signals") or {}, subject_digest=stored.get("subjectDigest"))
         bundle, compiled = self.gateway.active_bundle(tenant)
         spec = bundle.registry.get(execution.surface)
+        context = self._context(tenant, execution, bundle, spec)
+        request = ExecutionRequest(
+            surface=execution.surface, action=stored.get("action"),
+            actor_id=stored.get("actorId"),
+            context=context if isinstance(context, dict) else stored.get("context") or {},
+            signals=stored.get("signals") or {}, subject_digest=stored.get("subjectDigest"))
         normalized = {k: v for k, v in stored.items() if k not in ("executionMode", "facts")}
 
         def resolve(reader: FactReader, how: str) -> PreparedDecision:
@@ -187,8 +190,13 @@ class Approvals:
                 "enforce", execution.execution_id, self.clock(), self.settings.authority_id,
                 self.settings.token_ttl_seconds, approved=True,
                 resolves=execution.receipt["receiptHash"])
-            if how == "approved" and spec is not None:
+            if how == "approved" and spec is not None and isinstance(context, dict):
                 return prepare_decision(given, signer, reader)
+            if how == "approved" and isinstance(context, str):
+                evaluation = Evaluation(Outcome.SILENCE, "EVALUATION_ERROR",
+                                        f"The approved request cannot be evaluated again: "
+                                        f"{context}.", (), compiled.version)
+                return build_decision(given, evaluation, {}, signer)
             code, outcome, reason = {
                 "denied": ("APPROVAL_DENIED", Outcome.DENY, "An approver denied this request."),
                 "expired": ("APPROVAL_EXPIRED", Outcome.SILENCE,
@@ -198,6 +206,20 @@ class Approvals:
             evaluation = Evaluation(outcome, code, reason, (), compiled.version)
             return build_decision(given, evaluation, {}, signer)
         return resolve
+
+
+    def _context(self, tenant: str, execution: ExecutionRecord, bundle: PolicyBundle,
+                 spec: SurfaceSpec | None) -> dict[str, Any] | str:
+        """The stored context as the active policy can evaluate it again, or why it cannot
+        be: its sensitive fields are stored only as digests (``arbiter/digested.py``)."""
+        stored = execution.request.get("context") or {}
+        if spec is None:
+            return dict(stored)
+        recorded = spec
+        if execution.policy_version and execution.policy_version != bundle.version:
+            recorded_bundle, _ = self.gateway.compiled(tenant, execution.policy_version)
+            recorded = recorded_bundle.registry.get(execution.surface) or spec
+        return stored_context(bundle, spec, recorded, stored)
 
 
 _CONFLICTS = {

@@ -171,16 +171,17 @@ class Gateway:
             raise ServiceUnavailable(
                 f"tenant {tenant!r} has no active policy bundle: push and activate one "
                 "with 'execguard policy push' and 'execguard policy activate'")
-        return self._compiled(tenant, version)
+        return self.compiled(tenant, version)
 
-    def _compiled(self, tenant: str, version: str) -> tuple[PolicyBundle, CompiledBundle]:
+    def compiled(self, tenant: str, version: str) -> tuple[PolicyBundle, CompiledBundle]:
+        """A stored version of the tenant's policy, compiled once."""
         cached = self._bundles.get((tenant, version))
         if cached is not None:
             return cached
         with self._bundles_lock:
             record = self.store.get_bundle(tenant, version)
-            if record is None:  # pragma: no cover - activation requires a stored bundle
-                raise ServiceUnavailable(f"active policy version {version} is not stored")
+            if record is None:  # activation requires a stored bundle
+                raise ServiceUnavailable(f"policy version {version} is not stored")
             bundle = PolicyBundle.from_files(record.files)
             compiled = (bundle, CompiledBundle(bundle))
             self._bundles[(tenant, version)] = compiled
@@ -192,7 +193,7 @@ class Gateway:
         if version is None:
             return None
         try:
-            _, compiled = self._compiled(tenant, version)
+            _, compiled = self.compiled(tenant, version)
         except ServiceUnavailable:
             return None
         return compiled if compiled.registry.get(surface) is not None else None

@@ -15,8 +15,8 @@ def test_all_is_sorted_and_complete() -> None:
     for name in arbiter.__all__:
         assert getattr(arbiter, name) is not None
     public = {name for name in vars(arbiter) if not name.startswith("_")}
-    modules = {"bundle", "context", "engine", "facts", "locate", "projection", "registry",
-               "testing"}
+    modules = {"bundle", "context", "digested", "engine", "facts", "locate", "projection",
+               "registry", "testing"}
     assert public - modules == set(arbiter.__all__)
 
 
