@@ -189,6 +189,33 @@ def test_a_stopped_server_stops_its_decision_process(fresh_gateway: Gateway) -> 
     wait_for(lambda: not alive(worker), 10, "the decision process to stop")
 
 
+def test_a_sigterm_to_the_whole_process_group_stops_cleanly(fresh_gateway: Gateway) -> None:
+    """systemd (KillMode=control-group) and timeout(1) signal the server and its decision
+    process together. The decision process used to die at once: requests in flight got 503
+    and the server restarted it while stopping. It now waits for the server to close it."""
+    worker = the_worker(fresh_gateway)
+    assert fresh_gateway.process is not None
+
+    def one(n: int) -> int | None:
+        try:
+            with fresh_gateway.client() as client:
+                return decide(client, f"dp-group-{n}").status_code
+        except httpx.HTTPError:  # after the server stopped taking requests
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = [pool.submit(one, n) for n in range(400)]
+        wait_for(lambda: sum(a.done() for a in answers) >= 20, 30, "requests under way")
+        os.kill(worker, signal.SIGTERM)  # as a process group's signal reaches both
+        os.kill(fresh_gateway.process.pid, signal.SIGTERM)
+        statuses = [a.result() for a in answers]
+    assert fresh_gateway.process.wait(timeout=40) == 0
+    assert set(statuses) <= {200, None} and statuses.count(200) >= 20, statuses
+    logged = fresh_gateway.log_path.read_text()
+    assert "restarting it" not in logged and "stopped before answering" not in logged
+    wait_for(lambda: not alive(worker), 10, "the decision process to stop")
+
+
 def test_a_server_stopped_while_its_decision_process_restarts_stops_at_once(
         fresh_gateway: Gateway) -> None:
     worker = the_worker(fresh_gateway)

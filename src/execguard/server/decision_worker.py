@@ -468,8 +468,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, required=True, help="the server's pid")
     args = parser.parse_args(argv)
     _die_with(args.parent)
-    # Ctrl-C reaches the whole process group: the server decides when this one stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C, and a SIGTERM to the process group (systemd's default, timeout(1)), reach
+    # this process too: the server decides when it stops (it closes the socket once its
+    # requests are answered), so neither may stop it first.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
     return run(socket.socket(fileno=args.fd))
 
 
