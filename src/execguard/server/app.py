@@ -315,13 +315,14 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
 
     @app.get("/readyz", summary="Readiness: can decisions be issued durably?")
     async def readyz(request: Request) -> Response:
-        # Async, and the storage check runs on the probe's own thread: a database that
-        # hangs cannot tie up the request threads through readiness probes.
-        problems = []
-        try:
-            signers.current()
-        except ServiceUnavailable as exc:
-            problems.append(str(exc))
+        # Async, and the checks that touch the database run off the event loop, at once:
+        # a database that hangs cannot hold up other requests, nor the probe for long.
+        failed_at = max((t for t in (committer.last_failure_at, decisions.last_failure_at)
+                         if t is not None), default=None)
+        keys, storage, worker = await asyncio.gather(
+            _signing_key_problem(signers), storage_probe.problem(stale_before=failed_at),
+            decisions.storage_problem() if decisions.running else _nothing())
+        problems = [] if keys is None else [keys]
         if not committer.running:
             problems.append("ledger writer not running")
         if not decisions.running:
@@ -337,13 +338,8 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
                    or decisions.failing(within=APPEND_FAILURE_READY_SECONDS))
         if failing is not None:
             problems.append(f"the last write to the log failed: {failing}")
-        failed_at = max((t for t in (committer.last_failure_at, decisions.last_failure_at)
-                         if t is not None), default=None)
-        storage = await storage_probe.problem(stale_before=failed_at)
-        if decisions.running:
-            worker = await decisions.storage_problem()
-            if worker is not None and worker not in problems:
-                problems.append(f"the decision process cannot write to the log: {worker}")
+        if worker is not None and worker not in problems:
+            problems.append(f"the decision process cannot write to the log: {worker}")
         if storage is not None and storage not in problems and storage != failing:
             problems.append(storage)
         if problems:
@@ -351,3 +347,24 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
         return _json({"status": "ready"}, request)
 
     return app
+
+
+#: How long ``/readyz`` waits for the signing key's check (it reads the database).
+KEY_CHECK_SECONDS = 2.0
+
+
+async def _signing_key_problem(signers: SigningKeys) -> str | None:
+    """Why no key can sign now, or None; read on a thread (a database that hangs holds it,
+    not the event loop), waited for at most KEY_CHECK_SECONDS."""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(signers.current), KEY_CHECK_SECONDS)
+    except ServiceUnavailable as exc:
+        return str(exc)
+    except TimeoutError:
+        return (f"the signing key could not be checked within {KEY_CHECK_SECONDS:g} s: "
+                "the database is not answering")
+    return None
+
+
+async def _nothing() -> None:
+    return None
