@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from execguard.arbiter import demo_bundle_path
 from execguard.server.gateway import POLICY_CACHE_SECONDS
-from tests.conftest import Gateway, api_key_from, run_cli
+from tests.conftest import Gateway, api_key_from, free_port, run_cli
 
 PAY = {"amount": 250, "currency": "EUR", "beneficiary": "Acme Office Supplies"}
 
@@ -92,6 +96,35 @@ def test_a_revoked_key_stops_working_on_the_running_gateway(fresh_gateway: Gatew
     assert states == {"demo": False, "bot": True, None: True}
     with fresh_gateway.client() as client:  # the demo key is untouched
         assert client.get("/v1/audit").status_code == 200
+
+
+def test_serve_listens_where_the_environment_says(tmp_path: Path) -> None:
+    """EXECGUARD_PORT and EXECGUARD_HOST were read, then overridden by serve's defaults."""
+    data = tmp_path / "data"
+    run_cli("init", data=data)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "execguard", "serve", "--data", str(data)],
+        env={**os.environ, "EXECGUARD_PORT": str(port), "EXECGUARD_HOST": "127.0.0.1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "serve never listened on EXECGUARD_PORT"
+            time.sleep(0.1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    refused = run_cli("serve", data=data, check=False,
+                      env={"EXECGUARD_CHECKPOINT_INTERVAL_SECONDS": "inf"})
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "setting EXECGUARD_CHECKPOINT_INTERVAL_SECONDS has value inf" in refused.stderr
 
 
 def test_a_tenant_name_that_could_not_name_its_log_is_refused(tmp_path: Path) -> None:

@@ -60,8 +60,10 @@ class LogFormat(StrEnum):
 def serve(
     data: DataOption = DEFAULT_DATA,
     db: DbOption = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    host: Annotated[str | None, typer.Option(
+        help="Address to listen on (default $EXECGUARD_HOST, else 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(
+        help="Port to listen on (default $EXECGUARD_PORT, else 8080).")] = None,
     log_format: Annotated[LogFormat, typer.Option(
         envvar="EXECGUARD_LOG_FORMAT",
         help="Log lines on stderr: one JSON object per line, or plain text.")] = "json",
@@ -91,12 +93,12 @@ def serve(
     except NoSigningKey as exc:
         logging.getLogger("execguard").error("%s: decisions will fail closed (503)", exc)
     application = create_app(settings, store, signers, decisions)
-    out.print(f"ExecGuard gateway on http://{host}:{port}  (data: {data}, ledger: "
-              f"{directory.database_label})")
+    out.print(f"ExecGuard gateway on http://{settings.host}:{settings.port}  (data: {data}, "
+              f"ledger: {directory.database_label})")
     if directory.demo_key_path.exists():
         out.print(f"Demo API key in {directory.demo_key_path}")  # never the key itself
     try:
-        serve_until_signalled(application, host, port)
+        serve_until_signalled(application, settings.host, settings.port)
     finally:
         store.close()
 

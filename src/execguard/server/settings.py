@@ -14,7 +14,7 @@ __all__ = ["DEFAULT_DATA_DIR", "Settings"]
 DEFAULT_DATA_DIR = ".execguard"
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -22,12 +22,14 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
         value = int(raw)
     except ValueError:
         raise ConfigError(f"setting {name} has value {raw!r}: not a whole number") from None
-    if value < minimum:
-        raise ConfigError(f"setting {name} has value {value}: must be at least {minimum}")
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"setting {name} has value {raw}: must be from {minimum:,} to "
+                          f"{maximum:,}")
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float,
+           maximum: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -35,9 +37,13 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float) ->
         value = float(raw)
     except ValueError:
         raise ConfigError(f"setting {name} has value {raw!r}: not a number") from None
-    if not value >= minimum:
-        raise ConfigError(f"setting {name} has value {raw}: must be at least {minimum}")
+    if not minimum <= value <= maximum:  # also refuses nan and inf
+        raise ConfigError(f"setting {name} has value {raw}: must be from {minimum:g} to "
+                          f"{maximum:g}")
     return value
+
+
+_DAY = 86400
 
 
 @dataclass(frozen=True)
@@ -65,13 +71,14 @@ class Settings:
         settings = cls(
             data_dir=Path(env.get("EXECGUARD_DATA") or DEFAULT_DATA_DIR),
             host=env.get("EXECGUARD_HOST") or "127.0.0.1",
-            port=_int(env, "EXECGUARD_PORT", 8080, 0),
-            max_body_bytes=_int(env, "EXECGUARD_MAX_BODY_BYTES", 256 * 1024, 1024),
-            token_ttl_seconds=_int(env, "EXECGUARD_TOKEN_TTL_SECONDS", 60, 1),
-            idempotency_ttl_seconds=_int(env, "EXECGUARD_IDEMPOTENCY_TTL_SECONDS", 86400, 1),
+            port=_int(env, "EXECGUARD_PORT", 8080, 0, 65535),
+            max_body_bytes=_int(env, "EXECGUARD_MAX_BODY_BYTES", 256 * 1024, 1024, 1 << 30),
+            token_ttl_seconds=_int(env, "EXECGUARD_TOKEN_TTL_SECONDS", 60, 1, 90 * _DAY),
+            idempotency_ttl_seconds=_int(env, "EXECGUARD_IDEMPOTENCY_TTL_SECONDS", _DAY, 1,
+                                         3660 * _DAY),
             authority_id=env.get("EXECGUARD_AUTHORITY_ID") or "execguard",
             checkpoint_interval_seconds=_float(env, "EXECGUARD_CHECKPOINT_INTERVAL_SECONDS",
-                                               1.0, 0.01),
+                                               1.0, 0.01, 3600.0),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         if "data_dir" in given:

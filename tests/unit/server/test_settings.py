@@ -1,0 +1,37 @@
+"""Settings from the environment: every value that could not work is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from execguard.protocol.errors import ConfigError
+from execguard.server.settings import Settings
+
+
+@pytest.mark.parametrize(("name", "raw"), [
+    ("EXECGUARD_CHECKPOINT_INTERVAL_SECONDS", "inf"),  # sent on as JSON null: a crash loop
+    ("EXECGUARD_CHECKPOINT_INTERVAL_SECONDS", "1e999"),
+    ("EXECGUARD_CHECKPOINT_INTERVAL_SECONDS", "nan"),
+    ("EXECGUARD_CHECKPOINT_INTERVAL_SECONDS", "0.001"),
+    ("EXECGUARD_TOKEN_TTL_SECONDS", "99999999999999999999999"),  # beyond 64 bits
+    ("EXECGUARD_TOKEN_TTL_SECONDS", "9223372036854775807"),  # past time_t: 503s as faults
+    ("EXECGUARD_TOKEN_TTL_SECONDS", "0"),
+    ("EXECGUARD_IDEMPOTENCY_TTL_SECONDS", "9223372036854775807"),
+    ("EXECGUARD_MAX_BODY_BYTES", "99999999999999"),
+    ("EXECGUARD_PORT", "99999"),
+    ("EXECGUARD_PORT", "abc"),
+])
+def test_a_value_that_could_not_work_is_refused_by_name(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=f"setting {name} has value"):
+        Settings.from_env({name: raw})
+
+
+def test_values_in_range_are_read_and_flags_win() -> None:
+    env = {"EXECGUARD_PORT": "9000", "EXECGUARD_HOST": "0.0.0.0",
+           "EXECGUARD_TOKEN_TTL_SECONDS": str(90 * 86400),
+           "EXECGUARD_CHECKPOINT_INTERVAL_SECONDS": "3600"}
+    settings = Settings.from_env(env)
+    assert (settings.port, settings.host, settings.token_ttl_seconds,
+            settings.checkpoint_interval_seconds) == (9000, "0.0.0.0", 90 * 86400, 3600.0)
+    assert Settings.from_env(env, port=None, host=None).port == 9000  # a flag not given
+    assert Settings.from_env(env, port=9100).port == 9100
