@@ -31,6 +31,12 @@ def test_shadow_disagreements_are_recorded_without_changing_decisions(
             "surface": "payment.execute", "actorId": f"a{i}",
             "context": {**PAY, "amount": amount}}).json()
             for i, amount in enumerate(amounts)]
+        # Observe mode answers PERMIT whatever the policy decides: the shadow is compared
+        # with what it decides (ESCALATE here, as the candidate's), not with the answer.
+        observed = client.post("/execute", json={
+            "surface": "data.export", "executionMode": "observe",
+            "context": {"row_count": 10, "destination": "public", "contains_pii": True}}).json()
+    assert (observed["decision"], observed["would_decision"]) == ("PERMIT", "ESCALATE")
     # The active policy decided, as if no shadow existed.
     assert [a["decision"] for a in answers] == ["PERMIT"] * 5 + ["ESCALATE"]
     report = json.loads(run_cli("policy", "shadow-report", "--json",

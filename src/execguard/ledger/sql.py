@@ -251,13 +251,13 @@ class SQLStore(AdminMixin, ABC):
                               receipt["timestamp"])
             shadow = row.get("shadow")
             if shadow and (shadow["decision"], shadow["reason"]) != \
-                    (row["decision"], row["reason_code"]):
+                    (shadow["activeDecision"], row["reason_code"]):
                 conn.execute("INSERT INTO shadow_disagreements VALUES"
                              " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                              (entry.execution_id, entry.tenant, row["surface"],
-                              row["policy_version"], shadow["version"], row["decision"],
-                              row["reason_code"], shadow["decision"], shadow["reason"],
-                              receipt["timestamp"]))
+                              row["policy_version"], shadow["version"],
+                              shadow["activeDecision"], row["reason_code"],
+                              shadow["decision"], shadow["reason"], receipt["timestamp"]))
             if claim is not None:
                 # At most once per key and batch: a second use of the key is answered
                 # from ``claims`` above (one row per key, as PostgreSQL's upsert needs).

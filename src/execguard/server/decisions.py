@@ -147,19 +147,23 @@ def prepare_decision(given: DecisionInput, signer: Signer,
     evaluation = given.compiled.evaluate(given.request, facts, approved=given.approved)
     prepared = build_decision(given, evaluation, facts, signer)
     if given.shadow is not None:
-        prepared.execution["shadow"] = _shadow(given, facts)
+        prepared.execution["shadow"] = _shadow(given, facts, evaluation)
     return prepared
 
 
-def _shadow(given: DecisionInput, facts: Mapping[str, Any]) -> dict[str, Any]:
-    """What the candidate would decide; a candidate that cannot evaluate says so."""
+def _shadow(given: DecisionInput, facts: Mapping[str, Any],
+            active: Evaluation) -> dict[str, Any]:
+    """What the candidate would decide, beside what the active policy decided (in observe
+    mode, what it would have: the answer is always PERMIT); a candidate that cannot
+    evaluate says so."""
     assert given.shadow is not None
     try:
         other = given.shadow.evaluate(given.request, facts, approved=given.approved)
         decision, reason = other.outcome.value, other.reason_code
     except Exception as exc:  # the shadow policy must never affect a decision
         decision, reason = Outcome.SILENCE.value, f"SHADOW_ERROR: {type(exc).__name__}"
-    return {"version": given.shadow.version, "decision": decision, "reason": reason}
+    return {"version": given.shadow.version, "decision": decision, "reason": reason,
+            "activeDecision": active.outcome.value}
 
 
 def build_decision(given: DecisionInput, evaluation: Evaluation, facts: Mapping[str, Any],
