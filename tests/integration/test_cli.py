@@ -248,6 +248,11 @@ def test_push_activate_changes_decisions_and_the_version(fresh_gateway: Gateway,
         (b / "policies" / "payments.cedar").read_text().replace('@quorum("1")',
                                                                  '@quorum("zero")')),
      "@quorum('zero')"),
+    # A digit to str.isdigit() but not to int(): it was a traceback.
+    (lambda b: (b / "policies" / "payments.cedar").write_text(
+        (b / "policies" / "payments.cedar").read_text().replace('@quorum("1")',
+                                                                 '@quorum("\u00b2")')),
+     "@quorum('\u00b2')"),
 ])
 def test_invalid_bundles_are_refused_whole(tmp_path: Path, edit, where: str) -> None:
     data = tmp_path / "data"

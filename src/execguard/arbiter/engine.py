@@ -84,7 +84,7 @@ def approval_rule(annotations: Mapping[str, Any], policy_id: str) -> ApprovalRul
     if not isinstance(group, str) or not _GROUP_RE.match(group):
         raise BundleInvalid(f"@approvers({group!r}) is not a group name (lower-case letters, "
                             "digits, - and _)", key=policy_id)
-    if not isinstance(quorum_text, str) or not quorum_text.isdigit() \
+    if not isinstance(quorum_text, str) or not (quorum_text.isascii() and quorum_text.isdigit()) \
             or not 1 <= int(quorum_text) <= 10:
         raise BundleInvalid(f"@quorum({quorum_text!r}) must be a whole number from 1 to 10",
                             key=policy_id)
