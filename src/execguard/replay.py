@@ -24,12 +24,13 @@ from execguard.arbiter.digested import stored_context
 from execguard.arbiter.registry import SurfaceSpec
 from execguard.ledger import ExecutionRecord, LedgerStore
 from execguard.protocol.canonical import canonical_sha256
-from execguard.protocol.errors import CanonicalizationError, NotFound
+from execguard.protocol.errors import CanonicalizationError, NotFound, VerificationError
 from execguard.protocol.receipt import receipt_hash
 from execguard.protocol.request import ExecutionRequest, request_hash
+from execguard.verify import KeySet, verify_receipt
 
 __all__ = ["ImpactGroup", "ImpactReport", "ReplayResult", "ReplayStatus", "impact",
-           "log_receipts", "replay_execution", "replay_stored", "stored_bundle"]
+           "ledger_keys", "log_receipts", "replay_execution", "replay_stored", "stored_bundle"]
 
 #: The keys of the normalized request, the object ``requestHash`` covers.
 _NORMALIZED_KEYS = ("tenant", "surface", "action", "actorId", "context", "signals",
@@ -79,14 +80,18 @@ class ReplayResult:
 
 def replay_execution(record: ExecutionRecord, bundle: PolicyBundle, *,
                      recorded: PolicyBundle | None = None,
-                     log_receipts: Sequence[Mapping[str, Any]] | None = None) -> ReplayResult:
+                     log_receipts: Sequence[Mapping[str, Any]] | None = None,
+                     keys: KeySet | None = None) -> ReplayResult:
     """Evaluate a stored decision's request and facts under ``bundle`` and compare.
 
     ``recorded`` is the bundle the decision was taken under, when it differs from
     ``bundle``: its sensitive fields are the ones stored as digests.
     ``log_receipts`` are the execution's decision receipts in the log, oldest first:
     the stored receipt must be the last, and an approval's resolution is replayed
-    as the escalation it resolved (see :func:`_decision_receipt`).
+    as the escalation it resolved (see :func:`_decision_receipt`). With ``keys``, the
+    receipt's signature must verify under them: a receipt rewritten with its hashes
+    recomputed is tampered, not a decision that changed. (Keys read from the same
+    ledger vouch for no more than it does: ``execguard audit`` pins them.)
     """
     request: Mapping[str, Any] = record.request
     receipt, note, problem = _decision_receipt(record, log_receipts)
@@ -108,6 +113,12 @@ def replay_execution(record: ExecutionRecord, bundle: PolicyBundle, *,
     altered = _altered(receipt, request)
     if altered is not None:
         return stop(ReplayStatus.TAMPERED, altered)
+    if keys is not None:
+        try:
+            verify_receipt(receipt, keys)
+        except VerificationError as exc:
+            return stop(ReplayStatus.TAMPERED, f"the stored receipt does not verify under the "
+                                               f"ledger's signing keys: {exc}")
     spec = bundle.registry.get(record.surface)
     if spec is None:
         return stop(ReplayStatus.NOT_REPLAYABLE,
@@ -286,7 +297,15 @@ def replay_stored(store: LedgerStore, tenant: str, execution_id: str,
     own = str(_decision_receipt(record, log)[0].get("policyVersion", record.policy_version))
     recorded = stored_bundle(store, tenant, own)
     target = recorded if version in (None, own) else stored_bundle(store, tenant, str(version))
-    return replay_execution(record, target, recorded=recorded, log_receipts=log)
+    return replay_execution(record, target, recorded=recorded, log_receipts=log,
+                            keys=ledger_keys(store))
+
+
+def ledger_keys(store: LedgerStore) -> KeySet:
+    """The signing keys the ledger publishes, for the receipts' signatures."""
+    return KeySet.from_document({"protocol": "execguard/1", "keys": [
+        {"keyId": k.key_id, "algorithm": "Ed25519", "publicKeyPem": k.public_pem,
+         "status": k.status} for k in store.signing_keys()]})
 
 
 def impact(store: LedgerStore, tenant: str, candidate: str, since: str | None,
@@ -298,6 +317,7 @@ def impact(store: LedgerStore, tenant: str, candidate: str, since: str | None,
                                                  limit=store.log_size(tenant) + 1)
                if until is None or r.created_at < until]
     recorded: dict[str, PolicyBundle | None] = {}
+    keys = ledger_keys(store)
     report = ImpactReport(bundle.version)
     for record in reversed(records):  # oldest first, so examples read in time order
         log = log_receipts(store, tenant, record.execution_id)
@@ -306,5 +326,5 @@ def impact(store: LedgerStore, tenant: str, candidate: str, since: str | None,
             stored = store.get_bundle(tenant, version)
             recorded[version] = PolicyBundle.from_files(stored.files) if stored else None
         report.add(replay_execution(record, bundle, recorded=recorded[version],
-                                    log_receipts=log))
+                                    log_receipts=log, keys=keys))
     return report

@@ -6,6 +6,7 @@ and observe, several actors and every outcome; the tests replay them from the le
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -22,7 +23,9 @@ import pytest
 
 from execguard.arbiter import PolicyBundle, demo_bundle_path
 from execguard.ledger import ExecutionRecord, SQLiteStore
-from execguard.replay import ReplayStatus, log_receipts, replay_execution
+from execguard.protocol.canonical import canonical_sha256
+from execguard.protocol.receipt import receipt_hash
+from execguard.replay import ReplayStatus, ledger_keys, log_receipts, replay_execution
 from tests.conftest import Gateway, api_key_from, run_cli, start_gateway
 
 DECISIONS = 1000
@@ -250,6 +253,31 @@ def test_altered_facts_are_reported_not_replayed(recorded: Recorded) -> None:
             conn.execute("UPDATE executions SET request = ? WHERE execution_id = ?",
                          (original, execution_id))
     assert run_cli("replay", execution_id, data=recorded.gateway.data).returncode == 0
+
+
+def test_a_receipt_rewritten_with_its_hashes_recomputed_is_tampered(recorded: Recorded) -> None:
+    """The hashes prove a receipt whole, not genuine: one rewritten with its hashes
+    recomputed (here its facts and its time) was "the same decision" to a replay."""
+    answer = next(a for _, a in recorded.sent if a["reasonCode"] == "SPEND_LIMIT")
+    store = recorded.store()
+    try:
+        record = store.get_execution("demo", answer["execution_id"])
+        assert record is not None
+        bundle = PolicyBundle.from_files(store.get_bundle("demo", answer["policyVersion"]).files)
+        keys = ledger_keys(store)
+    finally:
+        store.close()
+    facts = {**record.request["facts"], "now": "2020-01-01T00:00:00Z"}
+    receipt = {**record.response["receipt"], "timestamp": "2020-01-01T00:00:00.000Z",
+               "factsDigest": canonical_sha256(facts)}
+    receipt["receiptHash"] = receipt_hash(receipt)
+    forged = dataclasses.replace(record, request={**record.request, "facts": facts},
+                                 response={**record.response, "receipt": receipt})
+    assert replay_execution(forged, bundle).reproduced  # what the hashes alone allow
+    result = replay_execution(forged, bundle, keys=keys)
+    assert result.status is ReplayStatus.TAMPERED
+    assert "does not verify under the ledger's signing keys" in str(result.problem)
+    assert replay_execution(record, bundle, keys=keys).reproduced
 
 
 def lowered_threshold(tmp_path: Path) -> Path:
