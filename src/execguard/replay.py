@@ -24,7 +24,12 @@ from execguard.arbiter.digested import stored_context
 from execguard.arbiter.registry import SurfaceSpec
 from execguard.ledger import ExecutionRecord, LedgerStore
 from execguard.protocol.canonical import canonical_sha256
-from execguard.protocol.errors import CanonicalizationError, NotFound, VerificationError
+from execguard.protocol.errors import (
+    CanonicalizationError,
+    ConfigError,
+    NotFound,
+    VerificationError,
+)
 from execguard.protocol.receipt import receipt_hash
 from execguard.protocol.request import ExecutionRequest, request_hash
 from execguard.verify import KeySet, verify_receipt
@@ -93,6 +98,11 @@ def replay_execution(record: ExecutionRecord, bundle: PolicyBundle, *,
     recomputed is tampered, not a decision that changed. (Keys read from the same
     ledger vouch for no more than it does: ``execguard audit`` pins them.)
     """
+    if not isinstance(record.request, Mapping) or not isinstance(record.response, Mapping):
+        return ReplayResult(record.execution_id, record.surface, "enforce",
+                            record.policy_version, record.decision, record.reason_code,
+                            bundle.version, ReplayStatus.TAMPERED, problem="the stored request "
+                            "or answer is not a JSON object: the row was altered")
     request: Mapping[str, Any] = record.request
     receipt, note, problem = _decision_receipt(record, log_receipts)
     mode = str(receipt.get("executionMode") or request.get("executionMode") or "enforce")
@@ -154,8 +164,9 @@ def _decision_receipt(record: ExecutionRecord, log: Sequence[Mapping[str, Any]] 
     is decided again when the quorum is reached, on facts the ledger does not keep.
     The stored facts are the escalation's, so the escalation is what is replayed.
     """
-    current: Mapping[str, Any] = record.response.get("receipt") or {}
-    if not current:
+    response = record.response if isinstance(record.response, Mapping) else {}
+    current: Mapping[str, Any] = response.get("receipt") or {}
+    if not isinstance(current, Mapping) or not current:
         return current, None, (ReplayStatus.TAMPERED, "the stored decision has no receipt")
     if log is not None and (not log or log[-1].get("receiptHash") != current.get("receiptHash")):
         return current, None, (ReplayStatus.TAMPERED, "the stored receipt is not the "
@@ -290,7 +301,11 @@ def log_receipts(store: LedgerStore, tenant: str, execution_id: str) -> list[Map
 def replay_stored(store: LedgerStore, tenant: str, execution_id: str,
                   version: str | None = None) -> ReplayResult:
     """Replay one stored decision under its own policy version, or under ``version``."""
-    record = store.get_execution(tenant, execution_id)
+    try:
+        record = store.get_execution(tenant, execution_id)
+    except ValueError as exc:  # JSON that no longer reads
+        raise ConfigError(f"the stored execution {execution_id!r} cannot be read ({exc}): "
+                          "its row was altered; run 'execguard audit'") from None
     if record is None:
         raise NotFound(f"no execution {execution_id!r} for tenant {tenant!r}")
     log = log_receipts(store, tenant, execution_id)

@@ -255,6 +255,31 @@ def test_altered_facts_are_reported_not_replayed(recorded: Recorded) -> None:
     assert run_cli("replay", execution_id, data=recorded.gateway.data).returncode == 0
 
 
+def test_a_stored_row_that_no_longer_reads_is_said_so_not_a_traceback(
+        recorded: Recorded) -> None:
+    execution_id = recorded.sent[0][1]["execution_id"]
+    with sqlite3.connect(recorded.db, timeout=30) as conn:
+        original = conn.execute("SELECT request, response FROM executions"
+                                " WHERE execution_id = ?", (execution_id,)).fetchone()
+    try:
+        for column, damaged, said in (("request", "{not json", "cannot be read"),
+                                      ("response", "[]", "not a JSON object")):
+            with sqlite3.connect(recorded.db, timeout=30) as conn:
+                conn.execute(f"UPDATE executions SET {column} = ? WHERE execution_id = ?",
+                             (damaged, execution_id))
+            result = run_cli("replay", execution_id, data=recorded.gateway.data, check=False)
+            assert result.returncode == 1 and "Traceback" not in result.stderr
+            assert said in result.stdout + result.stderr
+            with sqlite3.connect(recorded.db, timeout=30) as conn:
+                conn.execute("UPDATE executions SET request = ?, response = ?"
+                             " WHERE execution_id = ?", (*original, execution_id))
+    finally:
+        with sqlite3.connect(recorded.db, timeout=30) as conn:
+            conn.execute("UPDATE executions SET request = ?, response = ?"
+                         " WHERE execution_id = ?", (*original, execution_id))
+    assert run_cli("replay", execution_id, data=recorded.gateway.data).returncode == 0
+
+
 def test_a_receipt_rewritten_with_its_hashes_recomputed_is_tampered(recorded: Recorded) -> None:
     """The hashes prove a receipt whole, not genuine: one rewritten with its hashes
     recomputed (here its facts and its time) was "the same decision" to a replay."""
