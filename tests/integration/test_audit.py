@@ -142,6 +142,8 @@ def test_a_rolled_back_log_is_found(recorded: tuple[Path, Path], tmp_path: Path)
     assert code == 1
     assert "rollback" in kinds(report)
     assert report["firstBadIndex"] == 15
+    # Heads are remembered by origin, which another installation's log may share: say so.
+    assert any("a state file of its own" in f["message"] for f in report["findings"])
     # Even with no state, the signed checkpoint of size 20 gives it away...
     fresh = tmp_path / "again"
     shutil.copytree(data, fresh)

@@ -71,6 +71,11 @@ ConsistencySource = Callable[[int, int], list[bytes]]
 #: appends create them (a leaf, then the nodes it completes, lowest first).
 StoredNodes = Iterator[tuple[Any, Any, Any]]
 
+#: Said with what a trusted head finds: heads are remembered by the log's origin, which
+#: two installations with the same authority id and tenant share.
+_SAME_ORIGIN = (" (or this is another log of the same origin, e.g. another installation: "
+                "audit it with a state file of its own, --state FILE, or --no-state)")
+
 #: Findings kept per log; the count of all of them is still reported.
 MAX_FINDINGS = 200
 
@@ -370,7 +375,7 @@ class LogAuditor:
                 and not hmac.compare_digest(self._trusted.root, root):
             when = f" on {self._trusted.verified_at}" if self._trusted.verified_at else ""
             self._find("rewritten", size - 1, f"the log no longer has the tree head of size "
-                       f"{size} verified{when}: history was rewritten")
+                       f"{size} verified{when}: history was rewritten{_SAME_ORIGIN}")
 
     def _check_consecutive(self) -> None:
         if self._consistency is None:
@@ -399,7 +404,7 @@ class LogAuditor:
                        f"has {size} entries: entries were removed (rollback)")
         if self._trusted is not None and self._trusted.size > size:
             self._find("rollback", size, f"an earlier audit verified {self._trusted.size} "
-                       f"entries; the log now has {size} (rollback)")
+                       f"entries; the log now has {size} (rollback){_SAME_ORIGIN}")
         self._check_consecutive()
         latest = max(self._verified, key=lambda c: c.size, default=None)
         return LogAuditReport(self.tenant, self.origin, size, self._tree.root(),
