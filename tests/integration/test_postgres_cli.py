@@ -13,6 +13,7 @@ import pytest
 from execguard.ledger._postgres_schema import SCHEMA_VERSION
 from tests.conftest import (
     BACKENDS,
+    POSTGRES_ADMIN_URL,
     Gateway,
     PostgresSession,
     api_key_from,
@@ -80,3 +81,9 @@ def test_a_bad_database_url_is_named(tmp_path: Path) -> None:
     assert unreachable.returncode == 1
     assert "failed" in unreachable.stderr and "s3cretpw" not in unreachable.stderr
     assert "Traceback" not in unreachable.stderr
+    # The server's own reason, not only the pool's "couldn't get a connection".
+    missing = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/execguard_no_such_database"
+    absent = run_cli("db", "migrate", "--db", missing, data=tmp_path / "f", check=False)
+    assert absent.returncode == 1 and "Traceback" not in absent.stderr
+    error = absent.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "does not exist" in error

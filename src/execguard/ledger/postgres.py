@@ -128,6 +128,11 @@ class PostgresStore(SQLStore):
             if migrate:
                 self.migrate()
             self._check_version()
+        except StorageUnavailable as exc:
+            self._pool.close()
+            # The pool says only that it got no connection; one attempt says why.
+            raise StorageUnavailable(f"{exc} ({self.location}: {_why_unreachable(url, timeout)})"
+                                     ) from None
         except BaseException:
             self._pool.close()
             raise
@@ -293,3 +298,13 @@ class PostgresStore(SQLStore):
         """Close the pool and its connections."""
         self._pool.close()
 
+
+def _why_unreachable(url: str, timeout: float) -> str:
+    """What connecting to ``url`` once says: the server's own words, e.g. that the
+    database does not exist, or refuses connections."""
+    try:
+        psycopg.connect(url, connect_timeout=max(1, int(timeout))).close()
+    except psycopg.Error as exc:
+        said = str(exc).strip()
+        return said.splitlines()[-1].strip() if said else type(exc).__name__
+    return "a connection made now succeeds"

@@ -202,7 +202,8 @@ class StorageUnavailable(ServiceUnavailable):
     code = "storage_unavailable"
 
     def diagnostics(self) -> str:
-        return f"{self}. No decision was issued. Check the data directory's disk and permissions."
+        return (f"{self}. No decision was issued. Check the ledger: the SQLite file's disk and "
+                "permissions, or that the PostgreSQL server is up and takes connections.")
 
 
 class NoSigningKey(ServiceUnavailable):
