@@ -333,21 +333,27 @@ def through(proxy: TcpProxy, url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-@pytest.mark.slow  # the pool backs off before it reconnects
-def test_postgres_that_stops(tmp_path: Path, own_database: str) -> None:
-    parts = urlsplit(own_database)
+@contextlib.contextmanager
+def behind_a_proxy(tmp_path: Path, database: str) -> Iterator[tuple[Gateway, TcpProxy]]:
+    """A gateway that reaches ``database`` only through a proxy the test can cut (``init``
+    goes straight to the database)."""
+    parts = urlsplit(database)
     gateway = None
     with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
         try:
-            # init goes straight to the database; the gateway only through the proxy.
-            gateway = start(tmp_path / "data", own_database,
-                            EXECGUARD_DB=through(proxy, own_database))
-            fails_closed_and_recovers(gateway, Fault(
-                inject=proxy.cut, clear=proxy.restore,
-                cause=r"connect|closed|terminat|not responding"))
+            gateway = start(tmp_path / "data", database, EXECGUARD_DB=through(proxy, database))
+            yield gateway, proxy
         finally:
             proxy.restore()
             stop(gateway)
+
+
+@pytest.mark.slow  # the pool backs off before it reconnects
+def test_postgres_that_stops(tmp_path: Path, own_database: str) -> None:
+    with behind_a_proxy(tmp_path, own_database) as (gateway, proxy):
+        fails_closed_and_recovers(gateway, Fault(
+            inject=proxy.cut, clear=proxy.restore,
+            cause=r"connect|closed|terminat|not responding"))
 
 
 def test_a_database_that_stops_holds_up_neither_readiness_nor_other_requests(
@@ -356,28 +362,20 @@ def test_a_database_that_stops_holds_up_neither_readiness_nor_other_requests(
     gone it held every request (/healthz too) until the pool gave up, 5 s, then waited
     for its other two checks in turn, 9 s in all. Its checks now run off the loop, at
     once, each for at most 2 s."""
-    parts = urlsplit(own_database)
-    gateway = None
-    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
-        try:
-            gateway = start(tmp_path / "data", own_database,
-                            EXECGUARD_DB=through(proxy, own_database))
-            time.sleep(1.2)  # past the signing key's one-second cache
-            proxy.cut()
-            with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                began = time.monotonic()
-                ready = pool.submit(httpx.get, f"{gateway.url}/readyz", timeout=30)
-                time.sleep(0.2)
-                alive = httpx.get(f"{gateway.url}/healthz", timeout=30)
-                alive_after = time.monotonic() - began
-                answer = ready.result()
-                ready_after = time.monotonic() - began
-            assert alive.status_code == 200 and alive_after < 3, alive_after
-            assert answer.status_code == 503 and ready_after < 6, ready_after
-            assert answer.json()["problems"]
-        finally:
-            proxy.restore()
-            stop(gateway)
+    with behind_a_proxy(tmp_path, own_database) as (gateway, proxy):
+        time.sleep(1.2)  # past the signing key's one-second cache
+        proxy.cut()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            began = time.monotonic()
+            ready = pool.submit(httpx.get, f"{gateway.url}/readyz", timeout=30)
+            time.sleep(0.2)
+            alive = httpx.get(f"{gateway.url}/healthz", timeout=30)
+            alive_after = time.monotonic() - began
+            answer = ready.result()
+            ready_after = time.monotonic() - began
+        assert alive.status_code == 200 and alive_after < 3, alive_after
+        assert answer.status_code == 503 and ready_after < 6, ready_after
+        assert answer.json()["problems"]
 
 
 @pytest.fixture
