@@ -303,6 +303,22 @@ def assert_blocked(response: httpx.Response, decision: str | None = None) -> dic
     return body
 
 
+def test_the_proxy_shows_no_url_credentials(gateway: Gateway, upstream: Upstream,
+                                            tmp_path: Path) -> None:
+    """The start-up line printed the gateway URL with its password, and httpx logged every
+    request's whole URL (a forwarded request's query too) at INFO."""
+    with_password = gateway.url.replace("http://", "http://user:GWPASS@")
+    proxy = start_proxy(tmp_path, proxy_config(with_password, upstream.url), proxy_env(gateway))
+    try:
+        proxy.post("/payments?token=QTOKEN", payment(), **{"X-Agent-Id": "agent-7"})
+    finally:
+        proxy.stop()
+    logged = proxy.log_path.read_text()
+    assert "gateway http://user:***@127.0.0.1" in logged
+    for secret in ("GWPASS", "QTOKEN", "HTTP Request:"):
+        assert secret not in logged
+
+
 # -- no permit, no call ---------------------------------------------------------------------
 
 @pytest.mark.parametrize(("body", "decision", "code"), [
