@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -332,3 +333,119 @@ def test_decide_takes_assumed_facts(tmp_path: Path) -> None:
     bad = run_cli("decide", str(request), "--policy", str(demo_bundle_path()), "--facts", "[1]",
                   check=False)
     assert bad.returncode == 1 and "--facts" in bad.stderr
+
+
+@pytest.mark.parametrize("url", [
+    "mysql://who:s3cretpw@db.example/x",  # the password was echoed in the error
+    "postgresql://who:s3cretpw@127.0.0.1:notaport/x",  # a traceback
+    "postgresql://who:s3cretpw@127.0.0.1:99999/x",
+    "postgresql://who:s3cretpw@[::1/x",
+])
+def test_a_database_url_that_cannot_work_is_refused_without_its_password(
+        tmp_path: Path, url: str) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "execguard.toml").write_text(f'[database]\nurl = "{url}"\n')
+    for command in (["db", "migrate", "--db", url], ["keys", "list"],
+                    ["audit", "--db", url, "--no-state"]):
+        refused = run_cli(*command, data=None if "audit" in command else data, check=False)
+        assert refused.returncode == 1, (command, refused.stderr)
+        assert refused.stderr.startswith("error: ") and len(refused.stderr.splitlines()) == 1
+        assert "s3cretpw" not in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_text_others_wrote_is_printed_as_text_not_markup(fresh_gateway: Gateway,
+                                                        tmp_path: Path) -> None:
+    """An agent's actor id '[/]' made every approver's 'approvals list' a traceback."""
+    data = fresh_gateway.data
+    approver = api_key_from(run_cli("keys", "create", "--tenant", "demo", "--role", "approver",
+                                    "--group", "finance", "--label", "[/]bob", data=data).stdout)
+    with fresh_gateway.client() as client:
+        escalated = client.post("/execute", json={
+            "surface": "payment.execute", "actorId": "[/]evil [red]x",
+            "context": {**PAY, "amount": 25000}}).json()
+    assert escalated["decision"] == "ESCALATE"
+    listed = run_cli("approvals", "list", "--url", fresh_gateway.url, "--api-key", approver)
+    assert "[/]evil [red]x" in listed.stdout
+    shown = run_cli("approvals", "show", escalated["execution_id"], "--url", fresh_gateway.url,
+                    "--api-key", approver)
+    assert "[/]evil [red]x" in shown.stdout
+    assert "[/]bob" in run_cli("keys", "list", data=data).stdout
+    revoked = run_cli("keys", "revoke", approver, data=data)
+    assert "[/]bob" in revoked.stdout
+    odd = tmp_path / "odd [/] [red]dir"
+    created = run_cli("init", data=odd)
+    assert f"Created ExecGuard data directory {odd}" in created.stdout
+    assert api_key_from(created.stdout)
+
+
+def test_an_init_that_stopped_half_way_is_finished_by_the_next(
+        tmp_path: Path, database: str | None) -> None:
+    """It left a ledger and no signing key; the next init said 'nothing changed'."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "keys").write_text("in the way")  # the signing key cannot be written
+    db = ("--db", database) if database else ()
+    failed = run_cli("init", *db, data=data, check=False)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    refused = run_cli("keys", "list", data=data, check=False)
+    assert refused.returncode == 1 and "did not finish: run it again" in refused.stderr
+    (data / "keys").unlink()
+    finished = run_cli("init", *db, data=data)
+    assert "Created ExecGuard data directory" in finished.stdout
+    key = api_key_from(finished.stdout)
+    assert (data / "demo-api-key").read_text().strip() == key
+    listed = json.loads(run_cli("keys", "list", "--json", data=data).stdout)["keys"]
+    assert [k["id"] for k in listed] == [hashlib.sha256(key.encode()).hexdigest()[:16]]
+    assert "nothing changed" in run_cli("init", data=data).stdout
+
+
+def _init_after(barrier: object, data: str, results: object) -> None:
+    from execguard.server.datadir import DataDir
+    barrier.wait()  # type: ignore[attr-defined]
+    result = DataDir(data).initialise()
+    results.put((result.created, result.key_id, result.api_key))  # type: ignore[attr-defined]
+
+
+def test_inits_run_at_once_set_the_directory_up_once(tmp_path: Path) -> None:
+    """Two inits racing published two signing keys and two admin keys, one of them failed
+    half-way, and the others said 'nothing changed' without an API key."""
+    import multiprocessing
+    import sqlite3
+    context = multiprocessing.get_context("spawn")
+    for round_ in range(4):
+        data = tmp_path / f"data{round_}"
+        barrier, results = context.Barrier(6), context.Queue()
+        workers = [context.Process(target=_init_after, args=(barrier, str(data), results))
+                   for _ in range(6)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+        assert all(w.exitcode == 0 for w in workers)
+        answers = [results.get(timeout=5) for _ in workers]
+        assert sorted(created for created, _, _ in answers) == [False] * 5 + [True]
+        key_ids, api_keys = {a[1] for a in answers}, {a[2] for a in answers}
+        assert len(key_ids) == 1 and "" not in key_ids and len(api_keys) == 1
+        with closing(sqlite3.connect(data / "execguard.db")) as ledger:
+            assert ledger.execute("SELECT count(*) FROM signing_keys").fetchone() == (1,)
+            assert ledger.execute("SELECT count(*) FROM api_keys").fetchone() == (1,)
+
+
+def test_an_unreachable_database_is_one_line_on_stderr(tmp_path: Path) -> None:
+    # The connection pool printed a warning per retry before the error line.
+    refused = run_cli("db", "migrate", "--db", "postgresql://who@127.0.0.1:1/none",
+                      data=tmp_path / "data", check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error: ") and len(refused.stderr.splitlines()) == 1
+
+
+def test_listing_a_tenant_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    # A typo'd tenant listed nothing, exit 0: a script read it as "no bundles, no hooks".
+    data = tmp_path / "data"
+    run_cli("init", data=data)
+    for command in (["policy", "list"], ["policy", "list", "--json"], ["webhooks", "list"],
+                    ["policy", "shadow-report", "--json"]):
+        refused = run_cli(*command, "--tenant", "dmeo", data=data, check=False)
+        assert refused.returncode == 1, command
+        assert refused.stderr == "error: tenant 'dmeo' does not exist\n"

@@ -87,3 +87,15 @@ def test_a_bad_database_url_is_named(tmp_path: Path) -> None:
     assert absent.returncode == 1 and "Traceback" not in absent.stderr
     error = absent.stderr.strip().splitlines()[-1]
     assert error.startswith("error: ") and "does not exist" in error
+
+
+def test_a_password_given_as_a_query_parameter_is_never_printed(
+        tmp_path: Path, postgres: PostgresSession) -> None:
+    # libpq reads ?password= too; init, db migrate and serve's first line showed it.
+    url = postgres.new_url() + "&password=s3cretpw"
+    data = tmp_path / "data"
+    init = run_cli("init", "--db", url, data=data)
+    assert "s3cretpw" not in init.stdout + init.stderr and "password=***" in init.stdout
+    migrated = run_cli("db", "migrate", data=data)
+    assert "s3cretpw" not in migrated.stdout + migrated.stderr
+    assert "s3cretpw" in (data / "execguard.toml").read_text()  # what replicas connect with

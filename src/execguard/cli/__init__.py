@@ -7,6 +7,7 @@ are exact and last. Each area's commands live in their own module.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -24,6 +25,9 @@ _COMMAND_MODULES = (setup, policy, evidence, run, proxy, approvals, shadow)
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; ExecGuard errors (and a path that fails) become one line on stderr
     and exit code 1."""
+    # A command that cannot reach PostgreSQL says why in its one error line; the pool's
+    # warning at each retry came before it. (``serve`` logs them again: see setup.py.)
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     try:
         code = app(args=argv, prog_name="execguard", standalone_mode=False)
     except ExecGuardError as exc:

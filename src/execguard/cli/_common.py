@@ -26,7 +26,10 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(receipt_app, name="receipt")
 
 # Piped output is read by people later (CI logs) and by grep: don't squeeze it to 80 columns.
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+# It prints what others wrote (an agent's actor id, a label, a path): no markup, so a '[/]'
+# there is text, not a crash. Colour is given as rich Text.
+out = Console(highlight=False, soft_wrap=True, markup=False,
+              width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DataOption = Annotated[Path, typer.Option(
@@ -49,6 +52,12 @@ def datadir(path: Path, database: str | None = None) -> Any:
     """
     from execguard.server.datadir import DataDir
     return DataDir(path, database or os.environ.get("EXECGUARD_DB") or None)
+
+
+def require_tenant(store: Any, tenant: str) -> None:
+    """A :class:`ConfigError` for a tenant that does not exist: a typo lists nothing."""
+    if not store.tenant_exists(tenant):
+        raise ConfigError(f"tenant {tenant!r} does not exist")
 
 
 def read_file(path: Path) -> bytes:

@@ -20,6 +20,7 @@ from execguard.cli._common import (
     app,
     datadir,
     out,
+    require_tenant,
 )
 from execguard.protocol.errors import ConfigError
 
@@ -154,6 +155,7 @@ def webhooks_list(tenant: TenantOption = "demo", data: DataOption = DEFAULT_DATA
     """List the tenant's webhooks (secrets are not shown)."""
     store = datadir(data).open_store()
     try:
+        require_tenant(store, tenant)
         hooks = store.webhooks(tenant)
     finally:
         store.close()

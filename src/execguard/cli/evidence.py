@@ -18,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from execguard.cli._common import (
     DEFAULT_DATA,
@@ -124,15 +125,15 @@ def _print_reports(reports: list[LogAuditReport], as_json: bool) -> None:
         table.add_row(r.origin, str(r.entries), str(r.checkpoints_verified),
                       base64.b64encode(r.root).decode()[:16] + "…",
                       "-" if r.first_bad_index is None else str(r.first_bad_index),
-                      "[green]clean[/green]" if r.ok else
-                      f"[red]{r.finding_count} finding(s)[/red]")
+                      Text("clean", style="green") if r.ok else
+                      Text(f"{r.finding_count} finding(s)", style="red"))
     out.print(table)
     for r in reports:
         if r.ok and r.entries == 0:
             out.print(f"{r.origin}: the log is empty, and an empty log is clean")
         for f in r.findings[:50]:
             where = "" if f.index is None else f" at index {f.index}"
-            out.print(f"[red]{f.kind}[/red]{where}: {f.message}")
+            out.print(Text.assemble((f.kind, "red"), f"{where}: {f.message}"))
 
 
 @app.command()
@@ -167,6 +168,9 @@ def audit(
     audit_state = None if no_state else AuditState(state or default_state_path())
     reports: list[LogAuditReport] = []
     if db is not None:
+        if "://" in db:  # a URL, not a file: one that cannot work is refused without its password
+            from execguard.server.datadir import checked_database_url
+            checked_database_url(db, "--db")
         store = open_ledger(db, readonly=True)
         try:
             keyset = _keyset(keys, keys_document_from_store(store, authority), "the database",
@@ -216,10 +220,10 @@ def _audit_package(path: Path, keys: str | None, as_json: bool) -> int:
         table.add_row(str(path), f"{report.receipts_verified}/{report.receipts}",
                       str(report.policies_verified),
                       str(report.checkpoint.size) if report.checkpoint else "-",
-                      "[green]valid[/green]" if report.ok else "[red]INVALID[/red]")
+                      Text("valid", style="green") if report.ok else Text("INVALID", style="red"))
         out.print(table)
         for f in report.findings[:50]:
-            out.print(f"[red]{f.kind}[/red]: {f.message}")
+            out.print(Text.assemble((f.kind, "red"), f": {f.message}"))
     return 0 if report.ok else 1
 
 
@@ -347,12 +351,13 @@ def _verify_and_report(check: Callable[[], dict[str, Any]], as_json: bool) -> No
         if as_json:
             print(json.dumps({"valid": False, "error": exc.code, "reason": str(exc)}))
         else:
-            out.print(f"[red]INVALID[/red]: {exc}")
+            out.print(Text.assemble(("INVALID", "red"), f": {exc}"))
         raise typer.Exit(1) from None
     if as_json:
         print(json.dumps({"valid": True, **result}))
     else:
-        out.print(f"[green]VALID[/green]: {result['summary']}, signed by {result['keyId']}")
+        out.print(Text.assemble(("VALID", "green"),
+                                f": {result['summary']}, signed by {result['keyId']}"))
 
 
 def _parse_at(text: str, parse: Any) -> Any:

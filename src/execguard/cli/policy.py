@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from execguard.cli._common import (
     DEFAULT_DATA,
@@ -22,6 +23,7 @@ from execguard.cli._common import (
     out,
     policy_app,
     read_file,
+    require_tenant,
 )
 from execguard.protocol.errors import ConfigError
 
@@ -60,6 +62,7 @@ def policy_list(tenant: TenantOption = "demo", data: DataOption = DEFAULT_DATA,
     """List the tenant's bundles; the active one is marked."""
     store = datadir(data).open_store()
     try:
+        require_tenant(store, tenant)
         bundles = store.list_bundles(tenant)
     finally:
         store.close()
@@ -193,19 +196,19 @@ def policy_test(directory: Annotated[Path, typer.Argument(help="The bundle direc
     else:
         table = Table("file", "case", "expected", "got", "ok")
         for r in results:
-            table.add_row(escape(r.case.file), escape(r.case.name),
-                          escape(r.case.expect.describe()), escape(r.got()),
-                          "ok" if r.ok else "[red]FAIL[/red]")
+            table.add_row(r.case.file, r.case.name, r.case.expect.describe(), r.got(),
+                          "ok" if r.ok else Text("FAIL", style="red"))
         out.print(table)
         for r in failed:
             where = f"{r.case.file}:{r.case.line}" if r.case.line else r.case.file
-            out.print(escape(f"FAIL {where} [case {r.case.name!r}]: " + "; ".join(r.problems)))
+            out.print(f"FAIL {where} [case {r.case.name!r}]: " + "; ".join(r.problems))
         if untested:
-            out.print(escape(f"note: no passing case is decided by {', '.join(untested)}"))
+            out.print(f"note: no passing case is decided by {', '.join(untested)}")
         out.print(f"{len(results) - len(failed)} passed, {len(failed)} failed "
                   f"(policy version {bundle.version})")
     if not results:
-        err.print(f"error: {directory} has no test cases; add [[case]] tables in tests/*.toml")
+        err.print(escape(f"error: {directory} has no test cases; add [[case]] tables in "
+                         "tests/*.toml"))
     if failed or not results:
         raise typer.Exit(1)
 
@@ -254,15 +257,15 @@ def replay(
         out.print(f"recorded   {result.recorded_outcome}  under {result.recorded_version}")
         if ev is not None:
             policies = ", ".join(ev.determining_policies) or "-"
-            out.print(escape(f"replayed   {result.replayed_outcome}  under "
-                             f"{result.replayed_version}  [{policies}]"))
+            out.print(f"replayed   {result.replayed_outcome}  under "
+                      f"{result.replayed_version}  [{policies}]")
         if result.note:
-            out.print(escape(f"note       {result.note}"))
+            out.print(f"note       {result.note}")
         verdict = {ReplayStatus.REPRODUCED: "the same decision and reason",
                    ReplayStatus.CHANGED: "a different outcome" if what_if else
                    "NOT reproduced: the same request and facts now decide differently"}
         text = verdict.get(result.status) or f"{result.status.value.upper()}: {result.problem}"
-        out.print(escape(f"verdict    {text}"), style=None if ok else "bold red")
+        out.print(f"verdict    {text}", style=None if ok else "bold red")
     if not ok:
         raise typer.Exit(1)
 
@@ -306,8 +309,8 @@ def policy_impact(
             table.add_row(g.surface, g.before, g.after, str(g.count), "\n".join(g.examples))
         out.print(table)
     for g in skipped:
-        out.print(escape(f"not replayable ({g.count}, {g.surface}, e.g. {g.examples[0]}): "
-                         f"{g.after}"))
+        out.print(f"not replayable ({g.count}, {g.surface}, e.g. {g.examples[0]}): "
+                  f"{g.after}")
     out.print(f"decisions {report.decisions}, replayed {totals['replayed']}, unchanged "
               f"{report.unchanged}, changed {report.changed}, not replayable "
               f"{report.not_replayable}")

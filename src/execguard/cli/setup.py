@@ -79,6 +79,7 @@ def serve(
     from execguard.server.settings import Settings
 
     configure_logging(LogFormat(log_format).value)
+    logging.getLogger("psycopg.pool").setLevel(logging.NOTSET)  # a server's log keeps them
     settings = Settings.from_env(data_dir=data, host=host, port=port)
     directory = datadir(settings.data_dir, db)
     store = directory.open_store()

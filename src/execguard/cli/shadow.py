@@ -17,6 +17,7 @@ from execguard.cli._common import (
     datadir,
     out,
     policy_app,
+    require_tenant,
 )
 from execguard.protocol.errors import ConfigError
 
@@ -57,6 +58,7 @@ def policy_shadow_report(
     """Where the shadow policy disagreed with the active one, by surface and from -> to."""
     store = datadir(data).open_store()
     try:
+        require_tenant(store, tenant)
         rows = store.shadow_disagreements(tenant, version)
     finally:
         store.close()

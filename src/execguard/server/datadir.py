@@ -6,6 +6,7 @@ Layout::
     <data>/execguard.toml        settings written by ``init --db``: the PostgreSQL URL
     <data>/keys/<key id>.pem     Ed25519 private keys, mode 0600 (directory 0700)
     <data>/demo-api-key          the demo tenant's API key, mode 0600 (created by init)
+    <data>/.init-unfinished      only while init runs, or after one that stopped half-way
 
 With PostgreSQL, several gateway replicas share one database; each needs the
 same ``keys`` directory (a copy, or a shared volume) to sign with the active key.
@@ -13,16 +14,19 @@ same ``keys`` directory (a copy, or a shared volume) to sign with the active key
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import secrets
 import threading
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from execguard.arbiter import PolicyBundle, demo_bundle_path
 from execguard.ledger import (
@@ -42,6 +46,7 @@ __all__ = [
     "DataDir",
     "InitResult",
     "SignerSource",
+    "checked_database_url",
     "hash_api_key",
     "new_api_key",
     "now_text",
@@ -66,6 +71,19 @@ def new_api_key() -> str:
 def hash_api_key(key: str) -> str:
     """Keys are stored as SHA-256 hex: they are random, so no slow hash is needed."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def checked_database_url(url: str, source: str) -> str:
+    """``url`` if it is a PostgreSQL URL that parses; else a ConfigError without its password."""
+    shown = redact_url(url)
+    if not is_postgres_url(url):
+        raise ConfigError(f"{source} {shown!r} is not a PostgreSQL URL "
+                          "(postgresql://user@host:port/database)")
+    try:
+        urlsplit(url).port  # noqa: B018 (parsing the port is the check)
+    except ValueError as exc:
+        raise ConfigError(f"{source} {shown!r}: {exc}") from None
+    return url
 
 
 class SignerSource:
@@ -125,10 +143,7 @@ class DataDir:
 
     def __init__(self, path: str | Path, database: str | None = None) -> None:
         self.path = Path(path)
-        if database is not None and not is_postgres_url(database):
-            raise ConfigError(f"--db {database!r} is not a PostgreSQL URL "
-                              "(postgresql://user@host:port/database)")
-        self._database = database or None
+        self._database = checked_database_url(database, "--db") if database else None
 
     @property
     def db_path(self) -> Path:
@@ -153,10 +168,10 @@ class DataDir:
             raise ConfigError(f"cannot read {self.config_path}: {exc}") from None
         url = config.get("database", {}).get("url") if isinstance(
             config.get("database"), dict) else None
-        if not isinstance(url, str) or not is_postgres_url(url):
+        if not isinstance(url, str):
             raise ConfigError(f"{self.config_path}: [database] url must be a PostgreSQL URL "
                               f"(postgresql://...), got {url!r}")
-        return url
+        return checked_database_url(url, f"{self.config_path}: [database] url")
 
     @property
     def ledger_location(self) -> str:
@@ -190,6 +205,9 @@ class DataDir:
                 f"no ExecGuard data directory at {self.path}: run 'execguard init --data "
                 f"{self.path}' first"
             )
+        if self.init_marker.exists():
+            raise ConfigError(f"'execguard init' of {self.path} did not finish: run it again "
+                              "(it finishes the set-up)")
         return open_ledger(self.ledger_location)
 
     def _write_config(self, url: str) -> None:
@@ -263,40 +281,88 @@ class DataDir:
                                        tuple(groups)))
         return key
 
+    @property
+    def init_marker(self) -> Path:
+        """Present while ``init`` runs, and after one that stopped half-way."""
+        return self.path / ".init-unfinished"
+
     def initialise(self) -> InitResult:
-        """Create everything on first run; on an existing directory change nothing."""
-        if self.exists():
-            store = self.open_store()
-            try:
-                keys = store.signing_keys()
-                version = store.active_bundle_version(DEMO_TENANT)
-            finally:
-                store.close()
-            demo_key = (self.demo_key_path.read_text().strip()
-                        if self.demo_key_path.exists() else None)
-            return InitResult(False, self.path, keys[-1].key_id if keys else "", demo_key,
-                              version)
+        """Create everything on first run; on a directory set up before, change nothing.
+
+        Runs under a lock on the directory, so inits run at once set it up once and
+        each prints its API key; an init that stopped half-way (a full disk, a kill)
+        left :attr:`init_marker`, and the next one finishes the set-up.
+        """
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.path.chmod(0o700)  # it may have existed, empty, open to others
-        url = self.database_url
-        store = open_ledger(self.ledger_location, migrate=True)
-        if url is not None:
-            if store.signing_keys():
-                store.close()
-                raise ConfigError(
-                    f"the database {redact_url(url)} is already set up by another data "
-                    "directory: give each replica a copy of that directory (its keys/ and "
-                    "execguard.toml) instead of running init again")
-            self._write_config(url)
+        with _locked(self.path):
+            if self.exists() and not self.init_marker.exists():
+                return self._already_set_up()
+            self.path.chmod(0o700)  # it may have existed, empty, open to others
+            if not self.init_marker.exists():
+                self._write_secret(self.init_marker, b"")
+            result = self._set_up()
+            self.init_marker.unlink()
+            return result
+
+    def _already_set_up(self) -> InitResult:
+        store = self.open_store()
         try:
-            signer = self.create_signing_key(store)
-            now = now_text()
-            store.create_tenant(DEMO_TENANT, now)
-            bundle = PolicyBundle.from_directory(demo_bundle_path())
-            store.put_bundle(DEMO_TENANT, bundle.version, bundle.files, now)
-            store.activate_bundle(DEMO_TENANT, bundle.version, now)
-            api_key = self.create_api_key(store, DEMO_TENANT, "admin", "demo")
-            self._write_secret(self.demo_key_path, (api_key + "\n").encode())
+            keys = store.signing_keys()
+            version = store.active_bundle_version(DEMO_TENANT)
         finally:
             store.close()
-        return InitResult(True, self.path, signer.key_id, api_key, bundle.version)
+        demo_key = (self.demo_key_path.read_text().strip()
+                    if self.demo_key_path.exists() else None)
+        return InitResult(False, self.path, keys[-1].key_id if keys else "", demo_key,
+                          version)
+
+    def _set_up(self) -> InitResult:
+        """Each step is skipped when an earlier, unfinished init already did it."""
+        url = self.database_url
+        store = open_ledger(self.ledger_location, migrate=True)
+        try:
+            if url is not None and not self.config_path.exists():
+                if store.signing_keys():
+                    raise ConfigError(
+                        f"the database {redact_url(url)} is already set up by another data "
+                        "directory: give each replica a copy of that directory (its keys/ "
+                        "and execguard.toml) instead of running init again")
+                self._write_config(url)
+            active = [k.key_id for k in store.signing_keys() if k.status == "active"]
+            key_id = active[-1] if active else self.create_signing_key(store).key_id
+            now = now_text()
+            store.create_tenant(DEMO_TENANT, now)
+            version = store.active_bundle_version(DEMO_TENANT)
+            if version is None:
+                bundle = PolicyBundle.from_directory(demo_bundle_path())
+                store.put_bundle(DEMO_TENANT, bundle.version, bundle.files, now)
+                store.activate_bundle(DEMO_TENANT, bundle.version, now)
+                version = bundle.version
+            api_key = self._demo_api_key(store)
+        finally:
+            store.close()
+        return InitResult(True, self.path, key_id, api_key, version)
+
+    def _demo_api_key(self, store: SQLStore) -> str:
+        """The demo admin key: written to its file first, then stored (hashed)."""
+        key = (self.demo_key_path.read_text().strip()
+               if self.demo_key_path.exists() else "")
+        if not (key.startswith(API_KEY_PREFIX) and len(key) == len(new_api_key())):
+            self.demo_key_path.unlink(missing_ok=True)  # cut short while being written
+            key = new_api_key()
+            self._write_secret(self.demo_key_path, (key + "\n").encode())
+        if all(k.key_hash != hash_api_key(key) for k in store.api_keys(DEMO_TENANT)):
+            store.add_api_key(ApiKeyRecord(hash_api_key(key), DEMO_TENANT, "admin", "demo",
+                                           now_text()))
+        return key
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``directory`` (flock), released when the block ends."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

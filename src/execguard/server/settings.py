@@ -83,4 +83,25 @@ class Settings:
         given = {k: v for k, v in overrides.items() if v is not None}
         if "data_dir" in given:
             given["data_dir"] = Path(str(given["data_dir"]))
-        return replace(settings, **given)  # type: ignore[arg-type]
+        settings = replace(settings, **given)  # type: ignore[arg-type]
+        _check_listen_address(settings.host, settings.port)
+        _check_authority_id(settings.authority_id)
+        return settings
+
+
+def _check_listen_address(host: str, port: int) -> None:
+    # A flag is checked here too: an empty host would listen on every interface, and a
+    # port out of range would fail only inside the server, as a traceback.
+    if not host.strip():
+        raise ConfigError("the address to listen on (--host, EXECGUARD_HOST) is empty: give "
+                          "one, such as 127.0.0.1, or 0.0.0.0 for every interface")
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} (--port, EXECGUARD_PORT): must be from 0 to 65,535")
+
+
+def _check_authority_id(authority_id: str) -> None:
+    # It names the key of every signed checkpoint, and signed-note key names hold no space,
+    # no plus and no control character: a gateway started with one could sign no checkpoint.
+    if any(c.isspace() or c == "+" or c < " " for c in authority_id):
+        raise ConfigError(f"setting EXECGUARD_AUTHORITY_ID has value {authority_id!r}: it "
+                          "names checkpoint keys, so no spaces, '+' or control characters")

@@ -35,3 +35,18 @@ def test_values_in_range_are_read_and_flags_win() -> None:
             settings.checkpoint_interval_seconds) == (9000, "0.0.0.0", 90 * 86400, 3600.0)
     assert Settings.from_env(env, port=None, host=None).port == 9000  # a flag not given
     assert Settings.from_env(env, port=9100).port == 9100
+
+
+@pytest.mark.parametrize("authority", ["my authority", "a+b", "tab\there", "line\nbreak"])
+def test_an_authority_id_that_could_name_no_checkpoint_key_is_refused(authority: str) -> None:
+    # Accepted, the gateway started, signed receipts, and then failed every checkpoint.
+    with pytest.raises(ConfigError, match="setting EXECGUARD_AUTHORITY_ID has value"):
+        Settings.from_env({"EXECGUARD_AUTHORITY_ID": authority})
+
+
+@pytest.mark.parametrize("overrides", [{"host": ""}, {"host": "  "}, {"port": 99999},
+                                       {"port": -5}])
+def test_a_listen_flag_that_could_not_work_is_refused(overrides: dict[str, object]) -> None:
+    # An empty --host listened on every interface; a port out of range was a traceback.
+    with pytest.raises(ConfigError, match=r"--host|--port"):
+        Settings.from_env({}, **overrides)
