@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 import uuid
@@ -256,6 +257,70 @@ def test_idempotent_retry_returns_the_identical_decision(client: httpx.Client) -
     reused = client.post("/execute", json={**body, "context": {**PAY, "amount": 251}})
     assert reused.status_code == 409
     assert reused.json()["error"] == "idempotency_key_reuse"
+
+
+def test_an_idempotency_key_padded_with_white_space_is_refused(client: httpx.Client) -> None:
+    # HTTP strips the header's white space: in the body " k" was another key than the
+    # header "k", and a client sending both (with equal values) got a mismatch.
+    key = f"pad-{uuid.uuid4()}"
+    response = execute(client, context=PAY, idempotencyKey=f" {key} ")
+    assert response.status_code == 422
+    assert response.json()["field"] == "idempotencyKey"
+    assert "white space" in response.json()["expected"]
+
+
+def test_an_idempotency_key_header_that_is_not_ascii_is_refused(client: httpx.Client) -> None:
+    # A UTF-8 header is read as Latin-1: "café" would be stored as "cafÃ©".
+    response = client.post("/execute", json={"surface": "payment.execute", "context": PAY},
+                           headers=[(b"Idempotency-Key", "caf\u00e9".encode())])
+    assert response.status_code == 422
+    assert response.json()["field"] == "Idempotency-Key"
+    assert "ASCII" in response.json()["expected"]
+
+
+def test_two_different_idempotency_key_headers_are_refused(client: httpx.Client) -> None:
+    first, second = f"one-{uuid.uuid4()}", f"two-{uuid.uuid4()}"
+    response = client.post("/execute", json={"surface": "payment.execute", "context": PAY},
+                           headers=[("Idempotency-Key", first), ("Idempotency-Key", second)])
+    assert response.status_code == 422
+    assert response.json()["field"] == "Idempotency-Key"
+    # Sent twice alike, the key is unambiguous.
+    same = client.post("/execute", json={"surface": "payment.execute", "context": PAY},
+                       headers=[("Idempotency-Key", first), ("Idempotency-Key", first)])
+    assert same.status_code == 200
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("path", ["/execute", "/v1/coach"])
+def test_a_content_coded_body_is_refused_naming_the_header(client: httpx.Client, path: str,
+                                                           compress: bool) -> None:
+    raw = json.dumps({"surface": "payment.execute", "intent": "payment.execute",
+                      "context": PAY}).encode()
+    response = client.post(path, content=gzip.compress(raw) if compress else raw,
+                           headers={"Content-Type": "application/json",
+                                    "Content-Encoding": "gzip"})
+    assert response.status_code == 422
+    assert response.json()["field"] == "Content-Encoding"
+
+
+LONG_KEY = "K" * 100_000
+
+
+@pytest.mark.parametrize(("method", "url", "content"), [
+    ("GET", "/verify/" + "A" * 20_000, None),
+    ("GET", "/v1/receipts/" + "A" * 20_000 + "/bundle", None),
+    ("GET", "/v1/audit?since=" + "A" * 20_000, None),
+    ("POST", "/execute", f'{{"surface":"payment.execute","context":{{"{LONG_KEY}":1,'
+     f'"{LONG_KEY}":2}}}}'),
+    ("POST", "/execute", f'{{"surface":"payment.execute","context":{{"{LONG_KEY}":1e400}}}}'),
+])
+def test_errors_do_not_echo_long_input_back(client: httpx.Client, method: str, url: str,
+                                            content: str | None) -> None:
+    response = client.request(method, url, content=content)
+    assert 400 <= response.status_code < 500
+    body = response.json()
+    assert len(response.content) < 2_000
+    assert body["error"] and body["message"] and body["request_id"]
 
 
 def test_concurrent_requests_with_one_key_are_evaluated_once(gateway: Gateway) -> None:

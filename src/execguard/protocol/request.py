@@ -246,12 +246,23 @@ def parse_execution_request(
     if mode not in EXECUTION_MODES:
         raise MalformedRequest("executionMode", "'enforce' or 'observe'", describe(mode))
     key = _optional_str(data, "idempotencyKey", 255)
+    if key is not None and key != key.strip():
+        # HTTP strips a header's surrounding white space, so the header cannot carry it:
+        # kept in the body, " k" and the header "k" were two keys, and sending both failed.
+        raise MalformedRequest("idempotencyKey", "a key without leading or trailing white "
+                               "space", describe(key))
     if idempotency_header is not None:
         header = idempotency_header.strip()
         if not header or len(header) > 255:
             raise MalformedRequest(
                 "Idempotency-Key", "a header of 1 to 255 characters", describe(header)
             )
+        if not (header.isascii() and header.isprintable()):
+            # Clients encode header text differently (UTF-8, Latin-1) and servers read it
+            # as Latin-1: one key typed twice could be two keys, or match another's.
+            raise MalformedRequest(
+                "Idempotency-Key", "printable ASCII (send other text in the body's "
+                "idempotencyKey)", describe(header))
         if key is not None and key != header:
             raise MalformedRequest(
                 "idempotencyKey", "the same value as the Idempotency-Key header", describe(key)

@@ -33,9 +33,14 @@ from execguard.server.decision_process import DecisionProcess, RelayedError
 from execguard.server.errors import install_error_handlers, request_id_of
 from execguard.server.gateway import Caller, Gateway, SigningKeys, explain_record
 from execguard.server.heap import freeze_startup_objects
-from execguard.server.logs import RequestLogMiddleware, log_background_failure, noting_tenant
+from execguard.server.logs import RequestLogMiddleware, log_background_failure, note_tenant
 from execguard.server.metrics import CONTENT_TYPE, Metrics
-from execguard.server.middleware import ExecuteFastPath, RequestIdMiddleware, with_request_id
+from execguard.server.middleware import (
+    ExecuteFastPath,
+    RequestIdMiddleware,
+    refuse_content_coding,
+    with_request_id,
+)
 from execguard.server.openapi import EXECUTE_REQUEST_SCHEMA
 from execguard.server.permits import Permits
 from execguard.server.readiness import StorageProbe
@@ -64,6 +69,7 @@ def _json(body: dict[str, Any], request: Request, status: int = 200,
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than ``limit`` bytes without reading it all."""
+    refuse_content_coding(request.headers.get("content-encoding"))
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -126,7 +132,7 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
     committer.on_batch = metrics.observe_batch
     decisions.metrics = metrics
     committer.stalled_elsewhere = decisions.database_stalled
-    gateway.authenticate = noting_tenant(gateway.authenticate)  # type: ignore[method-assign]
+    gateway.on_authenticated = note_tenant
 
     async def forget_expired_idempotency_keys() -> None:
         # Expired keys are already ignored by lookups; this only keeps the table small.
@@ -184,11 +190,16 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
         return gateway.authenticate(request.headers.get("authorization"),
                                     request.headers.get("x-consumer"))
 
+    async def caller_off_loop(request: Request) -> Caller:
+        # The asynchronous routes' caller: the store is never read on the event loop.
+        return await gateway.authenticate_off_loop(request.headers.get("authorization"),
+                                                   request.headers.get("x-consumer"))
+
     @app.post("/execute", summary="Decide on a proposed action",
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": EXECUTE_REQUEST_SCHEMA}}}})
     async def execute(request: Request) -> Response:
-        caller = caller_of(request)
+        caller = await caller_off_loop(request)
         body = await read_body(request, settings.max_body_bytes)
         try:
             decided = await decisions.decide(caller, body, request.headers.get("idempotency-key"))
@@ -231,20 +242,20 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
 
     @app.post("/v1/coach", summary="Dry run: what would be decided (no receipt)")
     async def coach(request: Request) -> Response:
-        caller = caller_of(request)
+        caller = await caller_off_loop(request)
         body = await read_body(request, settings.max_body_bytes)
-        return _json(gateway.coach(caller, body), request)
+        return _json(await asyncio.to_thread(gateway.coach, caller, body), request)
 
     @app.post("/executions/{execution_id}/outcome", summary="Report how an execution ended")
     async def outcome(execution_id: str, request: Request) -> Response:
-        caller = caller_of(request)
+        caller = await caller_off_loop(request)
         body = await read_body(request, settings.max_body_bytes)
         return _json(await permits.record_outcome(caller, execution_id, body), request)
 
     @app.post("/v1/permits/{execution_id}/consume",
               summary="Use a permit, once, for the request it was issued for")
     async def consume(execution_id: str, request: Request) -> Response:
-        caller = caller_of(request)
+        caller = await caller_off_loop(request)
         body = await read_body(request, settings.max_body_bytes)
         return _json(await permits.consume(caller, execution_id, body), request)
 
@@ -252,21 +263,23 @@ def create_app(settings: Settings, store: SQLStore, signers: SigningKeys,
     async def list_approvals(request: Request, status: str | None = Query(
             None, pattern="^(pending|approved|denied|expired)$"),
             limit: int = Query(100, ge=1, le=1000)) -> Response:
-        return _json(await approvals.list(caller_of(request), status, limit), request)
+        caller = await caller_off_loop(request)
+        return _json(await approvals.list(caller, status, limit), request)
 
     @app.get("/v1/approvals/{execution_id}", summary="One approval request and its votes")
     async def show_approval(execution_id: str, request: Request) -> Response:
-        return _json(await approvals.show(caller_of(request), execution_id), request)
+        caller = await caller_off_loop(request)
+        return _json(await approvals.show(caller, execution_id), request)
 
     @app.post("/v1/approvals/{execution_id}/approve", summary="Vote to approve (approvers)")
     async def approve(execution_id: str, request: Request) -> Response:
-        caller = caller_of(request)
+        caller = await caller_off_loop(request)
         body = await read_body(request, settings.max_body_bytes)
         return _json(await approvals.vote(caller, execution_id, "approve", body), request)
 
     @app.post("/v1/approvals/{execution_id}/deny", summary="Vote to deny (approvers)")
     async def deny(execution_id: str, request: Request) -> Response:
-        caller = caller_of(request)
+        caller = await caller_off_loop(request)
         body = await read_body(request, settings.max_body_bytes)
         return _json(await approvals.vote(caller, execution_id, "deny", body), request)
 

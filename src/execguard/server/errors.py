@@ -62,9 +62,30 @@ def request_id_of(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
+#: Longest ``message``, and longest text in another member, a 4xx body carries. Its texts
+#: quote what the caller sent (an id from the path, a key of the body, a query parameter):
+#: unbounded, a 60 KB id came back in a 404, a query parameter twice over. (A 5xx says
+#: the server's own trouble, whose cause must not be cut out.)
+MAX_ERROR_MESSAGE = 600
+MAX_ERROR_TEXT = 300
+
+
+def bounded(text: str, limit: int) -> str:
+    """``text``, or its beginning and end around `` ... `` when it is longer than ``limit``
+    (the end too: it names the field, or says "for this tenant")."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"
+
+
 def error_parts(request_id: str | None, status: int, code: str, message: str,
                 **extra: object) -> tuple[dict[str, object], dict[str, str]]:
     """The one shape of every error: its body and its headers (also used by the fast path)."""
+    if status < 500:
+        message = bounded(message, MAX_ERROR_MESSAGE)
+        extra = {name: bounded(value, MAX_ERROR_TEXT) if isinstance(value, str) else value
+                 for name, value in extra.items()}
     body = {"error": code, "message": message, "request_id": request_id, **extra}
     headers = {"X-Request-Id": request_id} if request_id else {}
     if status == 401:

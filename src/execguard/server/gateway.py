@@ -7,6 +7,7 @@ logic (the ledger's); it puts them in order and fails closed between them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -106,29 +107,42 @@ class Gateway:
         self._versions: dict[str, tuple[str | None, str | None, float]] = {}
         #: ``notify(tenant, event, payload)``: approval events for webhooks (never raises).
         self.notify: Callable[[str, str, Mapping[str, Any]], None] = lambda *_: None
+        #: ``on_authenticated(tenant)``: the request's log lines name the tenant from then on.
+        self.on_authenticated: Callable[[str], None] = lambda _: None
 
     # -- authentication ----------------------------------------------------------------
 
     def authenticate(self, authorization: str | None, consumer: str | None) -> Caller:
         """Resolve ``Authorization: Bearer <key>``; ``X-Consumer`` must name the same tenant."""
-        if not authorization:
-            raise AuthError("missing Authorization header: send 'Authorization: Bearer <key>'")
-        scheme, _, key = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise AuthError("the Authorization header must be 'Bearer <api key>'")
-        key_hash = hash_api_key(key.strip())
+        key_hash = _key_hash(authorization)
+        record = self._cached_key(key_hash) or self._look_up_key(key_hash)
+        return self._caller(record, consumer)
+
+    async def authenticate_off_loop(self, authorization: str | None,
+                                    consumer: str | None) -> Caller:
+        """:meth:`authenticate` for the event loop: a key not in the cache is looked up in
+        a thread, so a slow or unreachable database holds up this request only."""
+        key_hash = _key_hash(authorization)
+        record = self._cached_key(key_hash) or \
+            await asyncio.to_thread(self._look_up_key, key_hash)
+        return self._caller(record, consumer)
+
+    def _cached_key(self, key_hash: str) -> ApiKeyRecord | None:
         cached = self._keys.get(key_hash)
-        if cached is not None and time.monotonic() < cached[1]:
-            record = cached[0]
-        else:
-            found = self.store.lookup_api_key(key_hash)
-            if found is None:
-                raise AuthError("the API key is not valid")
-            # A key changes only when it is revoked: a short cache saves a read per request.
-            record = found
-            self._keys[key_hash] = (record, time.monotonic() + KEY_CACHE_SECONDS)
+        return cached[0] if cached is not None and time.monotonic() < cached[1] else None
+
+    def _look_up_key(self, key_hash: str) -> ApiKeyRecord:
+        found = self.store.lookup_api_key(key_hash)
+        if found is None:
+            raise AuthError("the API key is not valid")
+        # A key changes only when it is revoked: a short cache saves a read per request.
+        self._keys[key_hash] = (found, time.monotonic() + KEY_CACHE_SECONDS)
+        return found
+
+    def _caller(self, record: ApiKeyRecord, consumer: str | None) -> Caller:
         if consumer is not None and consumer.strip() and consumer.strip() != record.tenant:
             raise Forbidden("X-Consumer names a different tenant than the API key")
+        self.on_authenticated(record.tenant)
         return Caller(record.tenant, record.role, record.key_hash, record.label, record.groups)
 
     # -- policy ------------------------------------------------------------------------
@@ -350,6 +364,16 @@ class Gateway:
                                                       load_public_key_pem(k.public_pem))}
                      for k in keys],
         }
+
+
+def _key_hash(authorization: str | None) -> str:
+    """The hash of the API key in an ``Authorization`` header; AuthError if there is none."""
+    if not authorization:
+        raise AuthError("missing Authorization header: send 'Authorization: Bearer <key>'")
+    scheme, _, key = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise AuthError("the Authorization header must be 'Bearer <api key>'")
+    return hash_api_key(key.strip())
 
 
 def _never(index: int) -> dict[str, Any]:  # pragma: no cover - replaced by ``decide``

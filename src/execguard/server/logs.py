@@ -18,16 +18,15 @@ names the decision, not what was decided on.
 from __future__ import annotations
 
 import atexit
-import functools
 import logging
 import queue
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from logging.handlers import QueueHandler, QueueListener
-from typing import IO, TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LOG_FORMATS", "JsonFormatter", "RequestLogMiddleware", "TextFormatter",
            "begin_request", "configure_logging", "decision_fields", "log_access",
-           "log_background_failure", "log_decision", "noting_tenant", "request_id_var"]
+           "log_background_failure", "log_decision", "note_tenant", "request_id_var"]
 
 LOG_FORMATS = ("json", "text")
 
@@ -264,27 +263,11 @@ def configure_logging(log_format: str = "json", level: int = logging.INFO,
     _direct[:] = [enqueue] if log_format == "json" else []
 
 
-class _HasTenant(Protocol):
-    @property
-    def tenant(self) -> str: ...
-
-
-_P = ParamSpec("_P")
-_C = TypeVar("_C", bound=_HasTenant)
-
-
-def noting_tenant(authenticate: Callable[_P, _C]) -> Callable[_P, _C]:
-    """Wrap an authenticate function so the request's later log lines name the tenant."""
-
-    @functools.wraps(authenticate)
-    def authenticated(*args: _P.args, **kwargs: _P.kwargs) -> _C:
-        caller = authenticate(*args, **kwargs)
-        known = _request_fields.get()
-        if known is not None:
-            known["tenant"] = caller.tenant
-        return caller
-
-    return authenticated
+def note_tenant(tenant: str) -> None:
+    """Name ``tenant`` in the current request's later log lines (once authenticated)."""
+    known = _request_fields.get()
+    if known is not None:
+        known["tenant"] = tenant
 
 
 def begin_request(request_id: str) -> None:

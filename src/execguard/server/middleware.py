@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from execguard.server.gateway import Gateway
     from execguard.server.metrics import Metrics
 
-__all__ = ["ExecuteFastPath", "RequestIdMiddleware", "new_request_id", "with_request_id"]
+__all__ = ["ExecuteFastPath", "RequestIdMiddleware", "new_request_id", "refuse_content_coding",
+           "with_request_id"]
 
 log = logging.getLogger("execguard.server")
 
@@ -96,7 +97,10 @@ class _Disconnected(Exception):
 
 #: The request headers the fast path reads; everything else is ignored.
 _WANTED = frozenset({b"authorization", b"x-consumer", b"idempotency-key", b"content-length",
-                     b"x-request-id"})
+                     b"x-request-id", b"content-encoding"})
+#: A header sent twice is read once (the first); for this one the two could disagree on
+#: which request a retry repeats, so two different values are refused.
+_SINGLE_VALUED = b"idempotency-key"
 
 
 class ExecuteFastPath:
@@ -121,15 +125,16 @@ class ExecuteFastPath:
             return
         started = time.perf_counter()
         headers: dict[bytes, bytes] = {}
+        ambiguous = False
         for name, value in scope["headers"]:
-            if name in _WANTED:
-                headers.setdefault(name, value)
+            if name in _WANTED and headers.setdefault(name, value) != value:
+                ambiguous = ambiguous or name == _SINGLE_VALUED
         request_id = _request_id(headers.get(b"x-request-id"))
         begin_request(request_id)
         status, error_code, decided = 500, None, None
         try:
             try:
-                decided = await self._decide(headers, receive)
+                decided = await self._decide(headers, receive, ambiguous)
                 status, content, extra = 200, with_request_id(decided.answer, request_id), {}
             except RelayedError as exc:
                 status, body, extra = exc.status, {**exc.body, "request_id": request_id}, \
@@ -165,9 +170,14 @@ class ExecuteFastPath:
                 self.metrics.observe_request("POST", "/execute", status, seconds, error_code)
             log_access("POST", "/execute", status, seconds)
 
-    async def _decide(self, headers: dict[bytes, bytes], receive: Receive) -> Decided:
-        caller = self.gateway.authenticate(_text(headers.get(b"authorization")),
-                                           _text(headers.get(b"x-consumer")))
+    async def _decide(self, headers: dict[bytes, bytes], receive: Receive,
+                      ambiguous_key: bool) -> Decided:
+        caller = await self.gateway.authenticate_off_loop(
+            _text(headers.get(b"authorization")), _text(headers.get(b"x-consumer")))
+        if ambiguous_key:
+            raise MalformedRequest("Idempotency-Key", "one Idempotency-Key header",
+                                   "several with different values")
+        refuse_content_coding(_text(headers.get(b"content-encoding")))
         body = await self._read_body(headers.get(b"content-length"), receive)
         return await self.decisions.decide(caller, body,
                                            _text(headers.get(b"idempotency-key")))
@@ -196,6 +206,14 @@ class ExecuteFastPath:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def refuse_content_coding(coding: str | None) -> None:
+    """The body is read as sent: a compressed one (``Content-Encoding: gzip``) was
+    refused only as "not UTF-8", and a mislabelled one decided as if unlabelled."""
+    if coding is not None and coding.strip().lower() not in ("", "identity"):
+        raise MalformedRequest("Content-Encoding", "no content coding (send the JSON body "
+                               "uncompressed)", repr(coding))
 
 
 def with_request_id(answer: bytes, request_id: str) -> bytes:

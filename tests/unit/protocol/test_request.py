@@ -131,6 +131,25 @@ def test_idempotency_key_from_header_or_body_and_they_must_agree() -> None:
     assert refused('{"surface": "x"}', header=" ").field == "Idempotency-Key"
 
 
+def test_an_idempotency_key_in_the_body_has_no_surrounding_white_space() -> None:
+    # The header's is stripped by HTTP: " k" in the body could never equal it.
+    for key in (" k", "k ", "\tk", "   "):
+        assert refused(json.dumps({"surface": "x", "idempotencyKey": key})).field == \
+            "idempotencyKey"
+    assert refused('{"surface": "x", "idempotencyKey": " k"}', header="k").field == \
+        "idempotencyKey"
+    assert parse('{"surface": "x", "idempotencyKey": "a b"}').idempotency_key == "a b"
+
+
+def test_an_idempotency_key_header_is_printable_ascii() -> None:
+    # "café" sent as UTF-8 reads as "cafÃ©" (Latin-1): another key than the body's "café".
+    for header in ("caf\u00c3\u00a9", "k\x7fk", "k\x01"):
+        assert refused('{"surface": "x"}', header=header).field == "Idempotency-Key"
+    assert parse('{"surface": "x", "idempotencyKey": "caf\u00e9"}').idempotency_key == \
+        "caf\u00e9"
+    assert parse('{"surface": "x"}', header="a b-c_d:e/f=").idempotency_key == "a b-c_d:e/f="
+
+
 def test_request_hash_binds_every_normalized_field_and_digests_sensitive_ones() -> None:
     base = ExecutionRequest(surface="payment.execute", action="pay", actor_id="a",
                             context={"amount": 5, "iban": "DE001"}, signals={"s": 1},
