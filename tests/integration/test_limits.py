@@ -114,18 +114,24 @@ when { context.facts.items_1h > 2000000000000000 };
 """
 
 
+def push_demo_with(gateway: Gateway, tmp_path: Path, surfaces: str, **policies: str) -> None:
+    """Activate the demo bundle with ``surfaces`` added, and each policy file named."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle_path(), bundle)
+    with (bundle / "surfaces.toml").open("a") as registry:
+        registry.write(surfaces)
+    for name, text in policies.items():
+        (bundle / "policies" / f"{name}.cedar").write_text(text)
+    run_cli("policy", "push", str(bundle), "--activate", data=gateway.data)
+
+
 def test_the_largest_amounts_are_decided_and_summed_exactly(fresh_gateway: Gateway,
                                                            tmp_path: Path) -> None:
     """Amounts are kept in units of 10**-4 in 64 bits: an integer field holds at most
     INTEGER_LIMIT (a larger one is a SILENCE naming it, never a failed append), and a
     total past 64 bits is still exact (it once failed every later decision of the actor
     as a storage fault)."""
-    bundle = tmp_path / "bundle"
-    shutil.copytree(demo_bundle_path(), bundle)
-    with (bundle / "surfaces.toml").open("a") as surfaces:
-        surfaces.write(BATCH_SURFACE)
-    (bundle / "policies" / "batch.cedar").write_text(BATCH_POLICY)
-    run_cli("policy", "push", str(bundle), "--activate", data=fresh_gateway.data)
+    push_demo_with(fresh_gateway, tmp_path, BATCH_SURFACE, batch=BATCH_POLICY)
 
     def run(client: httpx.Client, actor: str, items: int) -> tuple[str, str]:
         answer = client.post("/execute", json={"surface": "batch.run", "actorId": actor,
@@ -156,3 +162,43 @@ def test_the_largest_amounts_are_decided_and_summed_exactly(fresh_gateway: Gatew
         faults = [line for line in client.get("/metrics").text.splitlines()
                   if line.startswith('execguard_fail_closed_total{cause="storage_unavailable"}')]
         assert faults == ['execguard_fail_closed_total{cause="storage_unavailable"} 0']
+
+
+SALARY_SURFACE = """
+
+[surfaces."salary.pay"]
+risk = "high"
+observe = false
+sensitive = ["salary"]
+
+[surfaces."salary.pay".context]
+salary = { type = "decimal", required = true, min = 0 }
+bonus = { type = "integer", required = true, min = 0 }
+
+[surfaces."salary.pay".facts]
+payouts_1d = { aggregate = "count", window = "24h", per = "actor" }
+"""
+SALARY_POLICY = """
+@id("salary-ok")
+@reason("SALARY_OK")
+permit (principal, action == Action::"salary.pay", resource);
+"""
+
+
+def test_a_sensitive_amount_is_not_kept_with_the_permit_s_share(fresh_gateway: Gateway,
+                                                               tmp_path: Path) -> None:
+    """A permit's share of the limits keeps the request's numbers so that sums can count
+    them; a sensitive one was kept there in clear, while its execution kept a digest."""
+    push_demo_with(fresh_gateway, tmp_path, SALARY_SURFACE, salary=SALARY_POLICY)
+    with fresh_gateway.client() as client:
+        deadline = time.monotonic() + 10  # the active policy is cached for a second
+        while (answer := client.post("/execute", json={
+                "surface": "salary.pay", "actorId": "hr",
+                "context": {"salary": 1234567.89, "bonus": 500}}).json())["decision"] \
+                != "PERMIT":
+            assert time.monotonic() < deadline, answer
+            time.sleep(0.2)
+    kept = fresh_gateway.sql("SELECT field, units FROM reservation_amounts"
+                             " WHERE execution_id = ?", (answer["execution_id"],))
+    assert kept == [("bonus", 500 * 10_000)]
+    assert "1234567" not in repr(fresh_gateway.sql("SELECT * FROM executions"))

@@ -52,6 +52,12 @@ def stored_context(bundle: PolicyBundle, spec: SurfaceSpec, recorded_spec: Surfa
         if readers:
             return (f"policy {readers[0]!r} reads context.{name}, which is sensitive and "
                     "stored only as a digest, so it cannot be evaluated again exactly")
+        # A sum reserves the value itself: a stand-in would reserve the wrong amount.
+        # (Only across versions: a bundle cannot sum a field it declares sensitive.)
+        summing = sorted(fact.name for fact in spec.facts.values() if fact.field == name)
+        if summing:
+            return (f"fact {summing[0]!r} sums context.{name}, which was sensitive and is "
+                    "stored only as a digest, so its amount cannot be reserved")
         declared = spec.context.get(name)
         if declared is None:
             continue  # undeclared fields never reach the policies

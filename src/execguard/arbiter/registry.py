@@ -347,6 +347,15 @@ def _surface(reader: _Reader, name: str, raw: Any) -> SurfaceSpec:
     types = {f.name: f.type for f in context.values()}
     facts = MappingProxyType({fact: parse_fact(reader, fact, raw, (*path, "facts", fact), types)
                               for fact, raw in facts_raw.items()})
+    for fact in facts.values():
+        # A sum keeps each permit's value in clear (the reservation, and the total stored
+        # with the decision), and an approval re-evaluates a sensitive field from a
+        # stand-in, which would reserve 0 for the approved amount.
+        if fact.field in sensitive_raw:
+            raise reader.fail(f"cannot sum the sensitive field {fact.field!r}: its values "
+                              "would be kept in clear, and an approved request would "
+                              "reserve a stand-in instead of its value",
+                              (*path, "facts", fact.name, "field"))
     expiry = parse_window(reader, spec.get("approval_expiry", "24h"), (*path, "approval_expiry"))
     return SurfaceSpec(
         facts=facts,

@@ -134,8 +134,10 @@ def jsonable_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
 
 def _reservation(spec: SurfaceSpec, request: ExecutionRequest, now: float,
                  expires: float) -> Reservation:
+    # Every number, for the sums of this policy and of later ones; but a sensitive one
+    # is kept as a digest only (no policy can sum it: registry.py).
     amounts = {name: units for name, field in spec.context.items()
-               if field.type in ("decimal", "integer")
+               if field.type in ("decimal", "integer") and name not in spec.sensitive
                and (units := units_of(request.context.get(name))) is not None}
     return Reservation(spec.name, request.actor_id or "", amounts, now, expires)
 

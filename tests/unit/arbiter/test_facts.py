@@ -62,3 +62,20 @@ def test_stateful_facts_are_typed_for_cedar() -> None:
     assert facts["k_sum_1d"].cedar_type == "__cedar::Long"
     assert facts["k_sum_1d"].window_seconds == 86400 and facts["k_sum_1d"].per == "tenant"
     assert facts["runs_30m"].window_seconds == 1800 and facts["runs_30m"].per == "actor"
+
+
+def test_a_sum_of_a_sensitive_field_is_refused() -> None:
+    """A sensitive field is stored as a digest, but a sum keeps each value in clear, and an
+    approval re-evaluates the request with a stand-in for it: the approved PERMIT reserved
+    0 of its amount, so the actor could pass its limit by the approved amount."""
+    text = ('[surfaces."pay"]\nrisk = "high"\nsensitive = ["amount"]\n\n'
+            '[surfaces."pay".context]\namount = { type = "decimal", min = 0 }\n\n'
+            '[surfaces."pay".facts]\n'
+            'paid_24h = { aggregate = "sum", field = "amount", window = "24h" }\n')
+    with pytest.raises(BundleInvalid, match="sensitive field 'amount'") as info:
+        parse_registry(text)
+    assert info.value.key == "surfaces.pay.facts.paid_24h.field"
+    assert info.value.line == 9
+    # Counting the permits of a surface with a sensitive field is fine: it keeps no value.
+    counted = text.replace('aggregate = "sum", field = "amount"', 'aggregate = "count"')
+    assert parse_registry(counted).get("pay").facts["paid_24h"].aggregate == "count"
