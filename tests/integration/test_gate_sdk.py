@@ -13,6 +13,7 @@ import hmac
 import json
 import math
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from execguard.arbiter import demo_bundle_path
 from execguard.gate import AsyncGate, ExecutionBlocked, Gate, digest_result, prepare
 from execguard.gate._core import check_consumption, check_decision
 from execguard.protocol.errors import ConfigError
@@ -255,9 +257,17 @@ def test_the_same_call_again_is_a_replay_and_is_blocked(
             pay(250, to, invoice="INV-2")
         assert again.value.reason_code == "ALREADY_CONSUMED"
         assert upstream.count() == 2
+        # A key that is not printable ASCII travels in the body only (a header cannot
+        # carry it): it was "the gateway could not be reached".
+        pay(250, to, invoice="Rechnung-\u00e4-3")
+        assert upstream.count() == 3
+        with pytest.raises(ExecutionBlocked) as third:
+            pay(250, to, invoice="Rechnung-\u00e4-3")
+        assert third.value.reason_code == "ALREADY_CONSUMED"
+        assert upstream.count() == 3
 
     executions = executions_of(gateway, actor)
-    assert len(executions) == 2
+    assert len(executions) == 3
     refused = story(gateway, first["executionId"])["refusedConsumptions"]
     assert [r["refusalReason"] for r in refused] == ["ALREADY_CONSUMED"]
 
@@ -654,6 +664,20 @@ def test_pinned_keys_are_not_replaced_by_the_keys_an_impostor_serves(
     assert upstream.count() == 0
 
 
+def rotate_signing_key(gateway: Gateway, old_ids: set[str]) -> str:
+    """Rotate with the real CLI; return the new key's id once the gateway signs with it."""
+    run_cli("keys", "rotate", data=gateway.data)
+    deadline = time.monotonic() + 30  # "within a second"; generous on a busy machine
+    with gateway.client() as client:
+        while True:
+            probe = client.post("/execute", json={"surface": "payment.execute",
+                                                  "context": payment(1, "probe")}).json()
+            if probe["receipt"]["authorityKeyId"] not in old_ids:
+                return str(probe["receipt"]["authorityKeyId"])
+            assert time.monotonic() < deadline, "the gateway kept signing with the old key"
+            time.sleep(0.1)
+
+
 def test_a_key_rotation_is_followed_unless_the_keys_are_pinned(
         fresh_gateway: Gateway, upstream: Upstream, tag: str) -> None:
     gw = fresh_gateway
@@ -666,17 +690,7 @@ def test_a_key_rotation_is_followed_unless_the_keys_are_pinned(
         pay_pinned(1, "Acme")
         assert upstream.count() == 2
 
-        run_cli("keys", "rotate", data=gw.data)
-        deadline = time.monotonic() + 30  # "within a second"; generous on a busy machine
-        with gw.client() as client:
-            while True:
-                probe = client.post("/execute", json={"surface": "payment.execute",
-                                                      "context": payment(1, "probe")}).json()
-                if probe["receipt"]["authorityKeyId"] not in old_ids:
-                    break
-                assert time.monotonic() < deadline, "the gateway kept signing with the old key"
-                time.sleep(0.1)
-        new_id = probe["receipt"]["authorityKeyId"]
+        new_id = rotate_signing_key(gw, old_ids)
 
         pay(2, "Acme")  # an unknown key id: the gate fetched the keys document again
         assert upstream.count() == 3
@@ -686,6 +700,67 @@ def test_a_key_rotation_is_followed_unless_the_keys_are_pinned(
         assert upstream.count() == 3
     [latest, _] = executions_of(gw, f"agent-{tag}")
     assert latest["receipt"]["authorityKeyId"] == new_id
+
+
+class _RotateAfterTheDecision(httpx.HTTPTransport):
+    """Lets the next ``/execute`` answer through, then rotates the gateway's signing key
+    before the gate can consume: the decision is signed by the old key, the consumption by
+    the new one (as when replicas pick up a rotation a moment apart)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.armed = False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if self.armed and request.url.path == "/execute":
+            self.armed = False
+            rotate_signing_key(self.gateway, {k["keyId"] for k in keys_of(self.gateway)["keys"]})
+        return response
+
+
+def test_a_rotation_between_decision_and_consumption_does_not_waste_the_permit(
+        fresh_gateway: Gateway, upstream: Upstream, tag: str) -> None:
+    gw = fresh_gateway
+    transport = _RotateAfterTheDecision(gw)
+    with Gate(gw.url, gw.api_key, transport=transport, timeout=60) as gate:
+        pay = guarded_payer(gate, upstream, f"agent-{tag}")
+        pay(1, "Acme")  # the gate now holds the keys document (old key only) in its cache
+        transport.armed = True
+        pay(2, "Acme")  # consumed under the new key: the gate looks the new key up
+    assert upstream.count() == 2
+    latest = story(gw, executions_of(gw, f"agent-{tag}")[0]["executionId"])
+    assert latest["receipt"]["authorityKeyId"] != latest["consumption"]["authorityKeyId"]
+    assert latest["outcome"]["outcome"] == "SUCCESS"
+
+
+def test_a_newly_sensitive_field_does_not_block_until_the_cache_expires(
+        fresh_gateway: Gateway, upstream: Upstream, tag: str, tmp_path: Path) -> None:
+    """An operator marks ``currency`` sensitive: the gateway now hashes its digest, so the
+    gate's cached list of sensitive fields no longer explains the permit; it looks again."""
+    gw = fresh_gateway
+    with Gate(gw.url, gw.api_key) as gate:
+        pay = guarded_payer(gate, upstream, f"agent-{tag}")
+        pay(1, "Acme")  # the gate now holds the surface's sensitive fields in its cache
+        bundle = tmp_path / "bundle"
+        shutil.copytree(demo_bundle_path(), bundle)
+        registry = bundle / "surfaces.toml"
+        registry.write_text(registry.read_text().replace(
+            'sensitive = ["beneficiary_account"]',
+            'sensitive = ["beneficiary_account", "currency"]', 1))
+        version = run_cli("policy", "push", str(bundle), "--activate",
+                          data=gw.data).stdout.split()[-1]
+        deadline = time.monotonic() + 30
+        with gw.client() as client:
+            while client.post("/execute", json={"surface": "payment.execute", "context":
+                                                payment(1, "probe")}).json()["policyVersion"] \
+                    != version:
+                assert time.monotonic() < deadline, "the gateway kept the old policy"
+                time.sleep(0.1)
+        pay(2, "Acme")
+    assert upstream.count() == 2
+    assert sensitive_of(gw, "payment.execute") == {"beneficiary_account", "currency"}
 
 
 # -- 8. the context-manager form -------------------------------------------------------
@@ -810,6 +885,9 @@ def test_configuration_comes_from_the_environment_or_fails(
             kind("http://[::1", gateway.api_key)
         with pytest.raises(ConfigError, match="port 99999 is not within 1-65535"):
             kind("http://127.0.0.1:99999", gateway.api_key)
+        # Sent as Basic credentials instead of the key: every call would be refused.
+        with pytest.raises(ConfigError, match="holds a user name or password"):
+            kind(gateway.url.replace("http://", "http://user:pw@"), gateway.api_key)
 
 
 def test_each_gate_refuses_the_other_kind_of_function(gateway: Gateway) -> None:

@@ -305,17 +305,22 @@ def assert_blocked(response: httpx.Response, decision: str | None = None) -> dic
 
 def test_the_proxy_shows_no_url_credentials(gateway: Gateway, upstream: Upstream,
                                             tmp_path: Path) -> None:
-    """The start-up line printed the gateway URL with its password, and httpx logged every
-    request's whole URL (a forwarded request's query too) at INFO."""
+    """A gateway URL with user:password is refused, naming neither: it was sent as Basic
+    credentials instead of the API key, so every call was refused (and the start-up line
+    printed the password). And httpx logged every request's whole URL (a forwarded
+    request's query too) at INFO."""
     with_password = gateway.url.replace("http://", "http://user:GWPASS@")
-    proxy = start_proxy(tmp_path, proxy_config(with_password, upstream.url), proxy_env(gateway))
+    with pytest.raises(AssertionError, match="exited early") as refused:
+        start_proxy(tmp_path, proxy_config(with_password, upstream.url), proxy_env(gateway))
+    assert "holds a user name or password" in str(refused.value)
+    assert "GWPASS" not in str(refused.value)
+    proxy = start_proxy(tmp_path, proxy_config(gateway.url, upstream.url), proxy_env(gateway))
     try:
         proxy.post("/payments?token=QTOKEN", payment(), **{"X-Agent-Id": "agent-7"})
     finally:
         proxy.stop()
     logged = proxy.log_path.read_text()
-    assert "gateway http://user:***@127.0.0.1" in logged
-    for secret in ("GWPASS", "QTOKEN", "HTTP Request:"):
+    for secret in ("QTOKEN", "HTTP Request:"):
         assert secret not in logged
 
 

@@ -133,7 +133,8 @@ def test_arguments_are_checked(gateway: Gateway, upstream: Upstream) -> None:
 
 def test_a_bad_timeout_or_url_is_a_usage_error(gateway: Gateway, upstream: Upstream) -> None:
     for option in (["--timeout", "nan"], ["--timeout", "inf"], ["--timeout", "0"],
-                   ["--url", "http://[::1"], ["--url", "http://127.0.0.1:99999"]):
+                   ["--url", "http://[::1"], ["--url", "http://127.0.0.1:99999"],
+                   ["--url", gateway.url.replace("http://", "http://user:pw@")]):
         code, stderr = run(gateway, "--surface", "deploy.release", *DEPLOY, *option,
                            *deploy_command(upstream))
         assert code == 2, (option, stderr)

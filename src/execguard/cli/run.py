@@ -57,8 +57,8 @@ def _usage_checked(check: Any) -> Any:
 
 
 def _check_url(url: str) -> str:
-    from execguard.gate._core import check_base_url
-    return check_base_url(url)
+    from execguard.gate._core import check_gateway_url
+    return check_gateway_url(url)
 
 
 def _check_timeout(seconds: float) -> float:

@@ -42,8 +42,10 @@ __all__ = [
     "check_base_url",
     "check_consumption",
     "check_decision",
+    "check_gateway_url",
     "check_timeout",
     "digest_result",
+    "expected_request_hash",
     "prepare",
 ]
 
@@ -133,6 +135,18 @@ def check_base_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def check_gateway_url(url: str) -> str:
+    """:func:`check_base_url` for the gateway, which takes no ``user:password``: a client
+    would send it as Basic credentials instead of the API key, and every call would be
+    refused (and the password sent to the gateway with each)."""
+    checked = check_base_url(url)
+    parsed = httpx.URL(url)
+    if parsed.userinfo:
+        raise ConfigError(f"the gateway URL for {parsed.host!r} holds a user name or "
+                          "password: remove it (the gateway is reached with an API key)")
+    return checked
+
+
 def prepare(surface: str, context: Mapping[str, Any] | None = None, *,
             actor: str | None = None, action: str | None = None,
             signals: Mapping[str, Any] | None = None, subject_digest: str | None = None,
@@ -218,11 +232,18 @@ def check_decision(answer: Any, prepared: PreparedRequest, keys: KeySet, *, now:
     # 5. the request
     if sensitive is None:
         return verified, ""
-    expected = request_hash(normalized_request(str(verified.claims["tenant"]),
-                                               prepared.request, sensitive))
+    expected = expected_request_hash(verified, prepared, sensitive)
     if verified.claims["request_hash"] != expected or receipt.get("requestHash") != expected:
         raise blocked("the permit is for a different request than the one about to run")
     return verified, expected
+
+
+def expected_request_hash(verified: VerifiedToken, prepared: PreparedRequest,
+                          sensitive: frozenset[str]) -> str:
+    """The hash of the request about to run, under the token's tenant and these sensitive
+    fields: what the permit's ``request_hash`` must be."""
+    return request_hash(normalized_request(str(verified.claims["tenant"]), prepared.request,
+                                           sensitive))
 
 
 def check_consumption(answer: Any, status: int, keys: KeySet, execution_id: str,

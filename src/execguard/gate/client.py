@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Itera
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 
@@ -36,15 +37,16 @@ from execguard.gate._core import (
     ExecutionBlocked,
     Permit,
     PreparedRequest,
-    check_base_url,
     check_consumption,
     check_decision,
+    check_gateway_url,
     check_timeout,
     digest_result,
+    expected_request_hash,
     prepare,
 )
 from execguard.protocol.errors import ConfigError, VerificationError
-from execguard.verify import KeySet
+from execguard.verify import KeySet, VerifiedToken
 
 __all__ = ["DEFAULT_TIMEOUT", "AsyncGate", "Gate"]
 
@@ -89,7 +91,7 @@ class _GateBase:
         if not self.api_key:
             raise ConfigError("no API key: pass api_key= or set EXECGUARD_API_KEY")
         try:
-            self.url = check_base_url(url)
+            self.url = check_gateway_url(url)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         self.timeout = check_timeout(timeout)
@@ -123,10 +125,11 @@ class _GateBase:
         self._keys = (now, keyset)
         return keyset
 
-    def _sensitive_flow(self, surface: str) -> Generator[_Call, _Answer, frozenset[str]]:
+    def _sensitive_flow(self, surface: str,
+                        refresh: bool = False) -> Generator[_Call, _Answer, frozenset[str]]:
         now = self.clock()
         cached = self._surfaces.get(surface)
-        if cached is not None and now - cached[0] < SURFACE_TTL_SECONDS:
+        if not refresh and cached is not None and now - cached[0] < SURFACE_TTL_SECONDS:
             return cached[1]
         status, answer = yield _Call("GET", f"/v1/surfaces/{surface}")
         sensitive = answer.get("sensitive") if isinstance(answer, Mapping) else None
@@ -139,8 +142,10 @@ class _GateBase:
 
     def _acquire_flow(self, prepared: PreparedRequest,
                       wait_for_approval: float = 0.0) -> Generator[Any, Any, Permit]:
+        key = prepared.idempotency_key
+        # The body carries the key too; a header carries printable ASCII only (PROTOCOL.md).
         execute = _Call("POST", "/execute", prepared.body,
-                        {"Idempotency-Key": prepared.idempotency_key})
+                        {"Idempotency-Key": key} if key.isascii() and key.isprintable() else {})
         status, answer = yield execute
         if wait_for_approval > 0 and status == 200 and isinstance(answer, Mapping) \
                 and answer.get("decision") == "ESCALATE" and answer.get("approval"):
@@ -158,20 +163,38 @@ class _GateBase:
             message = answer.get("message") if isinstance(answer, Mapping) else None
             raise ExecutionBlocked(f"the gateway gave no decision (HTTP {status}"
                                    f"{': ' + str(message) if message else ''})")
-        receipt = answer.get("receipt") if isinstance(answer, Mapping) else None
-        key_id = receipt.get("authorityKeyId") if isinstance(receipt, Mapping) else None
-        keys = yield from self._keys_flow(key_id if isinstance(key_id, str) else None)
+        keys = yield from self._keys_flow(_signing_key_id(answer))
         verified, _ = check_decision(answer, prepared, keys, now=self.clock(), sensitive=None)
-        sensitive = yield from self._sensitive_flow(prepared.request.surface)
+        sensitive = yield from self._permit_sensitive_flow(verified, prepared)
         verified, expected = check_decision(answer, prepared, keys, now=self.clock(),
                                             sensitive=sensitive)
         execution_id = verified.execution_id
-        status, consumed = yield _Call("POST", f"/v1/permits/{execution_id}/consume",
-                                       {"requestHash": expected})
-        consume_receipt = check_consumption(consumed, status, keys, execution_id)
+        consume_receipt = yield from self._consume_flow(execution_id, expected, keys)
         return Permit(execution_id=execution_id, surface=prepared.request.surface,
                       request_hash=expected, token=answer["execution_token"],
                       claims=verified.claims, decision=answer, consume_receipt=consume_receipt)
+
+    def _permit_sensitive_flow(self, verified: VerifiedToken, prepared: PreparedRequest
+                               ) -> Generator[_Call, _Answer, frozenset[str]]:
+        """The surface's sensitive fields, as the permit's request hash was computed with."""
+        sensitive = yield from self._sensitive_flow(prepared.request.surface)
+        if expected_request_hash(verified, prepared, sensitive) != verified.claims["request_hash"]:
+            # A new policy may have marked other fields sensitive since they were cached:
+            # look again rather than refuse every permit until the cache expires.
+            sensitive = yield from self._sensitive_flow(prepared.request.surface, refresh=True)
+        return sensitive
+
+    def _consume_flow(self, execution_id: str, expected: str,
+                      keys: KeySet) -> Generator[_Call, _Answer, Mapping[str, Any]]:
+        """Consume the permit; its verified consume receipt, or ExecutionBlocked."""
+        status, consumed = yield _Call("POST", f"/v1/permits/{quote(execution_id, safe='')}"
+                                       "/consume", {"requestHash": expected})
+        if status == 200:
+            # A rotation between the decision and the consumption (or replicas that pick it
+            # up a moment apart) signs the consume receipt with a key the cached document
+            # does not have yet: look again rather than throw away a consumed permit.
+            keys = yield from self._keys_flow(_signing_key_id(consumed))
+        return check_consumption(consumed, status, keys, execution_id)
 
     @staticmethod
     def _outcome_call(permit: Permit, ok: bool, latency_ms: int,
@@ -195,6 +218,13 @@ class _GateBase:
             return ExecutionBlocked("the gateway did not answer in time "
                                     f"({exc.__class__.__name__})")
         return ExecutionBlocked(f"the gateway could not be reached: {exc}")
+
+
+def _signing_key_id(answer: Any) -> str | None:
+    """The ``authorityKeyId`` of the answer's receipt, if it names one."""
+    receipt = answer.get("receipt") if isinstance(answer, Mapping) else None
+    key_id = receipt.get("authorityKeyId") if isinstance(receipt, Mapping) else None
+    return key_id if isinstance(key_id, str) else None
 
 
 def _context_of(spec: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

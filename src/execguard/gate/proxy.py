@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Generator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote
+from urllib.parse import parse_qs, unquote
 
 import httpx
 import jwt
@@ -42,7 +42,7 @@ from execguard.gate._core import (
     ExecutionBlocked,
     Permit,
     PreparedRequest,
-    check_consumption,
+    expected_request_hash,
     prepare,
 )
 from execguard.gate.client import AsyncGate, _Answer, _Call, _GateBase
@@ -54,7 +54,7 @@ from execguard.gate.proxy_config import (
     parse_proxy_config,
 )
 from execguard.protocol.errors import MalformedRequest, VerificationError
-from execguard.protocol.request import normalized_request, parse_json_object, request_hash
+from execguard.protocol.request import parse_json_object
 from execguard.verify import KeySet, VerifiedToken, verify_execution_token
 
 __all__ = [
@@ -88,22 +88,24 @@ _MISSING = object()
 # -- the one rule this module adds ---------------------------------------------------------
 
 def check_presented_token(token: str, prepared: PreparedRequest, keys: KeySet, *, now: float,
-                          sensitive: frozenset[str]) -> tuple[VerifiedToken, str]:
+                          sensitive: frozenset[str] | None) -> tuple[VerifiedToken, str]:
     """Check a permit a caller presents for the request about to run; return it and the hash.
 
     The token must verify offline under the pinned keys (signature, algorithm,
     validity window, ``aud`` equal to the request's surface), and the request,
     normalized under the token's tenant and the surface's sensitive fields, must
-    hash to the token's ``request_hash``. Consuming it is the caller's next step
-    (the gateway checks the hash and single use again). Raises
-    :class:`ExecutionBlocked`; the decision is PERMIT once the token is genuine.
+    hash to the token's ``request_hash`` (not checked when ``sensitive`` is None: the
+    hash returned is then ""). Consuming it is the caller's next step (the gateway
+    checks the hash and single use again). Raises :class:`ExecutionBlocked`; the
+    decision is PERMIT once the token is genuine.
     """
     try:
         verified = verify_execution_token(token, keys, now=now, surface=prepared.request.surface)
     except VerificationError as exc:
         raise ExecutionBlocked(f"the execution token does not verify: {exc}") from exc
-    expected = request_hash(normalized_request(str(verified.claims["tenant"]),
-                                               prepared.request, sensitive))
+    if sensitive is None:
+        return verified, ""
+    expected = expected_request_hash(verified, prepared, sensitive)
     if verified.claims["request_hash"] != expected:
         raise ExecutionBlocked("the permit is for a different request than the one about to run",
                                decision="PERMIT", execution_id=verified.execution_id)
@@ -156,13 +158,13 @@ class _ProxyGate(AsyncGate):
     def _redeem_flow(self, token: str,
                      prepared: PreparedRequest) -> Generator[_Call, _Answer, Permit]:
         keys = yield from self._keys_flow(_key_id(token))
-        sensitive = yield from self._sensitive_flow(prepared.request.surface)
+        verified, _ = check_presented_token(token, prepared, keys, now=self.clock(),
+                                            sensitive=None)
+        sensitive = yield from self._permit_sensitive_flow(verified, prepared)
         verified, expected = check_presented_token(token, prepared, keys, now=self.clock(),
                                                    sensitive=sensitive)
         execution_id = verified.execution_id
-        status, consumed = yield _Call("POST", f"/v1/permits/{quote(execution_id, safe='')}"
-                                       "/consume", {"requestHash": expected})
-        consume_receipt = check_consumption(consumed, status, keys, execution_id)
+        consume_receipt = yield from self._consume_flow(execution_id, expected, keys)
         return Permit(execution_id=execution_id, surface=prepared.request.surface,
                       request_hash=expected, token=token, claims=verified.claims,
                       decision={"decision": "PERMIT", "execution_id": execution_id,

@@ -38,12 +38,12 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from execguard.gate._core import check_base_url
+from execguard.gate._core import check_base_url, check_gateway_url
 from execguard.protocol.errors import ConfigError, VerificationError
 from execguard.protocol.request import RESERVED_CONTEXT_KEYS
 from execguard.verify import KeySet
@@ -230,11 +230,12 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def _http_url(reader: _Reader, key: str, value: str) -> str:
+def _http_url(reader: _Reader, key: str, value: str,
+              check: Callable[[str], str] = check_base_url) -> str:
     if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?\Z", value):
         reader.fail(key, f"expected an http(s) URL without query or fragment, got {_kind(value)}")
     try:
-        return check_base_url(value)
+        return check(value)
     except ConfigError as exc:
         reader.fail(key, str(exc))
 
@@ -399,7 +400,7 @@ def parse_proxy_config(document: Mapping[str, Any], *, env: Mapping[str, str] | 
     url = gw.text("url", expected="an http(s) URL") or env.get("EXECGUARD_URL")
     if not url:
         gw.fail("gateway.url", "missing (set it here or in EXECGUARD_URL)")
-    gateway_url = _http_url(gw, "gateway.url", url)
+    gateway_url = _http_url(gw, "gateway.url", url, check_gateway_url)
     key_env = gw.text("api_key_env", expected="an environment variable name") \
         or "EXECGUARD_API_KEY"
     # The routes decide with the proxy's own key; /proxy/execute with each caller's key.

@@ -230,8 +230,9 @@ def verify_execution_token(
     # Caller bugs, not bad tokens: a NaN clock would make every window check pass.
     if not math.isfinite(now):
         raise ValueError("now must be a finite number of seconds since the epoch")
-    if leeway_seconds < 0:
-        raise ValueError("leeway_seconds must not be negative")
+    # Likewise a NaN or infinite leeway would keep an expired permit valid for ever.
+    if not math.isfinite(leeway_seconds) or leeway_seconds < 0:
+        raise ValueError("leeway_seconds must be a finite, non-negative number of seconds")
     # 1. shape and header
     if not isinstance(token, str) or len(token) > _MAX_TOKEN_LENGTH:
         raise TokenInvalid("not a token string of reasonable length")

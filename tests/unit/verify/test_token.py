@@ -122,7 +122,12 @@ def test_the_clock_is_the_callers_not_pyjwts() -> None:
         verify(token(), now=EXPIRES + 60)
 
 
-@pytest.mark.parametrize("bad", [{"now": float("nan")}, {"leeway_seconds": -1}])
+@pytest.mark.parametrize("bad", [
+    {"now": float("nan")}, {"leeway_seconds": -1},
+    # A NaN or infinite leeway would keep an expired permit valid for ever.
+    {"now": EXPIRES + 10**6, "leeway_seconds": float("nan")},
+    {"now": EXPIRES + 10**6, "leeway_seconds": float("inf")},
+])
 def test_caller_bugs_are_not_verification_results(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError) as caught:
         verify(token(), **bad)
