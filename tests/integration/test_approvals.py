@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from execguard.arbiter import demo_bundle_path
+from execguard.protocol.outcome import parse_timestamp
 from execguard.verify import KeySet, verify_receipt
 from tests.conftest import Gateway, api_key_from, run_cli
 
@@ -250,6 +251,50 @@ class Receiver:
         while len(self.deliveries) < count and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(self.deliveries) >= count, self.deliveries
+
+
+def test_every_expiry_is_announced_once_and_counted(fresh_gateway: Gateway,
+                                                    quick_expiry: Path) -> None:
+    """An approval expires by the gateway's sweep, or by the first vote that comes too
+    late. The late vote's expiry sent no ``approval.resolved`` (nothing was left for the
+    sweep to do), and neither kind of resolution was in the metrics: not as a decision,
+    not in the batch sizes, whose sum must be the log's size."""
+    import json as jsonlib
+
+    from tests.integration.test_operations import scrape, value
+
+    run_cli("policy", "push", str(quick_expiry), "--activate", data=fresh_gateway.data)
+    hooks = Receiver()
+    try:
+        run_cli("webhooks", "add", hooks.url, "--event", "approval.resolved",
+                data=fresh_gateway.data)
+        alice = approver(fresh_gateway, "finance", "alice")
+        with fresh_gateway.client() as client:
+            swept, voted_late = escalate(client), escalate(client, actor="carol")
+            # Just after its expiry: the sweep (every 2 s) has most likely not run since.
+            expires = parse_timestamp(voted_late["approval"]["expiresAt"]).timestamp()
+            time.sleep(max(0.0, expires - time.time()) + 0.02)
+            late = vote(fresh_gateway, alice, voted_late["execution_id"])
+            assert late.status_code == 409 and "expired" in late.json()["message"]
+            deadline = time.monotonic() + 10
+            while client.get(f"/v1/executions/{swept['execution_id']}").json()[
+                    "decision"] != "SILENCE":
+                assert time.monotonic() < deadline, "the sweep never expired the approval"
+                time.sleep(0.2)
+        hooks.wait_for(2)
+        time.sleep(2.5)  # another sweep: nothing more to announce
+        announced = sorted(jsonlib.loads(body)["executionId"] for _, body in hooks.deliveries)
+        assert announced == sorted([swept["execution_id"], voted_late["execution_id"]])
+    finally:
+        hooks.server.shutdown()
+    metrics = scrape(fresh_gateway)
+    assert value(metrics, "execguard_approval_resolutions_total", decision="SILENCE",
+                 surface="payment.execute") == 2
+    ((stored,),) = fresh_gateway.sql("SELECT COUNT(*) FROM log WHERE tenant = 'demo'")
+    assert stored == 4  # two escalations, two resolutions
+    assert value(metrics, "execguard_group_commit_batch_size_sum") == stored
+    assert value(metrics, "execguard_decisions_total", decision="ESCALATE",
+                 surface="payment.execute", mode="enforce") == 2
 
 
 def test_webhooks_are_signed_and_a_failing_one_blocks_nothing(fresh_gateway: Gateway) -> None:

@@ -378,6 +378,41 @@ def test_a_database_that_stops_holds_up_neither_readiness_nor_other_requests(
         assert answer.json()["problems"]
 
 
+def test_a_database_that_stops_holds_up_no_other_request_while_one_reads_it(
+        tmp_path: Path, own_database: str) -> None:
+    """The API's asynchronous routes read the database on the event loop: looking up a
+    key not in the cache, the approvals, a permit's execution, a dry run's facts. With
+    PostgreSQL gone, each such request held every other one (/healthz too) for the pool's
+    5 s. They read it off the loop now."""
+    some_id = "exe_" + "0" * 32
+    with behind_a_proxy(tmp_path, own_database) as (gateway, proxy):
+        agent = {"Authorization": f"Bearer {gateway.api_key}"}
+        stranger = {"Authorization": "Bearer egk_not-a-key-this-gateway-has-seen"}
+        with httpx.Client(base_url=gateway.url, headers=agent, timeout=30) as client:
+            assert client.get("/v1/approvals").status_code == 200  # the key is cached now
+        readers: list[tuple[str, str, dict[str, str], Any]] = [
+            ("POST", "/execute", stranger, {"surface": "payment.execute", "context": PAY}),
+            ("GET", "/v1/approvals", agent, None),
+            ("GET", f"/v1/approvals/{some_id}", agent, None),
+            ("POST", "/v1/coach", agent, {"intent": "payment.execute", "context": PAY}),
+            ("POST", f"/v1/permits/{some_id}/consume", agent, {"requestHash": "0" * 64}),
+            ("POST", f"/executions/{some_id}/outcome", agent, {"result": "SUCCESS"}),
+        ]
+        proxy.cut()
+        with concurrent.futures.ThreadPoolExecutor(len(readers)) as pool:
+            began = time.monotonic()
+            pending = [pool.submit(httpx.request, method, f"{gateway.url}{path}",
+                                   headers=headers, json=body, timeout=60)
+                       for method, path, headers, body in readers]
+            time.sleep(0.3)
+            alive = httpx.get(f"{gateway.url}/healthz", timeout=60)
+            alive_after = time.monotonic() - began
+            answers = [future.result() for future in pending]
+        assert alive.status_code == 200 and alive_after < 3, alive_after
+        for (method, path, _, _), answer in zip(readers, answers, strict=True):
+            assert answer.status_code in (401, 503), (method, path, answer.text)
+
+
 @pytest.fixture
 def full_disk_database() -> Iterator[tuple[str, Path]]:
     """A database of this test's own in a tablespace on a 16 MB tmpfs; yields (URL, mount)."""

@@ -157,6 +157,10 @@ class PendingEntry:
     #: the store refuses the consumption inside its write lock (``ALREADY_CONSUMED``: the
     #: permit was used; ``OUTCOME_RECORDED``: the execution has already ended).
     refuse: Callable[[str], Sealer] | None = None
+    #: For ``kind == "outcome"``: the receipt to record instead of ``seal``, given the
+    #: hash of the execution's ``consume`` receipt (None if there is none), read inside
+    #: the write lock: a consumption committed a moment before is never missed.
+    seal_outcome: Callable[[str | None], Sealer] | None = None
     #: For a PERMIT: what it reserves against stateful limits until it is released.
     reservation: Reservation | None = None
     #: For decisions that depend on the ledger's own state (stateful facts): called
@@ -319,9 +323,16 @@ class Replayed:
 
 @dataclass(frozen=True)
 class Conflicted:
-    """Nothing was written: ``code`` says why (``idempotency_key_reuse``, ``outcome_exists``)."""
+    """The entry was not written: ``code`` says why (``idempotency_key_reuse``,
+    ``outcome_exists``).
+
+    ``resolution``: a vote that came after its approval's expiry is not written, but
+    the expiry it found is: the resolution's stored answer (SILENCE), as for a vote
+    that resolves. None for every other conflict: then nothing was written.
+    """
 
     code: str
+    resolution: Mapping[str, Any] | None = None
 
 
 CommitResult = Committed | Replayed | Conflicted

@@ -197,24 +197,34 @@ class SQLStore(AdminMixin, ABC):
                 if record is None:  # pragma: no cover - the rows are written together
                     raise StorageUnavailable("idempotency key points at a missing execution")
                 return Replayed(record)
-        if entry.kind == "outcome" and conn.execute(
-                "SELECT 1 FROM outcomes WHERE execution_id = ?",
-                (entry.execution_id,)).fetchone() is not None:
-            return Conflicted("outcome_exists")
         kind, seal = entry.kind, entry.seal
         if kind != "decision":
             rows.flush(conn)  # rare kinds read and update what the batch may have written
+        if kind == "outcome":
+            ended, consumed = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM outcomes WHERE execution_id = ?),"
+                " (SELECT receipt_hash FROM log WHERE tenant = ? AND execution_id = ?"
+                " AND kind = 'consume')", (entry.execution_id, entry.tenant,
+                                           entry.execution_id)).fetchone()
+            if ended:
+                return Conflicted("outcome_exists")
+            if entry.seal_outcome is not None:
+                seal = entry.seal_outcome(consumed)
         if kind == "consume":
             # Decided from what is stored, inside the write lock: a second attempt is
-            # recorded as refused, never as a second consumption; and a permit whose
+            # recorded as refused, never as a second consumption; a permit whose
             # execution has an outcome already (a FAILURE freed its share of the limits)
-            # cannot start it after all.
-            consumed, ended = conn.execute(
+            # cannot start it after all; nor can one whose share expired (the limits
+            # stopped counting it then, and another decision may have taken it since).
+            consumed, ended, expired = conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM log WHERE tenant = ? AND execution_id = ?"
                 " AND kind = 'consume'), EXISTS (SELECT 1 FROM outcomes"
-                " WHERE execution_id = ?)",  # one statement: on PostgreSQL, one round trip
-                (entry.tenant, entry.execution_id, entry.execution_id)).fetchone()
-            reason = "ALREADY_CONSUMED" if consumed else "OUTCOME_RECORDED" if ended else None
+                " WHERE execution_id = ?), EXISTS (SELECT 1 FROM reservations"
+                " WHERE execution_id = ? AND expires_at <= ?)",  # one round trip
+                (entry.tenant, entry.execution_id, entry.execution_id, entry.execution_id,
+                 now_epoch)).fetchone()
+            reason = "ALREADY_CONSUMED" if consumed else "OUTCOME_RECORDED" if ended else \
+                "EXPIRED" if expired else None
             if reason is not None:
                 if entry.refuse is None:  # pragma: no cover - the gateway always sets it
                     return Conflicted(reason.lower())
@@ -336,8 +346,10 @@ class SQLStore(AdminMixin, ABC):
                 prepared.execution["decision"] == "PERMIT" else (
                     "expired" if resolution == "expired" else "denied")
             close_approval(conn, entry.execution_id, final, receipt["timestamp"])
-            if committed is None:
-                return Conflicted("approval_expired")
+            if entry.kind == "approval-expire":
+                return Committed(index, receipt, response)
+            if committed is None:  # a vote that came too late
+                return Conflicted("approval_expired", response)
             return Committed(committed.log_index, committed.receipt, response)
         assert committed is not None
         return committed

@@ -14,6 +14,7 @@ lock, with stateful limits read from live reservations.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -89,17 +90,19 @@ class Approvals:
     async def list(self, caller: Caller, status: str | None, limit: int) -> dict[str, Any]:
         """The tenant's approvals, expiring the overdue ones first."""
         await self.expire_due(caller.tenant)
-        return {"approvals": [approval_json(r) for r in
-                              self.store.approvals(caller.tenant, status, limit)]}
+        records = await asyncio.to_thread(self.store.approvals, caller.tenant, status, limit)
+        return {"approvals": [approval_json(r) for r in records]}
 
     async def show(self, caller: Caller, execution_id: str) -> dict[str, Any]:
         """One approval and where its execution stands now."""
         await self.expire_due(caller.tenant, execution_id)
-        approval, execution = self._record(caller.tenant, execution_id)
+        approval, execution = await asyncio.to_thread(self._record, caller.tenant, execution_id)
         return {**approval_json(approval), "decision": execution.decision,
                 "reasonCode": execution.reason_code}
 
     # -- voting ------------------------------------------------------------------------
+    # What reads the store (the approval, the signing key, the policy) runs in a thread:
+    # a slow or unreachable database holds up the request that reads it, not the loop.
 
     async def vote(self, caller: Caller, execution_id: str, choice: str,
                    body: bytes) -> dict[str, Any]:
@@ -109,6 +112,22 @@ class Approvals:
         if comment is not None and (not isinstance(comment, str) or len(comment) > 2000):
             raise MalformedRequest("comment", "a string of at most 2,000 characters",
                                    describe(comment))
+        entry = await asyncio.to_thread(self._vote_entry, caller, execution_id, choice, comment)
+        result = await self.committer.submit(entry)
+        if isinstance(result, Conflicted):
+            if result.resolution is not None:  # too late: this vote found the expiry
+                await self._announce(caller.tenant, execution_id)
+            raise Conflict(_CONFLICTS.get(result.code, result.code).format(id=execution_id))
+        assert isinstance(result, Committed)
+        approval, execution = await asyncio.to_thread(self._record, caller.tenant, execution_id)
+        if result.response:
+            self._resolved(caller.tenant, approval, execution)
+        return {"approval": approval_json(approval), "receipt": result.receipt,
+                "decision": execution.decision,
+                "resolution": dict(result.response) if result.response else None}
+
+    def _vote_entry(self, caller: Caller, execution_id: str, choice: str,
+                    comment: str | None) -> PendingEntry:
         approval, execution = self._record(caller.tenant, execution_id)
         if caller.role != "approver" or approval.approvers not in caller.groups:
             raise Forbidden(f"this API key is not an approver for group {approval.approvers!r}"
@@ -130,37 +149,37 @@ class Approvals:
         }
         vote = Vote(caller.key_hash, caller.label, VOTES[choice], comment,
                     lambda index: seal_receipt({**fields, "logIndex": index}, signer))
-        result = await self.committer.submit(PendingEntry(
-            tenant=caller.tenant, kind="approval-vote", execution_id=execution_id,
-            seal=_unused, vote=vote, resolve=self._resolver(caller.tenant, execution)))
-        if isinstance(result, Conflicted):
-            raise Conflict(_CONFLICTS.get(result.code, result.code).format(id=execution_id))
-        assert isinstance(result, Committed)
-        approval, execution = self._record(caller.tenant, execution_id)
-        if result.response:
-            self._resolved(caller.tenant, approval, execution)
-        return {"approval": approval_json(approval), "receipt": result.receipt,
-                "decision": execution.decision,
-                "resolution": dict(result.response) if result.response else None}
+        return PendingEntry(tenant=caller.tenant, kind="approval-vote",
+                            execution_id=execution_id, seal=_unused, vote=vote,
+                            resolve=self._resolver(caller.tenant, execution))
 
     async def expire_due(self, tenant: str | None = None,
                          execution_id: str | None = None) -> int:
         """Resolve overdue approvals to SILENCE; return how many."""
         count = 0
-        for due_tenant, due_id in self.store.due_approvals(self.clock()):
+        for due_tenant, due_id in await asyncio.to_thread(self.store.due_approvals,
+                                                          self.clock()):
             if (tenant and due_tenant != tenant) or (execution_id and due_id != execution_id):
                 continue
-            execution = self.store.get_execution(due_tenant, due_id)
-            if execution is None:  # pragma: no cover - written together
+            entry = await asyncio.to_thread(self._expiry_entry, due_tenant, due_id)
+            if entry is None:  # pragma: no cover - written together
                 continue
-            result = await self.committer.submit(PendingEntry(
-                tenant=due_tenant, kind="approval-expire", execution_id=due_id, seal=_unused,
-                resolve=self._resolver(due_tenant, execution)))
-            if isinstance(result, Conflicted) and result.code == "approval_expired":
+            # Committed: this sweep expired it (another one, or a late vote, may have).
+            if isinstance(await self.committer.submit(entry), Committed):
                 count += 1
-                approval, execution = self._record(due_tenant, due_id)
-                self._resolved(due_tenant, approval, execution)
+                await self._announce(due_tenant, due_id)
         return count
+
+    async def _announce(self, tenant: str, execution_id: str) -> None:
+        approval, execution = await asyncio.to_thread(self._record, tenant, execution_id)
+        self._resolved(tenant, approval, execution)
+
+    def _expiry_entry(self, tenant: str, execution_id: str) -> PendingEntry | None:
+        execution = self.store.get_execution(tenant, execution_id)
+        if execution is None:
+            return None
+        return PendingEntry(tenant=tenant, kind="approval-expire", execution_id=execution_id,
+                            seal=_unused, resolve=self._resolver(tenant, execution))
 
     def _resolved(self, tenant: str, approval: ApprovalRecord,
                   execution: ExecutionRecord) -> None:

@@ -9,11 +9,11 @@ What is counted, and where it is observed:
 - ``execguard_decisions_total{decision, surface, mode}``: decisions taken on
   ``/execute`` and recorded in the log, counted when their batch commits. An
   idempotent replay is not counted again; an approval's later resolution is not
-  an ``/execute`` decision and is not counted here. ``decision`` is the decision
-  answered: an observe-mode request is always answered ``PERMIT`` (without a
-  permit), so it counts as ``decision="PERMIT", mode="observe"`` whatever its
-  policy would have decided (that is in its receipt as ``wouldDecision``);
-  ``mode="enforce"`` for everything else.
+  an ``/execute`` decision (see ``execguard_approval_resolutions_total``).
+  ``decision`` is the decision answered: an observe-mode request is always
+  answered ``PERMIT`` (without a permit), so it counts as ``decision="PERMIT",
+  mode="observe"`` whatever its policy would have decided (that is in its receipt
+  as ``wouldDecision``); ``mode="enforce"`` for everything else.
 - ``execguard_decision_latency_seconds``: time spent on each ``POST /execute``
   request, whatever its status.
 - ``execguard_group_commit_batch_size`` / ``execguard_group_commit_batches_total``:
@@ -26,6 +26,8 @@ What is counted, and where it is observed:
 - ``execguard_permits_consumed_total`` / ``execguard_permit_refusals_total{reason}``:
   consume attempts as recorded in the log (``reason`` is the refusal reason, one of
   ``PermitRefused.CODES``).
+- ``execguard_approval_resolutions_total{decision, surface}``: escalations resolved
+  by their approval step (a vote, or the expiry), by the decision recorded then.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ import math
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from execguard.ledger import Committed
+from execguard.ledger import Committed, Conflicted
 from execguard.protocol.errors import PermitRefused
 
 if TYPE_CHECKING:
@@ -245,17 +247,24 @@ class BatchSummary(NamedTuple):
     #: Permits consumed, and the reason of each refused consumption.
     consumed: int
     refusals: list[str]
+    #: (decision, surface) of each escalation resolved: approved, denied or expired.
+    resolutions: list[tuple[str, str]]
 
 
 def summarize_batch(entries: Sequence[PendingEntry],
                     results: Sequence[CommitResult]) -> BatchSummary:
     """The metrics' view of one committed transaction."""
-    summary = BatchSummary(0, [], 0, [])
+    summary = BatchSummary(0, [], 0, [], [])
     appended = consumed = 0
     for entry, result in zip(entries, results, strict=False):
+        resolution = _resolution(entry, result)
+        if resolution is not None:
+            appended += 1  # its own entry; the vote, if any, is counted below
+            summary.resolutions.append((str(resolution.get("decision")),
+                                        str(resolution.get("surface"))))
         if not isinstance(result, Committed):
             continue  # a replay or a conflict: nothing new was decided or consumed
-        appended += 1
+        appended += entry.kind != "approval-expire"  # the expiry is its resolution
         if entry.kind == "decision" and result.response is not None:
             answer = result.response
             summary.decisions.append((str(answer.get("decision")), str(answer.get("surface")),
@@ -266,6 +275,15 @@ def summarize_batch(entries: Sequence[PendingEntry],
             else:
                 summary.refusals.append(str(result.receipt.get("refusalReason")))
     return summary._replace(appended=appended, consumed=consumed)
+
+
+def _resolution(entry: PendingEntry, result: CommitResult) -> Mapping[str, Any] | None:
+    """The stored answer of the escalation's resolution this approval step wrote, if any."""
+    if entry.kind not in ("approval-vote", "approval-expire"):
+        return None
+    if isinstance(result, Committed):
+        return result.response
+    return result.resolution if isinstance(result, Conflicted) else None
 
 
 class Metrics:
@@ -303,6 +321,11 @@ class Metrics:
         self.permit_refusals = add(Counter(
             "execguard_permit_refusals_total",
             "Consume attempts refused, by refusal reason.", ("reason",)))
+        self.resolutions = add(Counter(
+            "execguard_approval_resolutions_total",
+            "Escalations resolved by their approval step, by the decision it came to: "
+            "PERMIT (approved), DENY (denied, or a forbid that fired meanwhile), SILENCE "
+            "(expired, or not evaluable again).", ("decision", "surface")))
         # Known label values start at 0, so rate() sees their first increment.
         for cause in ("storage_unavailable", "keys_unavailable", "service_unavailable",
                       "internal_error"):
@@ -340,6 +363,8 @@ class Metrics:
             self.permits_consumed.inc(summary.consumed)
         for reason in summary.refusals:
             self.permit_refusals.inc(reason=reason)
+        for decision, surface in summary.resolutions:
+            self.resolutions.inc(decision=decision, surface=surface)
 
     def observe_request(self, method: str, path: str, status: int, seconds: float,
                         error_code: str | None) -> None:

@@ -10,6 +10,7 @@ runs an action whose consumption could be lost.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -67,6 +68,9 @@ class Permits:
 
     # -- consume -----------------------------------------------------------------------
 
+    # What reads the store (the execution, the signing key) runs in a thread: a slow or
+    # unreachable database holds up the request that reads it, not the event loop.
+
     async def consume(self, caller: Caller, execution_id: str, body: bytes) -> dict[str, Any]:
         """Use a permit once for the request it was issued for; raise PermitRefused otherwise."""
         data = parse_json_object(body)
@@ -74,6 +78,18 @@ class Permits:
         if not isinstance(presented, str) or not _HEX64.match(presented):
             raise MalformedRequest("requestHash", "64 lowercase hex digits (the request's hash)",
                                    describe(presented))
+        record, entry = await asyncio.to_thread(self._consume_entry, caller, execution_id,
+                                                presented)
+        result = await self.committer.submit(entry)
+        assert isinstance(result, Committed)
+        receipt = result.receipt
+        if receipt["consumeResult"] != "CONSUMED":
+            raise PermitRefused(str(receipt["refusalReason"]), execution_id, receipt,
+                                record.decision)
+        return {"consumed": True, "executionId": execution_id, "receipt": receipt}
+
+    def _consume_entry(self, caller: Caller, execution_id: str,
+                       presented: str) -> tuple[ExecutionRecord, PendingEntry]:
         record = self._record(caller, execution_id)
         signer = self.signers.current()
         fields = {**self._base_fields(record, "consume"), "requestHash": presented}
@@ -85,19 +101,11 @@ class Permits:
 
         refusal = self._refusal(record, presented)
         if refusal is not None:
-            entry = PendingEntry(tenant=caller.tenant, kind="consume-refused",
-                                 execution_id=execution_id, seal=sealed("REFUSED", refusal))
-        else:
-            entry = PendingEntry(tenant=caller.tenant, kind="consume", execution_id=execution_id,
-                                 seal=sealed("CONSUMED", None),
-                                 refuse=lambda reason: sealed("REFUSED", reason))
-        result = await self.committer.submit(entry)
-        assert isinstance(result, Committed)
-        receipt = result.receipt
-        if receipt["consumeResult"] != "CONSUMED":
-            raise PermitRefused(str(receipt["refusalReason"]), execution_id, receipt,
-                                record.decision)
-        return {"consumed": True, "executionId": execution_id, "receipt": receipt}
+            return record, PendingEntry(tenant=caller.tenant, kind="consume-refused",
+                                        execution_id=execution_id, seal=sealed("REFUSED", refusal))
+        return record, PendingEntry(tenant=caller.tenant, kind="consume",
+                                    execution_id=execution_id, seal=sealed("CONSUMED", None),
+                                    refuse=lambda reason: sealed("REFUSED", reason))
 
     def _refusal(self, record: ExecutionRecord, presented: str) -> str | None:
         """Why this attempt fails before single use is even asked, or None."""
@@ -130,21 +138,28 @@ class Permits:
         if digest is not None and (not isinstance(digest, str) or not 0 < len(digest) <= 256):
             raise MalformedRequest("resultDigest", "a string of 1 to 256 characters",
                                    describe(digest))
-        record = self._record(caller, execution_id)
-        if record.decision != Outcome.PERMIT.value:
-            raise Conflict(f"execution {execution_id} was not permitted ({record.decision}): "
-                           "there is no execution to report an outcome for")
-        consumed = [e for e in self.store.execution_log(caller.tenant, execution_id)
-                    if e.kind == "consume"]
-        signer = self.signers.current()
-        fields = {**self._base_fields(record, "outcome"), "outcome": result,
-                  "latencyMs": latency, "resultDigest": digest,
-                  "consumeReceiptHash": consumed[0].receipt_hash if consumed else None}
-        entry = PendingEntry(tenant=caller.tenant, kind="outcome", execution_id=execution_id,
-                             seal=lambda index: seal_receipt({**fields, "logIndex": index},
-                                                             signer))
+        entry = await asyncio.to_thread(self._outcome_entry, caller, execution_id, {
+            "outcome": result, "latencyMs": latency, "resultDigest": digest})
         committed = await self.committer.submit(entry)
         if isinstance(committed, Conflicted):
             raise Conflict(f"an outcome is already recorded for execution {execution_id}")
         assert isinstance(committed, Committed)
         return {"executionId": execution_id, "outcome": result, "receipt": committed.receipt}
+
+    def _outcome_entry(self, caller: Caller, execution_id: str,
+                       reported: dict[str, Any]) -> PendingEntry:
+        record = self._record(caller, execution_id)
+        if record.decision != Outcome.PERMIT.value:
+            raise Conflict(f"execution {execution_id} was not permitted ({record.decision}): "
+                           "there is no execution to report an outcome for")
+        signer = self.signers.current()
+        fields = {**self._base_fields(record, "outcome"), **reported}
+
+        def sealed(consumed: str | None) -> Callable[[int], dict[str, Any]]:
+            return lambda index: seal_receipt(
+                {**fields, "consumeReceiptHash": consumed, "logIndex": index}, signer)
+
+        # The consumption is read inside the write lock (``seal_outcome``): one committed
+        # a moment before, by this gateway or another, is named.
+        return PendingEntry(tenant=caller.tenant, kind="outcome", execution_id=execution_id,
+                            seal=sealed(None), seal_outcome=sealed)

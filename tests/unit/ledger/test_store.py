@@ -208,6 +208,47 @@ def test_a_permit_is_consumed_once_and_never_after_its_execution_ended(
     assert kinds == ["decision", "outcome", "consume-refused"]
 
 
+def test_a_permit_whose_share_of_the_limits_expired_is_not_consumed(store: SQLStore) -> None:
+    """Expiry is decided inside the lock too, at the transaction's time: a consume queued
+    just before the permit expired could otherwise take back a share that a decision of
+    another replica had already given away (the limits count it from its expiry on)."""
+    share = Reservation("payment.execute", "ann", {"amount": 10}, 50.0, 200.0)
+    store.commit_batch([dataclasses.replace(decision("acme", e), reservation=share)
+                        for e in ("early", "late")], 60.0)
+    (early,) = store.commit_batch([consume("acme", "early")], 199.9)
+    (late,) = store.commit_batch([consume("acme", "late")], 200.0)
+    assert isinstance(early, Committed) and isinstance(late, Committed)
+    assert (early.receipt["consumeResult"], early.receipt["refusalReason"]) == \
+        ("CONSUMED", None)
+    assert (late.receipt["consumeResult"], late.receipt["refusalReason"]) == \
+        ("REFUSED", "EXPIRED")
+    assert [e.kind for e in store.execution_log("acme", "late")] == \
+        ["decision", "consume-refused"]
+
+
+def test_an_outcome_names_the_consumption_committed_before_it(store: SQLStore) -> None:
+    """Which consumption an outcome follows is read inside the lock: read before, a
+    consumption committed meanwhile (even in the same batch) was named as none."""
+    def reporting(execution_id: str) -> PendingEntry:
+        def sealed(consumed: str | None) -> Any:
+            return lambda index: seal_receipt(
+                {"receiptType": "outcome", "executionId": execution_id,
+                 "consumeReceiptHash": consumed, "logIndex": index}, SIGNER)
+        return dataclasses.replace(outcome("acme", execution_id), seal=sealed(None),
+                                   seal_outcome=sealed)
+
+    store.commit_batch([decision("acme", e) for e in ("same", "next", "never")], 0)
+    same = store.commit_batch([consume("acme", "same"), reporting("same")], 1)
+    (used,) = store.commit_batch([consume("acme", "next")], 1)
+    (after,) = store.commit_batch([reporting("next")], 1)
+    (unused,) = store.commit_batch([reporting("never")], 1)
+    assert isinstance(same[0], Committed) and isinstance(same[1], Committed)
+    assert same[1].receipt["consumeReceiptHash"] == same[0].receipt["receiptHash"]
+    assert isinstance(used, Committed) and isinstance(after, Committed)
+    assert after.receipt["consumeReceiptHash"] == used.receipt["receiptHash"]
+    assert isinstance(unused, Committed) and unused.receipt["consumeReceiptHash"] is None
+
+
 def test_an_outcome_is_recorded_once(store: SQLStore) -> None:
     store.commit_batch([decision("acme", "e1")], 0)
     assert isinstance(store.commit_batch([outcome("acme", "e1")], 0)[0], Committed)
