@@ -307,11 +307,17 @@ def test_webhooks_are_signed_and_a_failing_one_blocks_nothing(fresh_gateway: Gat
         run_cli("webhooks", "add", good.url, "--secret", "s3cret", data=fresh_gateway.data)
         run_cli("webhooks", "add", slack.url, "--format", "slack", "--event",
                 "approval.requested", data=fresh_gateway.data)
-        # A webhook URL may hold credentials: the logs must never show them.
-        run_cli("webhooks", "add", broken.url.replace("http://", "http://hook:PASSWORD1@")
-                + "?token=QUERY1", data=fresh_gateway.data)
-        run_cli("webhooks", "add", "http://hook:PASSWORD2@127.0.0.1:9/nowhere?token=QUERY2",
-                data=fresh_gateway.data)
+        # A webhook URL may hold credentials: neither the logs nor the CLI show them.
+        printed = [run_cli("webhooks", "add", broken.url.replace("http://", "http://hook:"
+                                                                "PASSWORD1@") + "?token=QUERY1",
+                           data=fresh_gateway.data).stdout,
+                   run_cli("webhooks", "add",
+                           "http://hook:PASSWORD2@127.0.0.1:9/nowhere?token=QUERY2",
+                           data=fresh_gateway.data).stdout,
+                   run_cli("webhooks", "list", data=fresh_gateway.data).stdout]
+        assert printed[-1].count("127.0.0.1") == 4
+        for secret in ("PASSWORD1", "PASSWORD2", "QUERY1", "QUERY2", "/nowhere"):
+            assert secret not in "".join(printed)
         alice = approver(fresh_gateway, "finance", "alice")
         with fresh_gateway.client() as client:
             started = time.monotonic()

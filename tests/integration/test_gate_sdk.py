@@ -885,6 +885,9 @@ def test_configuration_comes_from_the_environment_or_fails(
             kind("http://[::1", gateway.api_key)
         with pytest.raises(ConfigError, match="port 99999 is not within 1-65535"):
             kind("http://127.0.0.1:99999", gateway.api_key)
+        for pasted in ("egk_abc\n", "egk_\u00e4bc"):
+            with pytest.raises(ConfigError, match="API key is not printable ASCII"):
+                kind(gateway.url, pasted)
         # Sent as Basic credentials instead of the key: every call would be refused.
         with pytest.raises(ConfigError, match="holds a user name or password"):
             kind(gateway.url.replace("http://", "http://user:pw@"), gateway.api_key)

@@ -111,6 +111,15 @@ def test_not_permitted_prints_why_and_does_not_run(fresh_gateway: Gateway,
     assert upstream.calls == 0
 
 
+def test_a_command_name_is_printed_as_text(fresh_gateway: Gateway, tmp_path: Path) -> None:
+    """What run prints names the command and the gateway's reason: text that others
+    wrote, once read as rich markup ('[/]' ended in a traceback, not exit 127)."""
+    code, stderr = run(fresh_gateway, "--surface", "deploy.release", *DEPLOY,
+                       "--context", "tests_passed=true", "--", str(tmp_path / "no[/]such"))
+    assert code == 127, stderr
+    assert "cannot run" in stderr and "no[/]such" in stderr and "Traceback" not in stderr
+
+
 def test_no_gateway_no_run(upstream: Upstream, gateway: Gateway) -> None:
     code, stderr = run(gateway, "--surface", "deploy.release", *DEPLOY, "--url",
                        "http://127.0.0.1:9", "--timeout", "1", *deploy_command(upstream))

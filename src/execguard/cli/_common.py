@@ -30,7 +30,7 @@ app.add_typer(receipt_app, name="receipt")
 # there is text, not a crash. Colour is given as rich Text.
 out = Console(highlight=False, soft_wrap=True, markup=False,
               width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 DataOption = Annotated[Path, typer.Option(
     "--data", envvar="EXECGUARD_DATA", help="Data directory.", show_default=True)]

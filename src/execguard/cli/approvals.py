@@ -146,7 +146,8 @@ def webhooks_add(
         store.add_webhook(record)
     finally:
         store.close()
-    out.print(f"Webhook {record.id} for tenant {tenant}: {', '.join(events)} -> {url} ({fmt})")
+    out.print(f"Webhook {record.id} for tenant {tenant}: {', '.join(events)} -> "
+              f"{_host_of(url)} ({fmt})")
     print(f"EXECGUARD_WEBHOOK_SECRET={secret}")
 
 
@@ -159,10 +160,16 @@ def webhooks_list(tenant: TenantOption = "demo", data: DataOption = DEFAULT_DATA
         hooks = store.webhooks(tenant)
     finally:
         store.close()
-    table = Table("id", "url", "format", "events")
+    table = Table("id", "host", "format", "events")
     for h in hooks:
-        table.add_row(h.id, h.url, h.format, ", ".join(h.events))
+        table.add_row(h.id, _host_of(h.url), h.format, ", ".join(h.events))
     out.print(table)
+
+
+def _host_of(url: str) -> str:
+    """A webhook's host: its URL may hold a credential (user:password, a token in the
+    query; a Slack webhook's path is one), and listings end up in CI logs."""
+    return urlsplit(url).hostname or "?"
 
 
 @webhooks_app.command("remove")

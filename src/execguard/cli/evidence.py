@@ -78,8 +78,8 @@ def _keyset(keys: str | None, fallback: Any, where: str, as_json: bool) -> KeySe
     if keys is not None:
         return KeySet.from_document(load_json_source(keys))
     if not as_json:
-        err.print(f"[yellow]note[/yellow]: keys taken from {where} itself; pin them with "
-                  "--keys FILE|URL so a replaced key set cannot go unnoticed")
+        err.print(Text("note", style="yellow"), f": keys taken from {where} itself; pin them "
+                  "with --keys FILE|URL so a replaced key set cannot go unnoticed", sep="")
     return KeySet.from_document(fallback)
 
 

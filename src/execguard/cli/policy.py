@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -207,8 +206,8 @@ def policy_test(directory: Annotated[Path, typer.Argument(help="The bundle direc
         out.print(f"{len(results) - len(failed)} passed, {len(failed)} failed "
                   f"(policy version {bundle.version})")
     if not results:
-        err.print(escape(f"error: {directory} has no test cases; add [[case]] tables in "
-                         "tests/*.toml"))
+        err.print(f"error: {directory} has no test cases; add [[case]] tables in "
+                  "tests/*.toml")
     if failed or not results:
         raise typer.Exit(1)
 

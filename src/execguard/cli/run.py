@@ -10,6 +10,7 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from execguard.cli._common import app, err
 from execguard.protocol.errors import ConfigError
@@ -159,8 +160,8 @@ def run(
                                   action=action, subject_digest=subject_digest,
                                   idempotency_key=idempotency_key)
         except ExecutionBlocked as blocked:
-            err.print(f"[red]execguard: not run[/red] — {blocked.decision or 'NO DECISION'}"
-                      f": {blocked.reason}")
+            err.print(Text("execguard: not run", style="red"),
+                      f"— {blocked.decision or 'NO DECISION'}: {blocked.reason}")
             if blocked.reason_code:
                 err.print(f"  reason code   {blocked.reason_code}")
             if blocked.execution_id:
@@ -174,7 +175,7 @@ def run(
             try:
                 code = signals.run(command)
             except OSError as exc:
-                err.print(f"[red]execguard: cannot run {command[0]}: {exc.strerror}[/red]")
+                err.print(f"execguard: cannot run {command[0]}: {exc.strerror}", style="red")
                 code = EXIT_NOT_FOUND
             if signals.received is not None:  # stopped from outside: it did not complete
                 code = 128 + signals.received

@@ -90,6 +90,11 @@ class _GateBase:
             raise ConfigError("no gateway URL: pass url= or set EXECGUARD_URL")
         if not self.api_key:
             raise ConfigError("no API key: pass api_key= or set EXECGUARD_API_KEY")
+        if not (self.api_key.isascii() and self.api_key.isprintable()):
+            # It travels in a header: anything else could not be sent (a pasted key with
+            # a newline or a typographic character is a configuration error, said so).
+            raise ConfigError("the API key is not printable ASCII: check api_key= or "
+                              "EXECGUARD_API_KEY")
         try:
             self.url = check_gateway_url(url)
         except ConfigError as exc:
