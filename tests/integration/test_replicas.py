@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,6 +38,8 @@ pytestmark = pytest.mark.skipif("postgresql" not in BACKENDS,
 
 PAY = {"currency": "EUR", "beneficiary": "Acme Office Supplies"}
 REPLICAS = 3
+#: An actor id that Slack would show as a mention of the whole channel and a link.
+PHISHING = "<!channel> <https://phish.example/|approved already: confirm here>"
 
 
 @pytest.fixture
@@ -164,3 +167,66 @@ def check_one_log(database: str) -> None:
         assert store.tree_root("demo", size) == tree.root()
     finally:
         store.close()
+
+
+def test_webhooks_go_out_once_per_event_and_a_locked_table_blocks_nothing(
+        replicas: list[Gateway]) -> None:
+    """Whichever replica takes an event announces it, once, signed. Reading the webhooks
+    is not the request's business: with the table locked (a maintenance job), the
+    replica that escalated still answers everything else at once. A Slack message shows
+    the requester's actor id as text, never as a link or a mention."""
+    import psycopg
+
+    from execguard.server.webhooks import sign_payload
+    from tests.integration.test_approvals import Receiver, approver, escalate
+
+    first = replicas[0]
+    assert first.database is not None
+    hooks, slack = Receiver(), Receiver()
+    clients = [gateway.client() for gateway in replicas]
+    try:
+        run_cli("webhooks", "add", hooks.url, "--secret", "s3cret", data=first.data)
+        run_cli("webhooks", "add", slack.url, "--format", "slack", "--event",
+                "approval.requested", data=first.data)
+        alice, bob = approver(first, "finance", "alice"), approver(first, "finance", "bob")
+        key = f"hook-{uuid.uuid4()}"
+        answers = all_at_once([lambda c=c: escalate(c, actor="dave", key=key) for c in clients])
+        execution_id = answers[0]["execution_id"]
+        votes = all_at_once([
+            lambda: replicas[1].client(api_key=alice).post(
+                f"/v1/approvals/{execution_id}/approve", json={}),
+            lambda: replicas[2].client(api_key=bob).post(
+                f"/v1/approvals/{execution_id}/deny", json={})])
+        assert sorted(v.status_code for v in votes) == [200, 409]
+        hooks.wait_for(2)
+
+        with psycopg.connect(first.database) as locker:
+            locker.execute("LOCK TABLE webhooks IN ACCESS EXCLUSIVE MODE")
+            escalating = threading.Thread(target=escalate, args=(clients[0], PHISHING))
+            escalating.start()
+            time.sleep(0.5)  # the escalation is answered: its event reads the webhooks
+            started = time.monotonic()
+            assert httpx.get(f"{first.url}/healthz", timeout=30).status_code == 200
+            waited = time.monotonic() - started
+            time.sleep(0.5)
+            locker.rollback()
+        escalating.join()
+        assert waited < 1.0, f"/healthz waited {waited:.1f} s for the webhooks table"
+        hooks.wait_for(3)
+        slack.wait_for(2)
+        time.sleep(1.0)  # nothing more comes
+    finally:
+        for client in clients:
+            client.close()
+        hooks.server.shutdown()
+        slack.server.shutdown()
+    text = json.loads(slack.deliveries[-1][1])["text"]
+    assert "<" not in text and "by &lt;!channel&gt; &lt;https://phish.example/|" in text, text
+    events = [(headers["X-ExecGuard-Event"], json.loads(body)["executionId"])
+              for headers, body in hooks.deliveries]
+    assert Counter(events) == {("approval.requested", execution_id): 1,
+                               ("approval.resolved", execution_id): 1,
+                               ("approval.requested", events[2][1]): 1}, events
+    for headers, body in hooks.deliveries:
+        assert headers["X-ExecGuard-Signature"] == sign_payload(
+            "s3cret", headers["X-ExecGuard-Timestamp"], body)

@@ -524,22 +524,27 @@ class SQLStore(AdminMixin, ABC):
             return consistency_proof(size1, size2, self._reader(conn, tenant))
 
     def add_checkpoint(self, record: CheckpointRecord) -> CheckpointRecord:
-        """Store a checkpoint; if one of that size exists, return it instead (never a fork).
+        """Store a checkpoint, unless one of at least its size is stored: then return the
+        largest stored (never a fork; and the checkpoints' times never go backwards as
+        their sizes grow: a replica that read the log's size a moment before another
+        stored a larger checkpoint does not store its smaller one).
 
         Raises :class:`StorageUnavailable` if a stored checkpoint of the same size
         has a different root: that would be a fork, and nothing is written.
         """
         with self._write("storing a checkpoint") as conn:
-            row = conn.execute("SELECT tenant, size, root, note, key_id, created_at FROM"
-                               " checkpoints WHERE tenant = ? AND size = ?",
-                               (record.tenant, record.size)).fetchone()
-            if row is not None:
-                existing = CheckpointRecord(row[0], row[1], bytes(row[2]), *row[3:])
-                if existing.root != record.root:
-                    raise StorageUnavailable(
-                        f"refusing to sign a fork: checkpoint {record.size} of tenant "
-                        f"{record.tenant!r} already has another root")
-                return existing
+            rows = conn.execute(
+                "SELECT tenant, size, root, note, key_id, created_at FROM checkpoints"
+                " WHERE tenant = ? AND (size = ? OR size = (SELECT MAX(size) FROM"
+                " checkpoints WHERE tenant = ?)) AND size >= ? ORDER BY size",
+                (record.tenant, record.size, record.tenant, record.size)).fetchall()
+            stored = [CheckpointRecord(r[0], r[1], bytes(r[2]), *r[3:]) for r in rows]
+            if stored and stored[0].size == record.size and stored[0].root != record.root:
+                raise StorageUnavailable(
+                    f"refusing to sign a fork: checkpoint {record.size} of tenant "
+                    f"{record.tenant!r} already has another root")
+            if stored:
+                return stored[-1]
             conn.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)",
                          (record.tenant, record.size, record.root, record.note, record.key_id,
                           record.created_at))

@@ -20,7 +20,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,15 +42,23 @@ def sign_payload(secret: str, timestamp: str, body: bytes) -> str:
     return "sha256=" + mac.hexdigest()
 
 
+def _slack_escaped(value: object) -> str:
+    """Text as Slack shows it literally: ``<...>`` is Slack's markup for links and
+    mentions (``<!channel>``), and the actor id is whatever the requester sent, so an
+    approver must never see it turned into a link or a ping (api.slack.com: escaping)."""
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _slack_text(event: str, payload: Mapping[str, Any]) -> str:
-    approval = payload.get("approval", {})
+    approval = {k: _slack_escaped(v) for k, v in payload.get("approval", {}).items()
+                if v is not None}
     who = approval.get("actorId") or "an anonymous actor"
     if event == "approval.requested":
         return (f":raised_hand: {approval.get('surface')} by {who} needs {approval.get('quorum')}"
                 f" approval(s) from *{approval.get('approvers')}* "
                 f"(id `{approval.get('id')}`, expires {approval.get('expiresAt')}).")
     return (f":white_check_mark: approval `{approval.get('id')}` for {approval.get('surface')} "
-            f"resolved: *{approval.get('status')}* -> {payload.get('decision')}.")
+            f"resolved: *{approval.get('status')}* -> {_slack_escaped(payload.get('decision'))}.")
 
 
 class Notifier:
@@ -65,16 +73,26 @@ class Notifier:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def notify(self, tenant: str, event: str, payload: Mapping[str, Any]) -> None:
-        """Schedule deliveries and return at once; never raises."""
+        """Schedule deliveries and return at once; never raises (call it on the event loop)."""
+        self._track(self._send(tenant, event, payload))
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, tenant: str, event: str, payload: Mapping[str, Any]) -> None:
+        # The targets are read from the database on a thread: a slow or locked database
+        # must hold up this event's deliveries only, never the event loop (and with it
+        # every request of this gateway, /healthz included).
         try:
-            targets = [t for t in self._targets(tenant) if event in t.events]
+            targets = await asyncio.to_thread(self._targets, tenant)
         except Exception as exc:  # a webhook problem must never affect a decision
             log.warning("webhooks of tenant %s unavailable: %s", tenant, exc)
             return
         for target in targets:
-            task = asyncio.get_running_loop().create_task(self._deliver(target, event, payload))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if event in target.events:
+                self._track(self._deliver(target, event, payload))
 
     async def _deliver(self, target: WebhookRecord, event: str,
                        payload: Mapping[str, Any]) -> None:
@@ -105,10 +123,16 @@ class Notifier:
 
     async def drain(self, timeout: float = 5.0) -> None:
         """At shutdown: let deliveries in flight finish for a moment, then give up on them."""
+        deadline = time.monotonic() + timeout
+        # Again while some remain: an event whose targets were being read starts its
+        # deliveries meanwhile.
+        while self._tasks and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(list(self._tasks), timeout=left)
         if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
-            for task in pending:
-                task.cancel()
+            log.warning("stopping: %d webhook deliveries still in flight are dropped",
+                        len(self._tasks))
+        for task in list(self._tasks):
+            task.cancel()
 
 
 def _where(target: WebhookRecord) -> str:

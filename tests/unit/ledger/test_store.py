@@ -397,6 +397,11 @@ def test_the_tree_is_stored_and_a_forked_checkpoint_is_refused(store: SQLStore) 
     with pytest.raises(StorageUnavailable, match="fork"):
         store.add_checkpoint(CheckpointRecord("acme", 11, bytes(32), "forged", "k", "t3"))
     assert [c.root for c in store.checkpoints("acme")] == [tree.root()]
+    # A smaller one signed a moment before the larger was stored (another replica): the
+    # larger is the latest, and checkpoints stay in the order of their sizes and times.
+    late = CheckpointRecord("acme", 5, tree.root(5), "note 5", "k", "t4")
+    assert store.add_checkpoint(late) == good
+    assert [c.size for c in store.checkpoints("acme")] == [11]
 
 
 def test_two_writers_on_one_database_keep_one_tree(store: SQLStore, tmp_path: Path,
