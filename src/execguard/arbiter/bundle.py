@@ -99,15 +99,19 @@ class PolicyBundle:
         contents: dict[str, bytes] = {}
         for directory, subdirs, names in os.walk(root):
             subdirs[:] = sorted(name for name in subdirs if not name.startswith("."))
+            for name in subdirs:
+                if Path(directory, name).is_symlink():
+                    # os.walk does not enter it: its files would silently not be loaded.
+                    raise BundleInvalid(
+                        "is a symbolic link to a directory, which a bundle cannot hold; "
+                        "copy the directory in",
+                        file=Path(directory, name).relative_to(root).as_posix())
             for name in sorted(names):
                 if name.startswith("."):
                     continue
                 full = Path(directory, name)
                 relative = full.relative_to(root).as_posix()
-                try:
-                    contents[relative] = full.read_bytes()
-                except OSError as exc:
-                    raise BundleInvalid(f"cannot be read: {exc}", file=relative) from exc
+                contents[relative] = _read_bundle_file(full, relative)
         return cls.from_files(contents)
 
     @classmethod
@@ -145,6 +149,18 @@ def demo_bundle_path() -> Path:
             "wheel or source tree rather than a zip archive"
         )
     return resource
+
+
+def _read_bundle_file(path: Path, relative: str) -> bytes:
+    """A bundle file's bytes; never more than one byte past the size limit is read, so a
+    huge file, a FIFO or a device is refused instead of exhausting memory or hanging."""
+    try:
+        if not path.is_file():
+            raise BundleInvalid("is not a regular file", file=relative)
+        with path.open("rb") as handle:
+            return handle.read(MAX_FILE_BYTES + 1)  # from_files refuses the oversized
+    except OSError as exc:
+        raise BundleInvalid(f"cannot be read: {exc}", file=relative) from exc
 
 
 def _select_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
@@ -242,6 +258,15 @@ def _check_schema(text: str, registry: SurfaceRegistry) -> tuple[str, cedarpy.Sc
         if re.search(rf"^entity {entity} enum\b", rendered, re.MULTILINE):
             raise BundleInvalid(
                 f"declares {entity} as an enumerated entity type; it must accept any id",
+                file=SCHEMA_FILE, key=entity,
+            )
+        if not re.search(rf"^entity {entity};$", rendered, re.MULTILINE):
+            # ExecGuard passes no entity data: a policy reading an attribute, a tag or a
+            # group of the principal or resource could never see it (a guarded forbid
+            # would never fire, and the request would be permitted).
+            raise BundleInvalid(
+                f"gives {entity} attributes, tags or parent types, but ExecGuard passes no "
+                f"entity data: declare it as 'entity {entity};' and decide from the context",
                 file=SCHEMA_FILE, key=entity,
             )
     full = generate_schema(text, registry)

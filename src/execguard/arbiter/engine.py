@@ -49,6 +49,8 @@ __all__ = ["ApprovalRule", "CompiledBundle", "Evaluation", "PolicyMeta", "approv
 
 ANONYMOUS_ACTOR = "anonymous"
 NO_SUBJECT = "none"
+#: How Cedar names a policy in its diagnostics: by its positional id, ``policy3``.
+_CEDAR_POLICY_REF_RE = re.compile(r"policy `(policy\d+)`")
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,10 @@ class CompiledBundle:
                 approval=approval_rule(annotations, annotations["id"]) if escalate else None,
             )
         self._meta = MappingProxyType(meta)
+        # Cedar's diagnostics name policies by position; a person needs the @id and the file.
+        self._labels = MappingProxyType({
+            info.cedar_id: f"{info.id!r} ({info.file}:{info.line})" if info.line
+            else f"{info.id!r} ({info.file})" for info in bundle.policies})
         self._projection = projection_of(parsed)
         # Each surface is evaluated against the policies that can apply to it: one scoped
         # to ``action == Action::"x"`` never applies to another action, yet Cedar would
@@ -207,11 +213,26 @@ class CompiledBundle:
         return self._outcome(spec.name, result.decision, result.diagnostics.reasons, errors,
                              approved)
 
+    def _name_policies(self, error: str) -> str:
+        """A Cedar diagnostic with each positional policy id replaced by its @id and place."""
+        return _CEDAR_POLICY_REF_RE.sub(
+            lambda match: "policy " + self._labels.get(match.group(1), f"`{match.group(1)}`"),
+            error)
+
+    def _erroring_policies(self, errors: tuple[str, ...]) -> list[str]:
+        """The @ids of the policies Cedar's diagnostics name (before :meth:`_name_policies`)."""
+        return sorted({self._meta[cedar_id].id for error in errors
+                       for cedar_id in _CEDAR_POLICY_REF_RE.findall(error)
+                       if cedar_id in self._meta})
+
     def _outcome(
         self, surface: str, decision: cedarpy.Decision, fired_ids: Iterable[str],
         errors: tuple[str, ...], approved: bool = False,
     ) -> Evaluation:
         fired = sorted((self._meta[cedar_id] for cedar_id in fired_ids), key=lambda m: m.id)
+        failing = self._erroring_policies(errors) if errors else []
+        if errors:
+            errors = tuple(self._name_policies(error) for error in errors)
         forbids = [m for m in fired if m.effect == "forbid" and not m.escalate]
         if forbids:
             return self._decide(
@@ -219,9 +240,12 @@ class CompiledBundle:
                 f"Policy {forbids[0].id!r} forbids this {surface} request.",
             )
         if errors or decision not in (cedarpy.Decision.Allow, cedarpy.Decision.Deny):
+            what = (f"Policy {', '.join(repr(policy_id) for policy_id in failing)}" if failing
+                    else "A policy")
             return self._silence(
                 "EVALUATION_ERROR",
-                "A policy could not be evaluated for this request, so no permit can be issued.",
+                f"{what} could not be evaluated for this {surface} request, so no permit can "
+                "be issued.",
                 errors=errors or (f"Cedar returned no decision ({decision.value})",),
             )
         if approved:

@@ -19,6 +19,8 @@ __all__ = ["Statement", "blank_comments", "locate_error", "split_statements"]
 
 # Prefix re-parsing costs one parse per line; beyond this the message goes without a line.
 _MAX_SCAN_LINES = 5000
+# ...and the parses together read at most this many characters (a second or so).
+_MAX_SCAN_CHARACTERS = 20_000_000
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,34 @@ def locate_error(text: str, parse: Callable[[str], object], message: str) -> int
     the offending line. Errors found only once a whole construct is read (an
     unknown type, a bad member access) surface at its last line, so the line
     is then moved back to where the quoted culprit appears.
+
+    Re-parsing every prefix of a long file costs time quadratic in its length
+    (minutes for a few thousand lines), so the ``;``-terminated statement that
+    fails with the same message on its own is found first (one parse each)
+    and only its lines are scanned; when no statement does (a schema's
+    namespace spans many), the whole text is, within a bounded amount of work.
     """
+    for statement in split_statements(text):
+        try:
+            parse(statement.code)
+        except ValueError as exc:
+            if str(exc) == message:
+                line = _scan_prefixes(statement.code, parse, message)
+                return None if line is None else statement.begin_line + line - 1
+    return _scan_prefixes(text, parse, message)
+
+
+def _scan_prefixes(text: str, parse: Callable[[str], object], message: str) -> int | None:
+    """:func:`locate_error` by re-parsing growing prefixes of ``text``."""
     lines = text.splitlines(keepends=True)
     last_ok = 0
+    budget = _MAX_SCAN_CHARACTERS
+    length = 0
     for count in range(1, min(len(lines), _MAX_SCAN_LINES) + 1):
+        length += len(lines[count - 1])
+        budget -= length
+        if budget < 0:
+            return None
         try:
             parse("".join(lines[:count]))
         except ValueError as exc:

@@ -201,6 +201,8 @@ def policy_test(directory: Annotated[Path, typer.Argument(help="The bundle direc
         for r in failed:
             where = f"{r.case.file}:{r.case.line}" if r.case.line else r.case.file
             out.print(f"FAIL {where} [case {r.case.name!r}]: " + "; ".join(r.problems))
+            for error in r.evaluation.errors if r.evaluation else ():
+                out.print(f"  evaluation error: {error}")
         if untested:
             out.print(f"note: no passing case is decided by {', '.join(untested)}")
         out.print(f"{len(results) - len(failed)} passed, {len(failed)} failed "

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import threading
 from pathlib import Path
 
 import cedarpy
@@ -128,3 +131,51 @@ def test_non_utf8_policy_is_refused() -> None:
     files["policies/main.cedar"] = b"// ok\n\xff\xfe"
     error = refused(files)
     assert (error.file, error.line) == ("policies/main.cedar", 2)
+
+
+def test_a_symlinked_directory_is_refused_not_silently_skipped(tmp_path: Path) -> None:
+    # os.walk does not enter a linked directory: its cases would silently not be loaded.
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle_path(), bundle)
+    shutil.move(bundle / "tests", tmp_path / "shared-tests")
+    (bundle / "tests").symlink_to(tmp_path / "shared-tests")
+    with pytest.raises(BundleInvalid) as info:
+        PolicyBundle.from_directory(bundle)
+    assert info.value.file == "tests" and "symbolic link to a directory" in str(info.value)
+
+
+def test_a_fifo_is_refused_instead_of_blocking(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle_path(), bundle)
+    fifo = bundle / "tests" / "pipe.toml"
+    os.mkfifo(fifo)  # reading it waits for a writer forever
+    raised: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            PolicyBundle.from_directory(bundle)
+        except BaseException as exc:  # handed to the test thread
+            raised.append(exc)
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    loader.join(timeout=10)
+    if loader.is_alive():
+        with fifo.open("wb"):  # release the blocked reader before failing
+            pass
+        pytest.fail("loading a bundle holding a FIFO blocked")
+    assert isinstance(raised[0], BundleInvalid)
+    assert (raised[0].file, "is not a regular file" in str(raised[0])) == (
+        "tests/pipe.toml", True)
+
+
+def test_a_huge_file_is_refused_without_reading_it_whole(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle_path(), bundle)
+    with (bundle / "tests" / "huge.toml").open("wb") as handle:
+        handle.truncate(64 << 20)  # sparse: 64 MiB that take no disk
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read {self} whole"))
+    with pytest.raises(BundleInvalid) as info:
+        PolicyBundle.from_directory(bundle)
+    assert info.value.file == "tests/huge.toml" and "is larger than" in str(info.value)

@@ -18,19 +18,11 @@ from execguard.protocol.request import ExecutionRequest
 from .conftest import THURSDAY, THURSDAY_CLOCK, write_bundle
 
 PERMIT_ALL = '@id("run-all")\n@reason("ALWAYS")\npermit (principal, action, resource);\n'
-# Validates (the schema says every Actor has a clearance) but errors when run: ExecGuard
-# passes no entity data, so the principal has no attributes.
-FORBID_ENTITY_ATTR = """\
-@id("low-clearance")
-@reason("LOW_CLEARANCE")
-forbid (principal, action, resource) when { principal.clearance < 3 };
-"""
 # Validates but overflows a 64-bit Long for any n > 807 (and does not fire for n <= 0).
 FORBID_OVERFLOW = """\
 @id("overflow")
 forbid (principal, action, resource) when { context.n > 0 && context.n + 9223372036854775000 > 0 };
 """
-ACTOR_WITH_ATTR = "entity Actor { clearance: Long };\nentity Subject;\n"
 
 
 def job(n: int = 1000, **fields: Any) -> ExecutionRequest:
@@ -47,13 +39,8 @@ def raw_cedar(engine: CompiledBundle, n: int) -> cedarpy.AuthzResult:
                                  schema=engine.bundle.schema_text)
 
 
-@pytest.mark.parametrize(("forbid", "schema"), [
-    (FORBID_ENTITY_ATTR, ACTOR_WITH_ATTR),
-    (FORBID_OVERFLOW, "entity Actor;\nentity Subject;\n"),
-])
-def test_erroring_forbid_is_not_a_permit(small_engine: Callable[..., CompiledBundle],
-                                         forbid: str, schema: str) -> None:
-    engine = small_engine({"permit.cedar": PERMIT_ALL, "forbid.cedar": forbid}, schema=schema)
+def test_erroring_forbid_is_not_a_permit(small_engine: Callable[..., CompiledBundle]) -> None:
+    engine = small_engine({"permit.cedar": PERMIT_ALL, "forbid.cedar": FORBID_OVERFLOW})
     cedar = raw_cedar(engine, 1000)
     assert cedar.decision == cedarpy.Decision.Allow and cedar.diagnostics.errors
     result = engine.evaluate(job(), THURSDAY)
@@ -62,12 +49,26 @@ def test_erroring_forbid_is_not_a_permit(small_engine: Callable[..., CompiledBun
     assert any("error while evaluating policy" in error for error in result.errors)
 
 
+@pytest.mark.parametrize("actor", [
+    "entity Actor { clearance: Long };", "entity Actor { role?: String };",
+    "entity Group;\nentity Actor in [Group];", "entity Actor tags String;"])
+def test_a_principal_with_data_is_refused(tmp_path: Path, actor: str) -> None:
+    """ExecGuard passes no entity data: ``forbid ... when { principal has role &&
+    principal.role == "intern" }`` (or ``principal in Group::"blocked"``) never fired, and
+    the request was permitted; an unguarded attribute read made every request SILENCE."""
+    root = write_bundle(tmp_path / "b", {"a.cedar": PERMIT_ALL},
+                        schema=f"{actor}\nentity Subject;\n")
+    with pytest.raises(BundleInvalid, match="passes no entity data") as info:
+        PolicyBundle.from_directory(root)
+    assert info.value.file == "schema.cedarschema" and info.value.key == "Actor"
+
+
 def test_firing_forbid_still_denies_despite_another_error(
         small_engine: Callable[..., CompiledBundle]) -> None:
     deny_big = '@id("too-big")\n@reason("TOO_BIG")\nforbid (principal, action, resource) ' \
                "when { context.n > 10 };\n"
-    engine = small_engine({"a.cedar": PERMIT_ALL, "b.cedar": FORBID_ENTITY_ATTR,
-                           "c.cedar": deny_big}, schema=ACTOR_WITH_ATTR)
+    engine = small_engine({"a.cedar": PERMIT_ALL, "b.cedar": FORBID_OVERFLOW,
+                           "c.cedar": deny_big})
     result = engine.evaluate(job(), THURSDAY)
     assert (result.outcome, result.reason_code, result.determining_policies) == (
         Outcome.DENY, "TOO_BIG", ("too-big",))
@@ -156,3 +157,30 @@ def test_policy_ids_are_mapped_across_files(small_engine: Callable[..., Compiled
     assert (two.reason_code, two.determining_policies) == ("Z", ("z-permit",))
     parsed = json.loads(cedarpy.policies_to_json_str(engine.bundle.policy_text))
     assert parsed["staticPolicies"]["policy2"]["annotations"]["id"] == "z-permit"
+
+
+def test_an_evaluation_error_names_the_policy_by_its_id_and_place(
+        small_engine: Callable[..., CompiledBundle]) -> None:
+    # Cedar names a failing policy by its position (`policy1`), which no author can act on.
+    engine = small_engine({"a.cedar": PERMIT_ALL, "b.cedar": FORBID_OVERFLOW})
+    result = engine.evaluate(job(), THURSDAY)
+    assert (result.outcome, result.reason_code) == (Outcome.SILENCE, "EVALUATION_ERROR")
+    assert "'overflow'" in result.reason and "job.run" in result.reason
+    assert result.errors[0].startswith(
+        "error while evaluating policy 'overflow' (policies/b.cedar:1): integer overflow")
+    assert "`policy1`" not in result.errors[0]
+
+
+def test_policy_test_prints_the_evaluation_error_of_a_failing_case(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+    root = write_bundle(tmp_path / "b", {"a.cedar": PERMIT_ALL, "b.cedar": FORBID_OVERFLOW})
+    (root / "tests").mkdir()
+    (root / "tests" / "jobs.toml").write_text(
+        '[[case]]\nname = "a big job runs"\nrequest = { surface = "job.run", '
+        'context = { n = 1000 } }\nexpect = { decision = "PERMIT" }\n')
+    result = run_cli("policy", "test", str(root), check=False)
+    assert result.returncode == 1
+    assert ("FAIL tests/jobs.toml:1 [case 'a big job runs']: expected decision PERMIT, "
+            "got SILENCE (EVALUATION_ERROR)") in result.stdout
+    assert ("  evaluation error: error while evaluating policy 'overflow' "
+            "(policies/b.cedar:1): integer overflow") in result.stdout
