@@ -28,6 +28,7 @@ half-loaded.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -287,6 +288,38 @@ def _annotation_line(statement: Statement | None, name: str) -> int | None:
     return line if line is not None else statement.start_line
 
 
+#: The annotations ExecGuard reads; others are the author's own (@description, @owner).
+KNOWN_ANNOTATIONS = ("id", "reason", "escalate", "approvers", "quorum")
+
+
+def _check_approval_annotations(annotations: Mapping[str, Any], escalate: bool, path: str,
+                                statement: Statement | None, policy_id: str) -> None:
+    """Refuse approval annotations that would be ignored: a rule of two approvers must
+    never quietly become one (a misspelt @quorom, an @approvers on a permit, an empty
+    value taking the default)."""
+    for name in annotations:
+        if name in KNOWN_ANNOTATIONS:
+            continue
+        close = difflib.get_close_matches(name, KNOWN_ANNOTATIONS, n=1, cutoff=0.75)
+        if close:
+            raise BundleInvalid(f"unknown annotation @{name}: did you mean @{close[0]}?",
+                                file=path, line=_annotation_line(statement, name),
+                                key=policy_id)
+    for name in ("approvers", "quorum"):
+        if name not in annotations:
+            continue
+        line = _annotation_line(statement, name)
+        if not escalate:
+            raise BundleInvalid(f"@{name} applies only to a forbid marked @escalate (it says "
+                                "who approves the escalation); here it would be ignored",
+                                file=path, line=line, key=policy_id)
+        if not annotations[name]:
+            raise BundleInvalid(f"@{name} needs a value, such as "
+                                + ('@approvers("finance")' if name == "approvers"
+                                   else '@quorum("2")'),
+                                file=path, line=line, key=policy_id)
+
+
 def _read_policies(path: str, text: str, offset: int) -> list[PolicyInfo]:
     """Parse one policy file and check its annotations; ``offset`` policies come before it."""
     try:
@@ -334,6 +367,7 @@ def _read_policies(path: str, text: str, offset: int) -> list[PolicyInfo]:
                 "write @escalate without a value", file=path,
                 line=_annotation_line(statement, "escalate"), key=policy_id,
             )
+        _check_approval_annotations(annotations, escalate, path, statement, policy_id)
         infos.append(PolicyInfo(
             cedar_id=f"policy{offset + index}", id=policy_id, effect=policy["effect"],
             reason=reason, escalate=escalate, file=path, line=line,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -179,3 +180,27 @@ def test_a_huge_file_is_refused_without_reading_it_whole(tmp_path: Path,
     with pytest.raises(BundleInvalid) as info:
         PolicyBundle.from_directory(bundle)
     assert info.value.file == "tests/huge.toml" and "is larger than" in str(info.value)
+
+
+@pytest.mark.parametrize(("annotations", "problem", "line"), [
+    ('@escalate\n@quorom("2")\n', "unknown annotation @quorom: did you mean @quorum?", 3),
+    ('@escalate\n@aprovers("finance")\n', "did you mean @approvers?", 3),
+    ('@approvers("finance")\n@quorum("2")\n', "@approvers applies only to a forbid marked", 2),
+    ('@escalate\n@quorum("")\n', "@quorum needs a value", 3),
+    ('@escalate\n@approvers("")\n', "@approvers needs a value", 3),
+])
+def test_an_approval_annotation_that_would_be_ignored_is_refused(
+        tmp_path: Path, annotations: str, problem: str, line: int) -> None:
+    """A two-person rule must never quietly become one: a misspelt @quorom, an @approvers
+    on a policy that does not escalate, or an empty value took the defaults (quorum 1,
+    group 'approvers')."""
+    policy = f'@id("big")\n{annotations}forbid (principal, action, resource);\n'
+    root = write_bundle(tmp_path / "b", {"a.cedar": policy})
+    with pytest.raises(BundleInvalid, match=re.escape(problem)) as info:
+        PolicyBundle.from_directory(root)
+    assert (info.value.file, info.value.line, info.value.key) == ("policies/a.cedar", line, "big")
+    # The author's own annotations are theirs.
+    write_bundle(tmp_path / "own", {"a.cedar": '@id("big")\n@description("why")\n'
+                                               '@owner("team-pay")\nforbid (principal, '
+                                               'action, resource);\n'})
+    assert PolicyBundle.from_directory(tmp_path / "own").policies[0].id == "big"
