@@ -59,3 +59,29 @@ def test_shadow_disagreements_are_recorded_without_changing_decisions(
     assert again["disagreements"] == 3
     missing = run_cli("policy", "shadow", "0" * 64, data=fresh_gateway.data, check=False)
     assert missing.returncode == 1 and "not stored" in missing.stderr
+
+
+def test_a_shadow_candidate_that_no_longer_loads_leaves_decisions_alone(
+        fresh_gateway: Gateway) -> None:
+    """A stored candidate may not load under a newer ExecGuard's stricter rules (here:
+    an Actor with attributes, which a policy could never see). The shadow is a
+    comparison only: it failed every decision of the tenant instead."""
+    from execguard.ledger import open_ledger
+    from execguard.protocol.policyversion import bundle_version
+
+    files = {path.relative_to(demo_bundle_path()).as_posix(): path.read_bytes()
+             for path in demo_bundle_path().rglob("*") if path.is_file()}
+    files["schema.cedarschema"] = b"entity Actor { role?: String };\nentity Subject;\n"
+    version = bundle_version(files)
+    store = open_ledger(fresh_gateway.ledger)
+    try:
+        store.put_bundle("demo", version, files, "2026-11-28T00:00:00.000Z")
+        store.set_shadow("demo", version, "2026-11-28T00:00:00.000Z")
+    finally:
+        store.close()
+    time.sleep(POLICY_CACHE_SECONDS)
+    with fresh_gateway.client() as client:
+        answer = client.post("/execute", json={"surface": "payment.execute", "actorId": "a",
+                                               "context": {**PAY, "amount": 100}})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["decision"] == "PERMIT"

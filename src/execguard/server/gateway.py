@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,7 @@ from execguard.ledger import (
 from execguard.protocol.checkpoint import verifier_key
 from execguard.protocol.errors import (
     AuthError,
+    BundleInvalid,
     Forbidden,
     IdempotencyKeyReuse,
     MalformedRequest,
@@ -55,6 +57,8 @@ from execguard.server.decisions import DecisionInput, fact_reads, facts_for, pre
 from execguard.server.settings import Settings
 
 __all__ = ["Caller", "Gateway", "SigningKeys", "explain_record"]
+
+log = logging.getLogger("execguard.server")
 
 #: How long an API key found in the store is trusted without asking it again: a key
 #: revoked (``execguard keys revoke``, on any replica) stops working within this long.
@@ -102,6 +106,7 @@ class Gateway:
         self.clock = clock
         self._bundles: dict[tuple[str, str], tuple[PolicyBundle, CompiledBundle]] = {}
         self._bundles_lock = threading.Lock()
+        self._unusable_shadows: set[tuple[str, str]] = set()
         self._keys: dict[str, tuple[ApiKeyRecord, float]] = {}
         #: tenant -> (active version, shadow version, read until (monotonic)).
         self._versions: dict[str, tuple[str | None, str | None, float]] = {}
@@ -208,7 +213,13 @@ class Gateway:
             return None
         try:
             _, compiled = self.compiled(tenant, version)
-        except ServiceUnavailable:
+        except (ServiceUnavailable, BundleInvalid) as exc:
+            # A comparison only: a candidate that does not load (one stored before this
+            # version's stricter rules) must never fail a live decision.
+            if (tenant, version) not in self._unusable_shadows:
+                self._unusable_shadows.add((tenant, version))
+                log.warning("shadow policy %s of tenant %s is not evaluated: %s",
+                            version[:12], tenant, exc)
             return None
         return compiled if compiled.registry.get(surface) is not None else None
 
