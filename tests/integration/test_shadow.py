@@ -7,6 +7,8 @@ import shutil
 import time
 from pathlib import Path
 
+import httpx
+
 from execguard.arbiter import demo_bundle_path
 from execguard.server.gateway import POLICY_CACHE_SECONDS
 from tests.conftest import Gateway, run_cli
@@ -61,11 +63,10 @@ def test_shadow_disagreements_are_recorded_without_changing_decisions(
     assert missing.returncode == 1 and "not stored" in missing.stderr
 
 
-def test_a_shadow_candidate_that_no_longer_loads_leaves_decisions_alone(
-        fresh_gateway: Gateway) -> None:
-    """A stored candidate may not load under a newer ExecGuard's stricter rules (here:
-    an Actor with attributes, which a policy could never see). The shadow is a
-    comparison only: it failed every decision of the tenant instead."""
+def store_a_bundle_that_no_longer_loads(gateway: Gateway, *, shadow: bool) -> str:
+    """A bundle stored (as by an earlier release) that this release's rules refuse: an
+    Actor with attributes, which a policy could never see. Made the shadow candidate, or
+    the active policy."""
     from execguard.ledger import open_ledger
     from execguard.protocol.policyversion import bundle_version
 
@@ -73,15 +74,42 @@ def test_a_shadow_candidate_that_no_longer_loads_leaves_decisions_alone(
              for path in demo_bundle_path().rglob("*") if path.is_file()}
     files["schema.cedarschema"] = b"entity Actor { role?: String };\nentity Subject;\n"
     version = bundle_version(files)
-    store = open_ledger(fresh_gateway.ledger)
+    store = open_ledger(gateway.ledger)
     try:
         store.put_bundle("demo", version, files, "2026-11-28T00:00:00.000Z")
-        store.set_shadow("demo", version, "2026-11-28T00:00:00.000Z")
+        if shadow:
+            store.set_shadow("demo", version, "2026-11-28T00:00:00.000Z")
+        else:
+            store.activate_bundle("demo", version, "2026-11-28T00:00:00.000Z")
     finally:
         store.close()
     time.sleep(POLICY_CACHE_SECONDS)
-    with fresh_gateway.client() as client:
-        answer = client.post("/execute", json={"surface": "payment.execute", "actorId": "a",
-                                               "context": {**PAY, "amount": 100}})
+    return version
+
+
+def pay_100(gateway: Gateway) -> httpx.Response:
+    with gateway.client() as client:
+        return client.post("/execute", json={"surface": "payment.execute", "actorId": "a",
+                                             "context": {**PAY, "amount": 100}})
+
+
+def test_a_shadow_candidate_that_no_longer_loads_leaves_decisions_alone(
+        fresh_gateway: Gateway) -> None:
+    """The shadow is a comparison only: a candidate that does not load failed every
+    decision of the tenant (500 bundle_invalid)."""
+    store_a_bundle_that_no_longer_loads(fresh_gateway, shadow=True)
+    answer = pay_100(fresh_gateway)
     assert answer.status_code == 200, answer.text
     assert answer.json()["decision"] == "PERMIT"
+
+
+def test_an_active_policy_that_no_longer_loads_fails_closed_saying_what_to_do(
+        fresh_gateway: Gateway) -> None:
+    """It was a 500 (an internal error, to operators and metrics); it is the tenant's
+    policy that cannot be used: 503, naming the version, the problem and the way out."""
+    version = store_a_bundle_that_no_longer_loads(fresh_gateway, shadow=False)
+    answer = pay_100(fresh_gateway)
+    assert answer.status_code == 503, answer.text
+    message = answer.json()["message"]
+    assert version[:12] in message and "passes no entity data" in message
+    assert "policy push --activate" in message

@@ -201,7 +201,13 @@ class Gateway:
             record = self.store.get_bundle(tenant, version)
             if record is None:  # activation requires a stored bundle
                 raise ServiceUnavailable(f"policy version {version} is not stored")
-            bundle = PolicyBundle.from_files(record.files)
+            try:
+                bundle = PolicyBundle.from_files(record.files)
+            except BundleInvalid as exc:  # stored before this release's stricter rules
+                raise ServiceUnavailable(
+                    f"policy version {version[:12]} of tenant {tenant!r} does not load in "
+                    f"this release ({exc}): activate a corrected bundle with 'execguard "
+                    "policy push --activate'") from None
             compiled = (bundle, CompiledBundle(bundle))
             self._bundles[(tenant, version)] = compiled
             return compiled
