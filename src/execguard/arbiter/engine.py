@@ -93,6 +93,12 @@ def approval_rule(annotations: Mapping[str, Any], policy_id: str) -> ApprovalRul
     return ApprovalRule(group, int(quorum_text))
 
 
+def _speaking(policies: list[PolicyMeta]) -> PolicyMeta:
+    """The policy that speaks for a decision: the first (by @id) that gives a @reason, so
+    one without (``POLICY_FORBID``) never hides one that says why (a sanctions hit)."""
+    return next((m for m in policies if m.reason), policies[0])
+
+
 @dataclass(frozen=True)
 class PolicyMeta:
     """What the engine needs to know about one Cedar policy."""
@@ -237,7 +243,7 @@ class CompiledBundle:
         if forbids:
             return self._decide(
                 Outcome.DENY, forbids, "POLICY_FORBID", errors,
-                f"Policy {forbids[0].id!r} forbids this {surface} request.",
+                f"Policy {_speaking(forbids).id!r} forbids this {surface} request.",
             )
         if errors or decision not in (cedarpy.Decision.Allow, cedarpy.Decision.Deny):
             what = (f"Policy {', '.join(repr(policy_id) for policy_id in failing)}" if failing
@@ -270,7 +276,7 @@ class CompiledBundle:
                                  for m, rule in zip(escalations, rules, strict=True)))
             escalated = self._decide(
                 Outcome.ESCALATE, escalations, "APPROVAL_REQUIRED", errors,
-                f"Policy {escalations[0].id!r} requires a human approval for this "
+                f"Policy {_speaking(escalations).id!r} requires a human approval for this "
                 f"{surface} request.",
             )
             # Several escalations of one group: the strictest quorum.
@@ -286,7 +292,7 @@ class CompiledBundle:
                 )
             return self._decide(
                 Outcome.PERMIT, permits, "POLICY_PERMIT", errors,
-                f"Policy {permits[0].id!r} permits this {surface} request.",
+                f"Policy {_speaking(permits).id!r} permits this {surface} request.",
             )
         return self._silence("NO_MATCHING_POLICY", f"No policy permits this {surface} request.")
 
@@ -296,7 +302,7 @@ class CompiledBundle:
     ) -> Evaluation:
         return Evaluation(
             outcome=outcome,
-            reason_code=policies[0].reason or default_code,
+            reason_code=_speaking(policies).reason or default_code,
             reason=reason,
             determining_policies=tuple(m.id for m in policies),
             policy_version=self.version,

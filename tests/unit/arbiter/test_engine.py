@@ -320,3 +320,20 @@ def test_escalations_of_one_group_take_the_strictest_quorum_and_of_two_groups_bl
     assert (both.outcome, both.reason_code) == (Outcome.SILENCE, "APPROVAL_GROUPS_CONFLICT")
     assert both.approval is None
     assert "finance, security" in both.reason and "'risky'" in both.reason
+
+
+def test_a_forbid_that_says_why_speaks_for_the_decision(
+        small_engine: Callable[..., CompiledBundle]) -> None:
+    """Of several forbids that fire, the first by @id spoke: one without a @reason
+    ('a-catch-all', POLICY_FORBID) hid the one that says why (a sanctions hit)."""
+    engine = small_engine({"p.cedar": '@id("any") permit (principal, action, resource);\n'
+                           '@id("a-catch-all") forbid (principal, action, resource) '
+                           'when { context.n > 10 };\n'
+                           '@id("b-sanctions") @reason("SANCTIONED") forbid (principal, '
+                           'action, resource) when { context.n > 100 };\n'})
+    result = engine.evaluate(ExecutionRequest(surface="job.run", context={"n": 101}), THURSDAY)
+    assert (result.outcome, result.reason_code) == (Outcome.DENY, "SANCTIONED")
+    assert "'b-sanctions'" in result.reason
+    assert result.determining_policies == ("a-catch-all", "b-sanctions")
+    alone = engine.evaluate(ExecutionRequest(surface="job.run", context={"n": 11}), THURSDAY)
+    assert (alone.reason_code, alone.determining_policies) == ("POLICY_FORBID", ("a-catch-all",))
