@@ -248,6 +248,10 @@ def _field(reader: _Reader, name: str, raw: Any, path: tuple[str, ...]) -> Field
             "at most 64 characters)",
             path,
         )
+    if name.startswith("__"):
+        # Cedar's JSON reads a record key such as "__expr" as an escape: every request
+        # with the field would be SILENCE.
+        raise reader.fail("field names must not begin with '__' (Cedar reserves them)", path)
     spec = reader.table(raw, path, _FIELD_KEYS)
     if "type" not in spec:
         raise reader.fail(f"missing 'type' (one of {', '.join(FIELD_TYPES)})", path)

@@ -69,6 +69,9 @@ def test_defaults_and_field_options() -> None:
      "surfaces.a.b.context.action", 4),
     (BASE + '[surfaces."a.b".context]\nnow = { type = "string" }\n',
      "surfaces.a.b.context.now", 4),
+    # Cedar reads a record key "__expr" as an escape: every request would be SILENCE.
+    (BASE + '[surfaces."a.b".context]\n__expr = { type = "string" }\n',
+     "surfaces.a.b.context.__expr", 4),
     (BASE + '[surfaces."a.b".signals]\nx = { type = "integer", max_length = 3 }\n',
      "surfaces.a.b.signals.x.max_length", 4),
     ('[surfaces."bad name"]\nrisk = "low"\n', "surfaces.bad name", 1),
