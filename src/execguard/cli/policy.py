@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -133,7 +133,6 @@ def decide(
 ) -> None:
     """Evaluate a request locally (no receipt, nothing recorded): the policy author's tool."""
     import time
-    from decimal import Decimal, InvalidOperation
 
     from execguard.arbiter import CompiledBundle, PolicyBundle
     from execguard.protocol.request import parse_execution_request
@@ -154,12 +153,7 @@ def decide(
     spec = bundle.registry.get(request.surface)
     assumed = facts_for(spec, request, time.time(), NoHistory()) if spec else {}
     if facts is not None:
-        try:
-            given = json.loads(facts, parse_float=Decimal)
-            assumed.update({k: Decimal(v) if isinstance(v, str) else v
-                            for k, v in given.items()})
-        except (ValueError, AttributeError, InvalidOperation) as exc:
-            raise ConfigError(f"--facts is not a JSON object of facts: {exc}") from None
+        assumed.update(_assumed_facts(facts))
     evaluation = CompiledBundle(bundle).evaluate(request, assumed)
     if as_json:
         print(json.dumps({"decision": evaluation.outcome.value,
@@ -174,6 +168,26 @@ def decide(
     out.print(f"policy version        {evaluation.policy_version}")
     for error in evaluation.errors:
         out.print(f"evaluation error      {error}")
+
+
+def _assumed_facts(text: str) -> dict[str, Any]:
+    """``--facts``: a JSON object of numbers, or of numbers written as strings."""
+    from decimal import Decimal, InvalidOperation
+    try:
+        given = json.loads(text, parse_float=Decimal)
+    except ValueError as exc:
+        raise ConfigError(f"--facts is not JSON: {exc}") from None
+    if not isinstance(given, dict):
+        raise ConfigError(f"--facts must be a JSON object such as "
+                          f"'{{\"amount_sum_24h\": \"49000\"}}', got {type(given).__name__}")
+    facts: dict[str, Any] = {}
+    for name, value in given.items():
+        try:
+            facts[name] = Decimal(value) if isinstance(value, str) else value
+        except InvalidOperation:
+            raise ConfigError(f"--facts: {name} must be a number (or one written as a "
+                              f"string), got {value!r}") from None
+    return facts
 
 
 @policy_app.command("test")
