@@ -9,11 +9,13 @@ Run on both backends (the ``database`` fixture).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -284,3 +286,73 @@ def test_a_restarted_decision_process_opens_only_the_servers_file(tmp_path: Path
             os.replace(aside, database)
         if gateway.process is not None and gateway.process.poll() is None:
             gateway.stop()
+
+
+def closed_by_server(sock: socket.socket, within: float, trickle: bool = False) -> bool:
+    """Whether the server closes ``sock`` within ``within`` s (sending it one byte a second
+    meanwhile if ``trickle``)."""
+    deadline = time.monotonic() + within
+    sock.settimeout(1.0)
+    while time.monotonic() < deadline:
+        try:
+            if trickle:
+                sock.sendall(b" ")
+            if sock.recv(4096) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:  # reset, or a broken pipe from the trickle: closed all the same
+            return True
+    return False
+
+
+def test_connections_that_send_no_whole_request_are_closed(gateway: Gateway) -> None:
+    """A connection that sends nothing, half a request's headers, or a body one byte a
+    second was held open for good: a thousand such exhausted the server's open files,
+    and then no client could connect. Each is now closed; real clients are not."""
+    head = (f"POST /execute HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gateway.api_key}\r\n"
+            f"Content-Type: application/json\r\n").encode()
+    silent = socket.create_connection(("127.0.0.1", gateway.port))
+    half_headers = socket.create_connection(("127.0.0.1", gateway.port))
+    half_headers.sendall(head)
+    slow_body = socket.create_connection(("127.0.0.1", gateway.port))
+    slow_body.sendall(head + b"Content-Length: 1000\r\n\r\n{")
+    with silent, half_headers, slow_body, \
+            concurrent.futures.ThreadPoolExecutor(3) as pool:
+        closed = [pool.submit(closed_by_server, silent, 60.0),
+                  pool.submit(closed_by_server, half_headers, 60.0),
+                  pool.submit(closed_by_server, slow_body, 60.0, trickle=True)]
+        with gateway.client() as client:
+            assert decide(client, "alongside-slow-clients").status_code == 200
+        assert [c.result() for c in closed] == [True, True, True]
+
+
+async def decide_at_once(gateway: Gateway, count: int) -> list[int]:
+    """The statuses of ``count`` decisions asked together (distinct keys)."""
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=60, limits=limits,
+                                 headers={"Authorization": f"Bearer {gateway.api_key}"}) as c:
+        answers = await asyncio.gather(*(
+            c.post("/execute", json=PAYMENT, headers={"Idempotency-Key": f"dp-many-{n}"})
+            for n in range(count)))
+    return [answer.status_code for answer in answers]
+
+
+def test_a_stuck_decision_process_is_replaced_once_however_many_wait(
+        fresh_gateway: Gateway) -> None:
+    """Every request a stuck worker left waiting times out at about the same moment; each
+    one logged "replacing it" and killed it again: one line (and one kill) is enough."""
+    with fresh_gateway.client() as client:
+        assert decide(client, "dp-many-before").status_code == 200
+        worker = the_worker(fresh_gateway)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            statuses = asyncio.run(decide_at_once(fresh_gateway, 300))
+            assert set(statuses) == {503}, statuses
+            wait_for(lambda: not alive(worker), 10, "the stuck process to be killed")
+        finally:
+            if alive(worker):
+                os.kill(worker, signal.SIGKILL)
+    replacing = [line for line in fresh_gateway.log_path.read_text().splitlines()
+                 if "answered nothing for" in line]
+    assert len(replacing) == 1, replacing

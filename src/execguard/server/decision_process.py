@@ -84,6 +84,7 @@ class _Worker:
     """One running worker process and its socket."""
 
     def __init__(self, config: dict[str, Any]) -> None:
+        self.killed = False  # by us: once is enough
         ours, theirs = socket.socketpair()
         try:
             self.process = subprocess.Popen(
@@ -99,6 +100,7 @@ class _Worker:
         self.socket = ours
 
     def kill(self) -> None:
+        self.killed = True
         with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(signal.SIGKILL)
 
@@ -389,10 +391,13 @@ class DecisionProcess:
             f"request may or may not have been recorded; retry it with the same "
             f"Idempotency-Key to know"))
         silent = time.monotonic() - self._heard_at
-        if silent >= self.answer_timeout and self._worker is not None:
+        worker = self._worker
+        # Once per worker: every request it left waiting times out about together, and
+        # each logged this and killed it again (thousands of lines under load).
+        if silent >= self.answer_timeout and worker is not None and not worker.killed:
             log.error("the decision process has answered nothing for %.0f s while requests "
                       "waited: replacing it", silent)
-            self._worker.kill()
+            worker.kill()
 
 
 def _reap(worker: _Worker) -> int:
