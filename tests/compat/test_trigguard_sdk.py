@@ -70,6 +70,14 @@ def test_default_surfaces_and_memory_client(tg: TrigGuard) -> None:
     assert read["surface"] == "memory.read"
     assert read["decision"] == "PERMIT"
     assert tg.verify(read["receipt"]) is True
+    # Every operation of the memory client is a surface of the demo bundle: answered with
+    # a decision (and a receipt), not a 400 unknown_surface.
+    expected = {"verify": "PERMIT", "write": "SILENCE", "promote": "SILENCE",
+                "archive": "SILENCE", "delete": "SILENCE"}
+    for operation, decision in expected.items():
+        answer = getattr(tg.memory, operation)(memory_id="user-prefs")
+        assert (answer["surface"], answer["decision"]) == (f"memory.{operation}", decision)
+        assert tg.verify(answer["receipt"]) is True
 
 
 def test_errors_surface_as_sdk_exceptions(gateway: Gateway) -> None:
@@ -92,3 +100,25 @@ def test_legacy_client_execute(gateway: Gateway) -> None:
     assert raw["receipt"]["decision"] == "PERMIT"
     assert raw["execution_token"]
     assert raw["request_id"]
+
+
+def test_an_observe_decision_never_reads_as_a_permit_through_the_sdk(
+        tg: TrigGuard, gateway: Gateway) -> None:
+    # The SDK cannot ask in observe mode (a CI client does): ask over HTTP, read with the SDK.
+    bulk = {"row_count": 5_000_000, "destination": "partner", "contains_pii": False}
+    actor = "sdk-observer"
+    with gateway.client() as client:
+        observed = client.post("/execute", json={"surface": "data.export", "actorId": actor,
+                                                 "context": bulk,
+                                                 "executionMode": "observe"}).json()
+    assert (observed["decision"], observed["would_decision"]) == ("PERMIT", "DENY")
+    assert "execution_token" not in observed
+    assert tg.verify(observed["receipt"]) is True
+    explained = tg.explain(observed["execution_id"])
+    assert explained["decision"] == "PERMIT"
+    # The line a person reads says it was not enforced, and what enforcing would decide.
+    for summary in (observed["summary"], explained["summary"],
+                    tg.audit(execution_id=observed["execution_id"])["entries"][0]["summary"]):
+        assert "observe mode" in summary and "DENY" in summary, summary
+    assert explained["detail"]["executionMode"] == "observe"
+    assert explained["detail"]["wouldDecision"] == "DENY"

@@ -168,6 +168,16 @@ def _shadow(given: DecisionInput, facts: Mapping[str, Any],
             "activeDecision": active.outcome.value}
 
 
+def _summary(decision: Outcome, real: Outcome, mode: str, surface: str, reason: str) -> str:
+    """The one line a person reads (SDK ``explain``, audit lists). In observe mode the
+    reason is the policy's for the real outcome, so the line says what enforcing would
+    have decided: "PERMIT ...: Policy ... forbids ..." alone reads as a real permit."""
+    if mode == "observe":
+        return f"{decision.value} (observe mode, not enforced; enforced it would be " \
+               f"{real.value}) for {surface}: {reason}"
+    return f"{decision.value} for {surface}: {reason}"
+
+
 def build_decision(given: DecisionInput, evaluation: Evaluation, facts: Mapping[str, Any],
                    signer: Signer) -> PreparedDecision:
     """The receipt fields, stored row and answer of an evaluation (no evaluating here)."""
@@ -200,7 +210,7 @@ def build_decision(given: DecisionInput, evaluation: Evaluation, facts: Mapping[
         "surface": request.surface,
         "reason": evaluation.reason,
         "reasonCode": evaluation.reason_code,
-        "summary": f"{decision.value} for {request.surface}: {evaluation.reason}",
+        "summary": _summary(decision, real, given.mode, request.surface, evaluation.reason),
         "policyVersion": evaluation.policy_version,
         "determiningPolicies": list(evaluation.determining_policies),
         "executionMode": given.mode,

@@ -46,7 +46,7 @@ def test_demo_bundle_loads_with_every_file(demo_bundle: PolicyBundle) -> None:
         "tests/defaults.toml", "tests/deploy.toml", "tests/infra.toml", "tests/payments.toml",
     }
     assert demo_bundle_path().joinpath("surfaces.toml").is_file()
-    assert len({info.id for info in demo_bundle.policies}) == len(demo_bundle.policies) == 19
+    assert len({info.id for info in demo_bundle.policies}) == len(demo_bundle.policies) == 20
 
 
 def test_version_recomputed_by_hand(demo_bundle: PolicyBundle) -> None:

@@ -123,7 +123,11 @@ def test_comms_send(demo_engine: CompiledBundle, context: dict[str, Any], outcom
 
 @pytest.mark.parametrize(("surface", "outcome"), [
     ("tool.invoke", Outcome.PERMIT), ("memory.read", Outcome.PERMIT),
-    ("memory.write", Outcome.SILENCE), ("execution.external_action", Outcome.SILENCE),
+    ("memory.verify", Outcome.PERMIT), ("memory.write", Outcome.SILENCE),
+    ("memory.promote", Outcome.SILENCE), ("memory.archive", Outcome.SILENCE),
+    ("memory.delete", Outcome.SILENCE), ("execution.external_action", Outcome.SILENCE),
+    ("planning.task.claim", Outcome.SILENCE), ("artifact.publish", Outcome.SILENCE),
+    ("execution.graph.release", Outcome.SILENCE),
 ])
 def test_trigguard_default_surfaces(demo_engine: CompiledBundle, surface: str,
                                     outcome: Outcome) -> None:
