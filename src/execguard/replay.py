@@ -20,11 +20,12 @@ from functools import lru_cache
 from typing import Any
 
 from execguard.arbiter import CompiledBundle, Evaluation, PolicyBundle
-from execguard.arbiter.digested import stored_context
+from execguard.arbiter.digested import looks_digested, stored_context
 from execguard.arbiter.registry import SurfaceSpec
 from execguard.ledger import ExecutionRecord, LedgerStore
 from execguard.protocol.canonical import canonical_sha256
 from execguard.protocol.errors import (
+    BundleInvalid,
     CanonicalizationError,
     ConfigError,
     NotFound,
@@ -34,13 +35,17 @@ from execguard.protocol.receipt import receipt_hash
 from execguard.protocol.request import ExecutionRequest, request_hash
 from execguard.verify import KeySet, verify_receipt
 
-__all__ = ["ImpactGroup", "ImpactReport", "ReplayResult", "ReplayStatus", "impact",
-           "ledger_keys", "log_receipts", "replay_execution", "replay_stored", "stored_bundle"]
+__all__ = ["ImpactGroup", "ImpactReport", "ReplayResult", "ReplayStatus", "UnloadableBundle",
+           "impact", "ledger_keys", "log_receipts", "replay_execution", "replay_stored",
+           "stored_bundle"]
 
 #: The keys of the normalized request, the object ``requestHash`` covers.
 _NORMALIZED_KEYS = ("tenant", "surface", "action", "actorId", "context", "signals",
                     "subjectDigest")
 MAX_EXAMPLES = 3
+#: What a decision names when it shows no @reason: the reason code of its outcome.
+_DEFAULT_REASON_CODES = {"PERMIT": "POLICY_PERMIT", "DENY": "POLICY_FORBID",
+                         "ESCALATE": "APPROVAL_REQUIRED"}
 
 
 class ReplayStatus(StrEnum):
@@ -67,6 +72,8 @@ class ReplayResult:
     evaluation: Evaluation | None = None
     problem: str | None = None  # why TAMPERED or NOT_REPLAYABLE
     note: str | None = None  # e.g. that the escalation was resolved later
+    #: CHANGED only in the reason code, by this release's rule for it (not the policies).
+    reason_rule_changed: bool = False
 
     @property
     def reproduced(self) -> bool:
@@ -83,14 +90,26 @@ class ReplayResult:
         return None if ev is None else f"{ev.outcome.value} {ev.reason_code}"
 
 
+@dataclass(frozen=True)
+class UnloadableBundle:
+    """A stored bundle this release refuses (pushed under an earlier release's rules)."""
+
+    version: str
+    problem: str
+
+    def why(self) -> str:
+        return f"was stored by an earlier release and does not load in this one ({self.problem})"
+
+
 def replay_execution(record: ExecutionRecord, bundle: PolicyBundle, *,
-                     recorded: PolicyBundle | None = None,
+                     recorded: PolicyBundle | UnloadableBundle | None = None,
                      log_receipts: Sequence[Mapping[str, Any]] | None = None,
                      keys: KeySet | None = None) -> ReplayResult:
     """Evaluate a stored decision's request and facts under ``bundle`` and compare.
 
     ``recorded`` is the bundle the decision was taken under, when it differs from
-    ``bundle``: its sensitive fields are the ones stored as digests.
+    ``bundle``: its sensitive fields are the ones stored as digests. If it no longer
+    loads, only a decision that stored no digest can be replayed.
     ``log_receipts`` are the execution's decision receipts in the log, oldest first:
     the stored receipt must be the last, and an approval's resolution is replayed
     as the escalation it resolved (see :func:`_decision_receipt`). With ``keys``, the
@@ -136,12 +155,20 @@ def replay_execution(record: ExecutionRecord, bundle: PolicyBundle, *,
     facts = _facts(request["facts"], spec)
     if isinstance(facts, str):
         return stop(ReplayStatus.NOT_REPLAYABLE, facts)
+    stored = request.get("context") or {}
+    if isinstance(recorded, UnloadableBundle):
+        unknown = _maybe_digested(stored, spec.sensitive)
+        if unknown:  # was it a sensitive value's digest, or a string the caller sent?
+            return stop(ReplayStatus.NOT_REPLAYABLE,
+                        f"the policy version it was decided under, {recorded.version}, "
+                        f"{recorded.why()}; so whether context.{unknown[0]} was stored as "
+                        "the digest of a sensitive value is not known")
+        recorded = None  # it could have digested only fields this version digests too
     recorded_spec = recorded.registry.get(record.surface) if recorded is not None else None
     # Why the decision refused its context, if it did (the receipt keeps only the code).
     invalid = str(record.response.get("reason") or "") \
         if receipt.get("reasonCode") == "INVALID_CONTEXT" else ""
-    context = stored_context(bundle, spec, recorded_spec, request.get("context") or {},
-                             invalid)
+    context = stored_context(bundle, spec, recorded_spec, stored, invalid)
     if isinstance(context, str):
         return stop(ReplayStatus.NOT_REPLAYABLE, context)
     replayed = ExecutionRequest(
@@ -151,8 +178,43 @@ def replay_execution(record: ExecutionRecord, bundle: PolicyBundle, *,
     evaluation = _compiled(bundle).evaluate(replayed, facts)
     same = (evaluation.outcome.value == base["recorded_decision"]
             and evaluation.reason_code == base["recorded_reason"])
+    rule_changed = not same and _only_the_reason_rule_differs(
+        receipt, evaluation, bundle, base["recorded_decision"], base["recorded_reason"])
+    if rule_changed:
+        note = "; ".join(filter(None, (note, _REASON_RULE_NOTE)))
     return ReplayResult(**base, status=ReplayStatus.REPRODUCED if same else ReplayStatus.CHANGED,
-                        evaluation=evaluation, note=note)
+                        evaluation=evaluation, note=note, reason_rule_changed=rule_changed)
+
+
+_REASON_RULE_LABEL = "same policies; reason code as this release chooses it"
+_REASON_RULE_NOTE = (
+    "the same policies decided; only the reason code differs, because this release takes it "
+    "from the first of them that gives a @reason, where releases before it took the first "
+    "by @id (with no @reason, the outcome's default code)")
+
+
+def _only_the_reason_rule_differs(receipt: Mapping[str, Any], evaluation: Evaluation,
+                                  bundle: PolicyBundle, recorded_decision: str,
+                                  recorded_reason: str) -> bool:
+    """True when the replay differs from the record only in the reason code, and the
+    earlier releases' rule applied to the same policies gives the recorded one: what
+    changed is this release's choice of the policy that speaks, not the policies."""
+    fired = evaluation.determining_policies
+    if not fired or evaluation.outcome.value != recorded_decision \
+            or list(fired) != receipt.get("determiningPolicies"):
+        return False
+    reasons = {info.id: info.reason for info in bundle.policies}
+    earlier = reasons.get(fired[0]) or _DEFAULT_REASON_CODES.get(evaluation.outcome.value)
+    return earlier == recorded_reason
+
+
+def _maybe_digested(context: Any, sensitive: frozenset[str]) -> list[str]:
+    """The stored context fields, not in ``sensitive``, whose values are shaped like the
+    digest of a sensitive value."""
+    if not isinstance(context, Mapping):
+        return []
+    return sorted(name for name, value in context.items() if name not in sensitive
+                  and looks_digested(value))
 
 
 def _decision_receipt(record: ExecutionRecord, log: Sequence[Mapping[str, Any]] | None
@@ -269,6 +331,8 @@ class ImpactReport:
         groups = self.changes if changed else self.skipped
         after = (result.replayed_outcome if changed else None) or \
             f"{result.status.value}: {result.problem}"
+        if result.reason_rule_changed:  # not the candidate's doing: say so in its row
+            after += f" ({_REASON_RULE_LABEL})"
         key = (result.surface, result.recorded_outcome, after)
         group = groups.setdefault(key, ImpactGroup(*key))
         group.count += 1
@@ -285,11 +349,28 @@ class ImpactReport:
 
 
 def stored_bundle(store: LedgerStore, tenant: str, version: str) -> PolicyBundle:
-    """A pushed bundle, validated again; :class:`NotFound` if it is not stored."""
+    """A pushed bundle, validated again; :class:`NotFound` if it is not stored,
+    :class:`ConfigError` (saying why and what to do) if this release refuses it."""
+    loaded = _load_stored(store, tenant, version)
+    if loaded is None:
+        raise NotFound(f"policy version {version} is not stored for tenant {tenant!r}")
+    if isinstance(loaded, UnloadableBundle):
+        raise ConfigError(f"policy version {version} {loaded.why()}: it cannot be "
+                          "evaluated; push a corrected bundle and replay under it (replay "
+                          "--policy VERSION, policy impact --candidate VERSION)")
+    return loaded
+
+
+def _load_stored(store: LedgerStore, tenant: str,
+                 version: str) -> PolicyBundle | UnloadableBundle | None:
+    """A pushed bundle validated again, why this release refuses it, or None if not stored."""
     record = store.get_bundle(tenant, version)
     if record is None:
-        raise NotFound(f"policy version {version} is not stored for tenant {tenant!r}")
-    return PolicyBundle.from_files(record.files)
+        return None
+    try:
+        return PolicyBundle.from_files(record.files)
+    except BundleInvalid as exc:  # stored under an earlier release's rules
+        return UnloadableBundle(version, str(exc))
 
 
 def log_receipts(store: LedgerStore, tenant: str, execution_id: str) -> list[Mapping[str, Any]]:
@@ -310,8 +391,13 @@ def replay_stored(store: LedgerStore, tenant: str, execution_id: str,
         raise NotFound(f"no execution {execution_id!r} for tenant {tenant!r}")
     log = log_receipts(store, tenant, execution_id)
     own = str(_decision_receipt(record, log)[0].get("policyVersion", record.policy_version))
-    recorded = stored_bundle(store, tenant, own)
-    target = recorded if version in (None, own) else stored_bundle(store, tenant, str(version))
+    if version in (None, own):
+        recorded = target = stored_bundle(store, tenant, own)
+    else:
+        target = stored_bundle(store, tenant, str(version))
+        recorded = _load_stored(store, tenant, own)
+        if recorded is None:
+            raise NotFound(f"policy version {own} is not stored for tenant {tenant!r}")
     return replay_execution(record, target, recorded=recorded, log_receipts=log,
                             keys=ledger_keys(store))
 
@@ -331,15 +417,14 @@ def impact(store: LedgerStore, tenant: str, candidate: str, since: str | None,
     records = [r for r in store.query_executions(tenant, since=since,
                                                  limit=store.log_size(tenant) + 1)
                if until is None or r.created_at < until]
-    recorded: dict[str, PolicyBundle | None] = {}
+    recorded: dict[str, PolicyBundle | UnloadableBundle | None] = {}
     keys = ledger_keys(store)
     report = ImpactReport(bundle.version)
     for record in reversed(records):  # oldest first, so examples read in time order
         log = log_receipts(store, tenant, record.execution_id)
         version = str(_decision_receipt(record, log)[0].get("policyVersion"))
         if version not in recorded:
-            stored = store.get_bundle(tenant, version)
-            recorded[version] = PolicyBundle.from_files(stored.files) if stored else None
+            recorded[version] = _load_stored(store, tenant, version)
         report.add(replay_execution(record, bundle, recorded=recorded[version],
                                     log_receipts=log, keys=keys))
     return report

@@ -8,24 +8,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shutil
 import sqlite3
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from execguard.arbiter import PolicyBundle, demo_bundle_path
-from execguard.ledger import ExecutionRecord, SQLiteStore
+from execguard.arbiter import Evaluation, PolicyBundle, compute_facts, demo_bundle_path
+from execguard.ledger import Committed, ExecutionRecord, PendingEntry, SQLiteStore
 from execguard.protocol.canonical import canonical_sha256
+from execguard.protocol.errors import BundleInvalid
+from execguard.protocol.ids import execution_id as new_execution_id
+from execguard.protocol.outcome import Outcome
+from execguard.protocol.policyversion import bundle_version
 from execguard.protocol.receipt import receipt_hash
+from execguard.protocol.request import normalized_request, parse_execution_request, request_hash
 from execguard.replay import ReplayStatus, ledger_keys, log_receipts, replay_execution
+from execguard.server.datadir import DataDir
+from execguard.server.decisions import DecisionInput, build_decision
 from tests.conftest import Gateway, api_key_from, run_cli, start_gateway
 
 DECISIONS = 1000
@@ -375,3 +385,125 @@ def test_a_policy_reading_a_sensitive_field_cannot_be_replayed_exactly(
     assert "account-blocklist" in (result.problem or "")
     assert "context.beneficiary_account" in (result.problem or "")
     assert replay_execution(record, demo).reproduced
+
+
+# -- decisions recorded by an earlier release ---------------------------------------------
+
+
+def demo_files(**changes: bytes) -> dict[str, bytes]:
+    files = {p.relative_to(demo_bundle_path()).as_posix(): p.read_bytes()
+             for p in demo_bundle_path().rglob("*") if p.is_file()}
+    return {**files, **changes}
+
+
+def record_as_earlier_release(data: Path, files: dict[str, bytes], body: dict[str, Any],
+                              evaluation: Callable[[str], Evaluation],
+                              sensitive: frozenset[str] = frozenset({"beneficiary_account"}),
+                              ) -> str:
+    """Store ``files`` as a bundle and one decision of ``body`` under it, as a release before
+    this one did (same rows and receipts; it checked bundles less strictly, and chose reason
+    codes otherwise): ``evaluation(version)`` is what it decided, ``sensitive`` the fields
+    it stored as digests. Returns the execution id."""
+    version = bundle_version(files)
+    request = parse_execution_request(json.dumps(body).encode())
+    spec = PolicyBundle.from_directory(demo_bundle_path()).registry.get(request.surface)
+    assert spec is not None
+    store = SQLiteStore(data / "execguard.db")
+    try:
+        store.put_bundle("demo", version, files, "2026-11-26T00:00:00Z")
+        normalized = normalized_request("demo", request, sensitive)
+        now = time.time()
+        minted = new_execution_id(int(now * 1000), os.urandom(10))
+        given = DecisionInput("demo", request, spec, None,  # type: ignore[arg-type]
+                              normalized, request_hash(normalized), "enforce", minted, now,
+                              "execguard", 60)
+        facts = compute_facts(datetime.fromtimestamp(now, UTC))
+        if request.surface == "payment.execute":  # the limits, with this payment alone
+            facts.update(amount_sum_24h=Decimal(str(request.context["amount"])), payments_1h=1)
+        prepared = build_decision(given, evaluation(version), facts,
+                                  DataDir(data).load_signer(store))
+        [result] = store.commit_batch([PendingEntry(
+            tenant="demo", kind="decision", execution_id=minted, seal=prepared.seal,
+            execution=prepared.execution, response=prepared.response,
+            reservation=prepared.reservation)], now)
+        assert isinstance(result, Committed)
+    finally:
+        store.close()
+    return minted
+
+
+PAYMENT = {"surface": "payment.execute", "actorId": "agent-1",
+           "context": {"amount": 250, "currency": "EUR", "beneficiary": "Acme"}}
+
+
+def test_decisions_under_a_bundle_this_release_refuses_replay_under_a_corrected_one(
+        tmp_path: Path) -> None:
+    """A bundle pushed before this release's stricter rules (here: a sum over a sensitive
+    field) no longer loads: replaying its decisions under it says why, and a corrected
+    bundle can still be tried on them, instead of every replay and impact failing."""
+    data = tmp_path / "data"
+    run_cli("init", data=data)
+    demo = PolicyBundle.from_directory(demo_bundle_path()).version
+    refused = demo_files(**{"surfaces.toml": (demo_bundle_path() / "surfaces.toml").read_bytes()
+                            .replace(b'sensitive = ["beneficiary_account"]',
+                                     b'sensitive = ["beneficiary_account", "amount"]')})
+    with pytest.raises(BundleInvalid):
+        PolicyBundle.from_files(refused)
+
+    def permitted(version: str) -> Evaluation:
+        return Evaluation(Outcome.PERMIT, "TOOL_ALLOWED", "Policy permits.",
+                          ("tool-invoke-allowed",), version)
+    tool = record_as_earlier_release(data, refused, {"surface": "tool.invoke", "actorId": "a",
+                                                     "context": {}}, permitted)
+    own = run_cli("replay", tool, data=data, check=False)
+    assert own.returncode == 1 and "Traceback" not in own.stderr
+    assert "was stored by an earlier release and does not load in this one" in own.stderr
+    assert "cannot sum the sensitive field 'amount'" in own.stderr
+    assert "the same decision and reason" in run_cli("replay", tool, "--policy", demo,
+                                                     data=data).stdout
+
+    def within_limit(version: str) -> Evaluation:
+        return Evaluation(Outcome.PERMIT, "WITHIN_LIMIT", "Policy permits.",
+                          ("payment-within-limit",), version)
+    payment = record_as_earlier_release(data, refused, PAYMENT, within_limit,
+                                        frozenset({"beneficiary_account", "amount"}))
+    shown = json.loads(run_cli("replay", payment, "--policy", demo, "--json", data=data,
+                               check=False).stdout)
+    assert shown["status"] == "not_replayable"  # was amount's digest stored, or a string?
+    assert "context.amount" in shown["problem"] and "earlier release" in shown["problem"]
+
+    report = json.loads(run_cli("policy", "impact", "--candidate", demo, "--since", "1h",
+                                "--json", data=data).stdout)
+    assert report["totals"] == {"decisions": 2, "replayed": 1, "unchanged": 1, "changed": 0,
+                                "notReplayable": 1}
+    refused_candidate = run_cli("policy", "impact", "--candidate", bundle_version(refused),
+                                "--since", "1h", data=data, check=False)
+    assert refused_candidate.returncode == 1 and "Traceback" not in refused_candidate.stderr
+    assert "push a corrected bundle" in refused_candidate.stderr
+
+
+def test_a_reason_code_chosen_by_an_earlier_release_is_said_to_be_the_release_s(
+        tmp_path: Path) -> None:
+    """Earlier releases took the reason code from the first determining policy by @id,
+    this one from the first that gives a @reason: a replay of such a decision is not
+    reproduced, and must say that the policies are the same, not only that it differs."""
+    data = tmp_path / "data"
+    run_cli("init", data=data)
+    unnamed = (b'\n@id("a-blocklist")\nforbid (principal, action == Action::"payment.execute",'
+               b' resource)\nwhen { context.beneficiary == "Oceanic Shell Holdings '
+               b'(fictional)" };\n')
+    sanctions = (demo_bundle_path() / "policies" / "sanctions.cedar").read_bytes()
+    files = demo_files(**{"policies/sanctions.cedar": sanctions + unnamed})
+    body = {**PAYMENT, "context": {**PAYMENT["context"], "beneficiary": SANCTIONED}}
+
+    def denied(version: str) -> Evaluation:
+        return Evaluation(Outcome.DENY, "POLICY_FORBID", "Policy 'a-blocklist' forbids it.",
+                          ("a-blocklist", "payment-sanctioned-beneficiary"), version)
+    denial = record_as_earlier_release(data, files, body, denied)
+    replayed = run_cli("replay", denial, data=data, check=False)
+    assert "DENY SANCTIONED_BENEFICIARY" in replayed.stdout
+    assert "the same policies decided; only the reason code differs" in replayed.stdout
+    report = json.loads(run_cli("policy", "impact", "--candidate", bundle_version(files),
+                                "--since", "1h", "--json", data=data).stdout)
+    assert [change["to"] for change in report["changes"]] == [
+        "DENY SANCTIONED_BENEFICIARY (same policies; reason code as this release chooses it)"]

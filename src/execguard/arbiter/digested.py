@@ -24,7 +24,7 @@ from execguard.arbiter.bundle import PolicyBundle
 from execguard.arbiter.registry import FieldSpec, SurfaceSpec
 from execguard.protocol.request import digest_value
 
-__all__ = ["context_reads", "stored_context"]
+__all__ = ["context_reads", "looks_digested", "stored_context"]
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 _NULL_DIGEST = digest_value(None)
@@ -42,8 +42,7 @@ def stored_context(bundle: PolicyBundle, spec: SurfaceSpec, recorded_spec: Surfa
     context = dict(stored)
     # The fields stored as digests are those sensitive when the decision was taken.
     sensitive = spec.sensitive | (recorded_spec.sensitive if recorded_spec else frozenset())
-    digested = sorted(name for name in sensitive
-                      if isinstance(stored.get(name), str) and _DIGEST_RE.match(stored[name]))
+    digested = sorted(name for name in sensitive if looks_digested(stored.get(name)))
     if not digested:
         return context
     reads = context_reads(bundle, spec.name)
@@ -72,6 +71,11 @@ def stored_context(bundle: PolicyBundle, spec: SurfaceSpec, recorded_spec: Surfa
         else:
             context[name] = _stand_in(declared, stored[name])
     return context
+
+
+def looks_digested(value: Any) -> bool:
+    """Whether a stored context value has the shape of a sensitive value's digest."""
+    return isinstance(value, str) and _DIGEST_RE.match(value) is not None
 
 
 def _stand_in(spec: FieldSpec, digest: str) -> Any:

@@ -276,9 +276,12 @@ def replay(
                       f"{result.replayed_version}  [{policies}]")
         if result.note:
             out.print(f"note       {result.note}")
+        changed = "a different outcome" if what_if else (
+            "the same decision by the same policies; the reason code as this release "
+            "chooses it" if result.reason_rule_changed else
+            "NOT reproduced: the same request and facts now decide differently")
         verdict = {ReplayStatus.REPRODUCED: "the same decision and reason",
-                   ReplayStatus.CHANGED: "a different outcome" if what_if else
-                   "NOT reproduced: the same request and facts now decide differently"}
+                   ReplayStatus.CHANGED: changed}
         text = verdict.get(result.status) or f"{result.status.value.upper()}: {result.problem}"
         out.print(f"verdict    {text}", style=None if ok else "bold red")
     if not ok:
