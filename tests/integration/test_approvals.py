@@ -222,6 +222,41 @@ def test_an_expired_approval_resolves_to_silence(fresh_gateway: Gateway,
         assert consume.json()["error"] == "not_permitted"
 
 
+def test_approvals_resolve_while_the_active_policy_does_not_load(fresh_gateway: Gateway,
+                                                                 quick_expiry: Path) -> None:
+    """An active bundle stored before this release's stricter rules does not load. Then
+    no approval could be denied or expire (503: the resolution read the policy even when
+    it evaluates nothing), and the first overdue one stopped the gateway's expiry sweep
+    for every tenant. A deny and an expiry need no policy; an approval, which must
+    evaluate the request again, waits for a corrected bundle (503 saying so)."""
+    from tests.integration.test_shadow import store_a_bundle_that_no_longer_loads
+
+    surfaces = quick_expiry / "surfaces.toml"  # time to vote before the expiry
+    surfaces.write_text(surfaces.read_text().replace('approval_expiry = "2s"',
+                                                     'approval_expiry = "6s"'))
+    run_cli("policy", "push", str(quick_expiry), "--activate", data=fresh_gateway.data)
+    alice = approver(fresh_gateway, "finance", "alice")
+    with fresh_gateway.client() as client:
+        denied, expiring, approved = (escalate(client, actor=f"actor-{n}") for n in range(3))
+    store_a_bundle_that_no_longer_loads(fresh_gateway, shadow=False)
+    assert vote(fresh_gateway, alice, denied["execution_id"], "deny").status_code == 200
+    refused = vote(fresh_gateway, alice, approved["execution_id"])
+    assert refused.status_code == 503 and "does not load" in refused.json()["message"]
+    with fresh_gateway.client() as client:
+        deadline = time.monotonic() + 15
+        while client.get(f"/v1/executions/{expiring['execution_id']}").json()[
+                "decision"] != "SILENCE":
+            assert time.monotonic() < deadline, "the overdue approval never expired"
+            time.sleep(0.3)
+        story = {answer["execution_id"]: client.get(
+            f"/v1/executions/{answer['execution_id']}").json()
+            for answer in (denied, expiring, approved)}
+    assert (story[denied["execution_id"]]["decision"],
+            story[denied["execution_id"]]["reasonCode"]) == ("DENY", "APPROVAL_DENIED")
+    assert story[expiring["execution_id"]]["reasonCode"] == "APPROVAL_EXPIRED"
+    assert story[approved["execution_id"]]["decision"] == "SILENCE"  # it expired meanwhile
+
+
 class Receiver:
     """A real local HTTP server that records the webhook deliveries it gets."""
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from execguard.arbiter import Evaluation, PolicyBundle, SurfaceSpec
+from execguard.arbiter import CompiledBundle, Evaluation, PolicyBundle, SurfaceSpec
 from execguard.arbiter.digested import stored_context
 from execguard.ledger import (
     ApprovalRecord,
@@ -35,7 +35,13 @@ from execguard.ledger import (
     Vote,
 )
 from execguard.protocol.canonical import sha256_hex
-from execguard.protocol.errors import Conflict, Forbidden, MalformedRequest, NotFound
+from execguard.protocol.errors import (
+    Conflict,
+    Forbidden,
+    MalformedRequest,
+    NotFound,
+    ServiceUnavailable,
+)
 from execguard.protocol.outcome import PROTOCOL_VERSION, Outcome, format_timestamp
 from execguard.protocol.receipt import seal_receipt
 from execguard.protocol.request import ExecutionRequest, describe, parse_json_object
@@ -129,6 +135,10 @@ class Approvals:
     def _vote_entry(self, caller: Caller, execution_id: str, choice: str,
                     comment: str | None) -> PendingEntry:
         approval, execution = self._record(caller.tenant, execution_id)
+        if choice == "approve":
+            # It may complete the quorum, and then the request is evaluated again: under
+            # a policy that cannot be used, refuse the vote (503) rather than resolve.
+            self.gateway.active_bundle(caller.tenant)
         if caller.role != "approver" or approval.approvers not in caller.groups:
             raise Forbidden(f"this API key is not an approver for group {approval.approvers!r}"
                             " (create one with 'execguard keys create --role approver "
@@ -192,10 +202,20 @@ class Approvals:
     def _resolver(self, tenant: str, execution: ExecutionRecord
                   ) -> Callable[[FactReader, str], PreparedDecision]:
         signer = self.signers.current()
+        compiled: CompiledBundle | None = None
+        spec: SurfaceSpec | None = None
+        context: dict[str, Any] | str
+        try:
+            bundle, compiled = self.gateway.active_bundle(tenant)
+            spec = bundle.registry.get(execution.surface)
+            context = self._context(tenant, execution, bundle, spec)
+        except ServiceUnavailable as exc:
+            # A policy that does not load (stored before this release's stricter rules):
+            # a deny or an expiry evaluates nothing and still resolves; an approval is
+            # refused before it gets here (_vote_entry), or else becomes SILENCE.
+            context = str(exc)
+        version = compiled.version if compiled is not None else execution.policy_version
         stored = execution.request
-        bundle, compiled = self.gateway.active_bundle(tenant)
-        spec = bundle.registry.get(execution.surface)
-        context = self._context(tenant, execution, bundle, spec)
         request = ExecutionRequest(
             surface=execution.surface, action=stored.get("action"),
             actor_id=stored.get("actorId"),
@@ -204,28 +224,22 @@ class Approvals:
         normalized = {k: v for k, v in stored.items() if k not in ("executionMode", "facts")}
 
         def resolve(reader: FactReader, how: str) -> PreparedDecision:
+            # spec and compiled are read only to evaluate (an approval, with both known).
             given = DecisionInput(
-                tenant, request, spec, compiled, normalized, execution.request_hash,
-                "enforce", execution.execution_id, self.clock(), self.settings.authority_id,
-                self.settings.token_ttl_seconds, approved=True,
+                tenant, request, spec, compiled, normalized,  # type: ignore[arg-type]
+                execution.request_hash, "enforce", execution.execution_id, self.clock(),
+                self.settings.authority_id, self.settings.token_ttl_seconds, approved=True,
                 resolves=execution.receipt["receiptHash"])
             if how == "approved" and spec is not None and isinstance(context, dict):
                 return prepare_decision(given, signer, reader)
-            if how == "approved" and isinstance(context, str):
-                evaluation = Evaluation(Outcome.SILENCE, "EVALUATION_ERROR",
-                                        f"The approved request cannot be evaluated again: "
-                                        f"{context}.", (), compiled.version)
-                return build_decision(given, evaluation, {}, signer)
-            code, outcome, reason = {
-                "denied": ("APPROVAL_DENIED", Outcome.DENY, "An approver denied this request."),
-                "expired": ("APPROVAL_EXPIRED", Outcome.SILENCE,
-                            "No approval came before the escalation expired."),
-            }.get(how, ("EVALUATION_ERROR", Outcome.SILENCE,
-                        "The surface is no longer in the active policy."))
-            evaluation = Evaluation(outcome, code, reason, (), compiled.version)
+            code, outcome, reason = _RESOLUTIONS.get(how) or (
+                "EVALUATION_ERROR", Outcome.SILENCE,
+                f"The approved request cannot be evaluated again: {context}."
+                if isinstance(context, str) else
+                "The surface is no longer in the active policy.")
+            evaluation = Evaluation(outcome, code, reason, (), version)
             return build_decision(given, evaluation, {}, signer)
         return resolve
-
 
     def _context(self, tenant: str, execution: ExecutionRecord, bundle: PolicyBundle,
                  spec: SurfaceSpec | None) -> dict[str, Any] | str:
@@ -240,6 +254,13 @@ class Approvals:
             recorded = recorded_bundle.registry.get(execution.surface) or spec
         return stored_context(bundle, spec, recorded, stored)
 
+
+#: How a deny or an expiry resolves an escalation: (reason code, outcome, reason).
+_RESOLUTIONS = {
+    "denied": ("APPROVAL_DENIED", Outcome.DENY, "An approver denied this request."),
+    "expired": ("APPROVAL_EXPIRED", Outcome.SILENCE,
+                "No approval came before the escalation expired."),
+}
 
 _CONFLICTS = {
     "already_voted": "this approver (this API key, or another key of its label) already "
