@@ -99,3 +99,25 @@ def test_junk_and_the_wrong_keys_are_refused(evidence: dict[str, Path], tmp_path
     refused = run_cli("verify", str(evidence["bundle"]), "--keys", str(deep), check=False)
     assert refused.returncode == 1 and refused.stderr.startswith("error:")
     assert "Traceback" not in refused.stderr and "nested too deep" in refused.stderr
+
+
+def test_an_observe_receipt_does_not_read_as_a_permit(fresh_gateway: Gateway,
+                                                      tmp_path: Path) -> None:
+    """'VALID: ... (PERMIT on data.export)' for a receipt whose policy denied: a person
+    reading the verdict took an observe-mode answer for a permit."""
+    with fresh_gateway.client() as client:
+        answer = client.post("/execute", json={
+            "surface": "data.export", "executionMode": "observe",
+            "context": {"row_count": 5_000_000, "destination": "public",
+                        "contains_pii": True}}).json()
+        bundle = client.get(f"/v1/receipts/{answer['execution_id']}/bundle").json()
+        keys = client.get("/.well-known/trigguard/keys.json").json()
+    assert (answer["decision"], answer["would_decision"]) == ("PERMIT", "DENY")
+    (tmp_path / "keys.json").write_text(json.dumps(keys))
+    (tmp_path / "response.json").write_text(json.dumps(answer))
+    (tmp_path / "bundle.json").write_text(json.dumps(bundle))
+    for name in ("response.json", "bundle.json"):
+        text = run_cli("verify", str(tmp_path / name), "--keys",
+                       str(tmp_path / "keys.json")).stdout
+        assert text.startswith("VALID")
+        assert "PERMIT (observe mode, not enforced; would be DENY)" in text, text

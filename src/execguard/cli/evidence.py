@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -303,16 +303,26 @@ def _verify_one(kind: str, evidence: Any, keyset: KeySet, at: float) -> dict[str
                 "keyId": bundle.receipt.key_id, "decision": receipt.get("decision"),
                 "logIndex": bundle.index, "treeSize": bundle.tree_size,
                 "origin": bundle.checkpoint.origin,
-                "summary": f"{receipt.get('decision')} receipt {receipt.get('executionId')}, "
+                "summary": f"{_decided(receipt)} receipt {receipt.get('executionId')}, "
                            f"entry {bundle.index} of {bundle.checkpoint.origin} "
                            f"(checkpoint of {bundle.tree_size} entries)"}
     verified = verify_receipt(extract_receipt(evidence), keyset)
     receipt = verified.receipt
     verdict = receipt.get("decision") or receipt.get("outcome")
+    shown = _decided(receipt) if receipt.get("decision") else verdict
     return {"kind": "receipt", "executionId": receipt.get("executionId"),
             "keyId": verified.key_id, "decision": verdict,
             "summary": f"{receipt.get('receiptType', 'decision')} receipt "
-                       f"{receipt.get('executionId')} ({verdict} on {receipt.get('surface')})"}
+                       f"{receipt.get('executionId')} ({shown} on {receipt.get('surface')})"}
+
+
+def _decided(receipt: Mapping[str, Any]) -> str:
+    """A decision receipt's decision as a person must read it: an observe-mode PERMIT is
+    no permit, and says what enforcing would have decided."""
+    if receipt.get("executionMode") == "observe":
+        return (f"{receipt.get('decision')} (observe mode, not enforced; would be "
+                f"{receipt.get('wouldDecision')})")
+    return str(receipt.get("decision"))
 
 
 @app.command()
