@@ -99,8 +99,8 @@ class IdempotencyKeyReuse(RequestError):
     def __init__(self, key: str) -> None:
         self.key = key
         super().__init__(
-            f"idempotency key {key!r} was already used for a different request; "
-            "use a new key for a new request"
+            f"idempotency key {key!r} was already used for a different request (or the "
+            "same one in another executionMode); use a new key for a new request"
         )
 
 

@@ -45,6 +45,7 @@ DECISION_RECEIPT_FIELDS = (
     "determiningPolicies",
     "executionMode",
     "wouldDecision",
+    "resolves",
     "factsDigest",
     "protocolVersion",
     "authorityId",
