@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import json
 import os
 import shutil
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Gateway, api_key_from, free_port, run_cli
+from tests.conftest import Gateway, api_key_from, free_port, run_cli, start_gateway
 
 PAYMENT = {"surface": "payment.execute", "actorId": "agent-dp",
            "context": {"amount": 1, "currency": "EUR", "beneficiary": "Acme Office Supplies"}}
@@ -118,6 +120,33 @@ def test_a_killed_decision_process_is_replaced(fresh_gateway: Gateway, tmp_path:
         assert after.status_code == 200 and after.json()["decision"] == "PERMIT"
         assert after.json()["receipt"]["logIndex"] > before.json()["receipt"]["logIndex"]
     audit_passes(fresh_gateway, fresh_gateway.client(), tmp_path)
+
+
+def test_a_decision_process_killed_under_load_is_said_to_have_exited(
+        fresh_gateway: Gateway) -> None:
+    """Killed with requests on their way to it, its socket broke: the log said it 'sent
+    something unreadable (Connection reset by peer)', which sends an operator looking
+    for a protocol bug. It says that it exited, and how."""
+    worker = the_worker(fresh_gateway)
+    stop = threading.Event()
+
+    def load(n: int) -> None:
+        with fresh_gateway.client() as client:
+            for i in itertools.count():
+                if stop.is_set():
+                    return
+                decide(client, f"dp-load-{n}-{i}")
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for n in range(8):
+            pool.submit(load, n)
+        time.sleep(1.0)
+        os.kill(worker, signal.SIGKILL)
+        time.sleep(1.0)
+        stop.set()
+    logged = fresh_gateway.log_path.read_text()
+    assert "the decision process exited (" in logged
+    assert "unreadable" not in logged
 
 
 def test_a_decision_process_that_stops_answering_is_replaced(
@@ -356,3 +385,25 @@ def test_a_stuck_decision_process_is_replaced_once_however_many_wait(
     replacing = [line for line in fresh_gateway.log_path.read_text().splitlines()
                  if "answered nothing for" in line]
     assert len(replacing) == 1, replacing
+
+
+def test_the_server_may_open_as_many_files_as_the_hard_limit_allows(tmp_path: Path) -> None:
+    """Each connection holds a file: at a shell's soft limit of 1,024, a burst of clients
+    made accept() fail for everyone, /healthz included."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 256:
+        pytest.skip("the hard limit on open files is too low to lower the soft one")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        gateway = start_gateway(tmp_path)  # inherits the soft limit of 256
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert gateway.process is not None
+        limits = Path(f"/proc/{gateway.process.pid}/limits").read_text()
+        (line,) = [row for row in limits.splitlines() if row.startswith("Max open files")]
+        assert line.split()[3] == line.split()[4] != "256", line
+    finally:
+        gateway.stop()

@@ -235,8 +235,12 @@ class DecisionProcess:
                 self._heard_at = time.monotonic()
                 self._dispatch(*frame)
         except (OSError, ValueError) as exc:  # a broken frame: the worker is replaced
-            log.error("the decision process sent something unreadable (%s): replacing it", exc)
-            worker.kill()
+            # Unless it ended (its socket breaks a moment before it can be reaped):
+            # _supervise then says how, and restarts it.
+            if not await asyncio.to_thread(_ends_within, worker, 1.0):
+                log.error("the decision process sent something unreadable (%s): replacing "
+                          "it", exc)
+                worker.kill()
         finally:
             self._ready.clear()
             self._ended_once.set()
@@ -398,6 +402,14 @@ class DecisionProcess:
             log.error("the decision process has answered nothing for %.0f s while requests "
                       "waited: replacing it", silent)
             worker.kill()
+
+
+def _ends_within(worker: _Worker, seconds: float) -> bool:
+    try:
+        worker.process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def _reap(worker: _Worker) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import resource
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,8 +95,19 @@ class _DeadlineH11Protocol(H11Protocol):
 
 def serve_until_signalled(app: FastAPI, host: str, port: int) -> None:
     """Serve; on SIGTERM/SIGINT stop accepting, finish in-flight requests, run shutdown."""
+    _use_every_open_file_allowed()
     # log_config=None: uvicorn's own messages go through ExecGuard's (JSON) log set-up.
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=30, log_config=None,
                             http=_DeadlineH11Protocol)
     _Server(config).run()
+
+
+def _use_every_open_file_allowed() -> None:
+    """Raise the soft limit on open files to the hard one: every connection holds a file,
+    and at a shell's default of 1,024 a burst of clients makes accept() fail, /healthz
+    included. (What an operator set as the hard limit still holds.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # a platform that will not: keep it
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
