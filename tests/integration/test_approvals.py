@@ -257,6 +257,29 @@ def test_approvals_resolve_while_the_active_policy_does_not_load(fresh_gateway: 
     assert story[approved["execution_id"]]["decision"] == "SILENCE"  # it expired meanwhile
 
 
+def test_an_escalation_decided_under_a_policy_that_no_longer_loads_waits_for_no_vote(
+        fresh_gateway: Gateway) -> None:
+    """The version an escalation was decided under says which of its fields were stored
+    as digests. When it no longer loads, an approving vote resolved it to SILENCE and
+    closed the approval: the approvers' decision was lost. It is refused (503); the
+    approval stays pending, and can still be denied."""
+    from tests.integration.test_shadow import store_a_bundle_that_no_longer_loads
+
+    alice = approver(fresh_gateway, "finance", "alice")
+    with fresh_gateway.client() as client:
+        kept, denied = escalate(client, actor="actor-a"), escalate(client, actor="actor-b")
+    unusable = store_a_bundle_that_no_longer_loads(fresh_gateway, shadow=True)
+    fresh_gateway.sql("UPDATE executions SET policy_version = ?", (unusable,))
+    refused = vote(fresh_gateway, alice, kept["execution_id"])
+    assert refused.status_code == 503 and "does not load" in refused.json()["message"]
+    assert vote(fresh_gateway, alice, denied["execution_id"], "deny").status_code == 200
+    with fresh_gateway.client() as client:
+        still = client.get(f"/v1/approvals/{kept['execution_id']}").json()
+        assert (still["status"], still["decision"]) == ("pending", "ESCALATE")
+        ended = client.get(f"/v1/executions/{denied['execution_id']}").json()
+        assert (ended["decision"], ended["reasonCode"]) == ("DENY", "APPROVAL_DENIED")
+
+
 class Receiver:
     """A real local HTTP server that records the webhook deliveries it gets."""
 

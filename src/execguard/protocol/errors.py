@@ -24,7 +24,8 @@ classes is ever used to say "no".
     ├── ConfigError                   settings or data directory unusable
     ├── ServiceUnavailable            cannot decide durably right now (fail closed)
     │   ├── StorageUnavailable        the ledger could not commit
-    │   └── NoSigningKey              no active signing key
+    │   ├── NoSigningKey              no active signing key
+    │   └── PolicyUnusable            a stored policy version does not load in this release
     └── VerificationError             evidence does not verify
         ├── ReceiptHashMismatch       fields do not hash to receiptHash
         ├── SignatureInvalid          signature does not verify under the key
@@ -210,6 +211,11 @@ class NoSigningKey(ServiceUnavailable):
     """There is no active signing key, so no receipt can be issued."""
 
     code = "keys_unavailable"
+
+
+class PolicyUnusable(ServiceUnavailable):
+    """A stored policy version does not load in this release (stored under an earlier
+    one's rules): the tenant gets no decision under it until a corrected one is used."""
 
 
 class VerificationError(ExecGuardError):

@@ -40,7 +40,7 @@ from execguard.protocol.errors import (
     Forbidden,
     MalformedRequest,
     NotFound,
-    ServiceUnavailable,
+    PolicyUnusable,
 )
 from execguard.protocol.outcome import PROTOCOL_VERSION, Outcome, format_timestamp
 from execguard.protocol.receipt import seal_receipt
@@ -135,10 +135,6 @@ class Approvals:
     def _vote_entry(self, caller: Caller, execution_id: str, choice: str,
                     comment: str | None) -> PendingEntry:
         approval, execution = self._record(caller.tenant, execution_id)
-        if choice == "approve":
-            # It may complete the quorum, and then the request is evaluated again: under
-            # a policy that cannot be used, refuse the vote (503) rather than resolve.
-            self.gateway.active_bundle(caller.tenant)
         if caller.role != "approver" or approval.approvers not in caller.groups:
             raise Forbidden(f"this API key is not an approver for group {approval.approvers!r}"
                             " (create one with 'execguard keys create --role approver "
@@ -146,6 +142,13 @@ class Approvals:
         if caller.key_hash == approval.requester_key or \
                 (caller.label is not None and caller.label == approval.actor_id):
             raise Forbidden("the requester cannot approve its own request")
+        if choice == "approve":
+            # It may complete the quorum, and then the request is evaluated again: under a
+            # policy that cannot be used (the active one, or the one it was decided under,
+            # which says what was stored as digests), refuse the vote (503), not resolve.
+            self.gateway.active_bundle(caller.tenant)
+            if execution.policy_version:
+                self.gateway.compiled(caller.tenant, execution.policy_version)
         signer = self.signers.current()
         fields = {
             "receiptType": "approval", "executionId": execution_id,
@@ -209,10 +212,11 @@ class Approvals:
             bundle, compiled = self.gateway.active_bundle(tenant)
             spec = bundle.registry.get(execution.surface)
             context = self._context(tenant, execution, bundle, spec)
-        except ServiceUnavailable as exc:
+        except PolicyUnusable as exc:
             # A policy that does not load (stored before this release's stricter rules):
             # a deny or an expiry evaluates nothing and still resolves; an approval is
-            # refused before it gets here (_vote_entry), or else becomes SILENCE.
+            # refused before it gets here (_vote_entry), or else becomes SILENCE. (Storage
+            # and key faults are not caught: the vote or expiry fails, and can be retried.)
             context = str(exc)
         version = compiled.version if compiled is not None else execution.policy_version
         stored = execution.request

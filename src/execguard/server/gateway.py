@@ -38,6 +38,7 @@ from execguard.protocol.errors import (
     MalformedRequest,
     NoSigningKey,
     NotFound,
+    PolicyUnusable,
     ServiceUnavailable,
     UnknownSurface,
 )
@@ -107,6 +108,8 @@ class Gateway:
         self._bundles: dict[tuple[str, str], tuple[PolicyBundle, CompiledBundle]] = {}
         self._bundles_lock = threading.Lock()
         self._unusable_shadows: set[tuple[str, str]] = set()
+        #: (tenant, version) -> why that stored version does not load in this release.
+        self._unusable: dict[tuple[str, str], str] = {}
         self._keys: dict[str, tuple[ApiKeyRecord, float]] = {}
         #: tenant -> (active version, shadow version, read until (monotonic)).
         self._versions: dict[str, tuple[str | None, str | None, float]] = {}
@@ -198,16 +201,20 @@ class Gateway:
         if cached is not None:
             return cached
         with self._bundles_lock:
+            unusable = self._unusable.get((tenant, version))
+            if unusable is not None:  # a version never changes: not read and parsed again
+                raise PolicyUnusable(unusable)
             record = self.store.get_bundle(tenant, version)
             if record is None:  # activation requires a stored bundle
                 raise ServiceUnavailable(f"policy version {version} is not stored")
             try:
                 bundle = PolicyBundle.from_files(record.files)
             except BundleInvalid as exc:  # stored before this release's stricter rules
-                raise ServiceUnavailable(
-                    f"policy version {version[:12]} of tenant {tenant!r} does not load in "
-                    f"this release ({exc}): activate a corrected bundle with 'execguard "
-                    "policy push --activate'") from None
+                why = (f"policy version {version[:12]} of tenant {tenant!r} does not load in "
+                       f"this release ({exc}): activate a corrected bundle with 'execguard "
+                       "policy push --activate'")
+                self._unusable[(tenant, version)] = why
+                raise PolicyUnusable(why) from None
             compiled = (bundle, CompiledBundle(bundle))
             self._bundles[(tenant, version)] = compiled
             return compiled
