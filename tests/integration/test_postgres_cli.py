@@ -99,3 +99,17 @@ def test_a_password_given_as_a_query_parameter_is_never_printed(
     migrated = run_cli("db", "migrate", data=data)
     assert "s3cretpw" not in migrated.stdout + migrated.stderr
     assert "s3cretpw" in (data / "execguard.toml").read_text()  # what replicas connect with
+
+
+def test_a_url_naming_several_hosts_is_accepted(tmp_path: Path,
+                                                postgres: PostgresSession) -> None:
+    """libpq takes a list of hosts (h1:5432,h2:5433), the way to name a primary and its
+    standbys; a check of the URL's port refused it, so such a configuration stopped
+    working. Here both hosts are the test server."""
+    url = postgres.new_url()
+    several = url.replace("127.0.0.1:5432", "127.0.0.1:5432,127.0.0.1:5432", 1)
+    assert several != url
+    init = run_cli("init", "--db", several, data=tmp_path / "data")
+    assert "ledger" in init.stdout
+    migrated = run_cli("db", "migrate", data=tmp_path / "data")
+    assert f"schema version {SCHEMA_VERSION}" in migrated.stdout

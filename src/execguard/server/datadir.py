@@ -80,9 +80,13 @@ def checked_database_url(url: str, source: str) -> str:
         raise ConfigError(f"{source} {shown!r} is not a PostgreSQL URL "
                           "(postgresql://user@host:port/database)")
     try:
-        urlsplit(url).port  # noqa: B018 (parsing the port is the check)
-    except ValueError as exc:
+        hosts = urlsplit(url).netloc.rpartition("@")[2]
+    except ValueError as exc:  # an IPv6 bracket left open
         raise ConfigError(f"{source} {shown!r}: {exc}") from None
+    for host in hosts.split(","):  # libpq takes several: h1:5432,h2:5433
+        port = host.rpartition("]")[2].partition(":")[2]  # past an IPv6 address
+        if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"{source} {shown!r}: port {port!r} is not from 1 to 65,535")
     return url
 
 
