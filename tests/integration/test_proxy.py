@@ -408,6 +408,14 @@ def test_a_header_that_cannot_be_forwarded_is_400_before_any_permit_is_used(
     assert refused.json()["error"] == "malformed_request"
     assert "'x-note'" in refused.json()["message"].lower()
     assert upstream.calls == []
+    # Two different Idempotency-Keys: which request would a retry repeat? (The gateway
+    # refuses them too; the proxy took the first.)
+    twice = httpx.post(proxy.url + "/payments", json=payment(amount=17), timeout=30.0,
+                       headers=[("X-Agent-Id", "agent-7"), ("Idempotency-Key", key),
+                                ("Idempotency-Key", f"other-{key}")])
+    assert twice.status_code == 400, twice.text
+    assert "Idempotency-Key" in twice.json()["message"]
+    assert upstream.calls == []
     # Nothing was used up: the same request (same Idempotency-Key) with a clean header runs.
     ran = proxy.post("/payments", payment(amount=17), **headers, **{"X-Note": "cafe"})
     assert ran.status_code == 201, ran.text
@@ -723,6 +731,10 @@ def test_proxy_execute_wire_shape(proxy: Proxy, upstream: Upstream, gateway: Gat
     assert (refused["permitted"], refused["decision"]) == (False, "SILENCE")
     assert refused["executionId"] and refused["reason"]
     assert proxy.post("/proxy/execute", body).status_code == 401
+    twice = httpx.post(proxy.url + "/proxy/execute", json=body, timeout=30.0, headers=[
+        ("Authorization", f"Bearer {gateway.api_key}"), ("Idempotency-Key", key),
+        ("Idempotency-Key", f"other-{key}")])
+    assert twice.status_code == 400 and twice.json()["permitted"] is False, twice.text
     # A context that is not an object is refused, falsy or not (absent or null is none).
     for context in ([], 0, False, "", "abc"):
         bad = proxy.post("/proxy/execute", {**body, "context": context},

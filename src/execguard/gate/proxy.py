@@ -199,6 +199,16 @@ def _match(route: RouteConfig, segments: list[str]) -> dict[str, str] | None:
     return params
 
 
+def _idempotency_header(request: Request) -> str | None:
+    """The caller's Idempotency-Key; sent twice with different values it is refused, as
+    the gateway refuses it: which request would a retry repeat?"""
+    values = set(request.headers.getlist("idempotency-key"))
+    if len(values) > 1:
+        raise _BadRequest(400, "malformed_request", "Idempotency-Key: expected one "
+                          "Idempotency-Key header, got several with different values")
+    return next(iter(values), None)
+
+
 def _raw_path(request: Request) -> bytes:
     """The path as the caller sent it (percent-encoding intact), without the query."""
     raw = request.scope.get("raw_path") or request.url.path.encode("utf-8")
@@ -470,13 +480,13 @@ class _Proxy:
             # Built now, while the permit is whole: a request that cannot be sent is refused
             # before it uses one up.
             outgoing = self._outgoing(request, body)
+            idempotency_key = _idempotency_header(request)
         except _BadRequest as exc:
             return JSONResponse({"error": exc.error, "message": exc.message}, exc.status)
         token = request.headers.get(TOKEN_HEADER)
         request_fields: dict[str, Any] = {
             "actor": None if actor is _MISSING else actor, "action": route.action,
-            "signals": signals or None,
-            "idempotency_key": request.headers.get("idempotency-key")}
+            "signals": signals or None, "idempotency_key": idempotency_key}
         assert self.gate is not None
         try:
             if token is not None:
@@ -591,7 +601,11 @@ class _Proxy:
             headers={"Content-Type": "application/json", "Accept-Encoding": "identity",
                      **self.config.upstream.headers})
         surface = context.get("surface") or lite.surface
-        header_key = request.headers.get("idempotency-key")
+        try:
+            header_key = _idempotency_header(request)
+        except _BadRequest as exc:
+            return JSONResponse({"permitted": False, "error": exc.error,
+                                 "message": exc.message}, exc.status)
         context_key = context.get("idempotencyKey")
         try:
             if not isinstance(surface, str) or surface not in lite.allowed_surfaces:
