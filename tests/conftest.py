@@ -141,7 +141,7 @@ class Gateway:
         return self.database or str(self.data / "execguard.db")
 
     def sql(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        """Run SQL (``?`` placeholders) on the ledger directly, as an operator's shell would."""
+        """Run SQL (``?`` parameter markers) on the ledger directly, as an operator would."""
         if self.database is None:
             with closing(sqlite3.connect(self.data / "execguard.db", timeout=30)) as conn, \
                     conn:

@@ -128,7 +128,7 @@ def webhooks_add(
     """Send the tenant's approval events to URL, signed with HMAC-SHA256."""
     from execguard.ledger import WebhookRecord
     from execguard.server.datadir import now_text
-    from execguard.server.webhooks import EVENTS
+    from execguard.server.webhooks import EVENTS, webhook_host
     _check_webhook_url(url)
     if fmt not in ("json", "slack"):
         raise ConfigError(f"--format {fmt!r} is not json or slack")
@@ -147,13 +147,14 @@ def webhooks_add(
     finally:
         store.close()
     out.print(f"Webhook {record.id} for tenant {tenant}: {', '.join(events)} -> "
-              f"{_host_of(url)} ({fmt})")
+              f"{webhook_host(url)} ({fmt})")
     print(f"EXECGUARD_WEBHOOK_SECRET={secret}")
 
 
 @webhooks_app.command("list")
 def webhooks_list(tenant: TenantOption = "demo", data: DataOption = DEFAULT_DATA) -> None:
     """List the tenant's webhooks (secrets are not shown)."""
+    from execguard.server.webhooks import webhook_host
     store = datadir(data).open_store()
     try:
         require_tenant(store, tenant)
@@ -162,14 +163,8 @@ def webhooks_list(tenant: TenantOption = "demo", data: DataOption = DEFAULT_DATA
         store.close()
     table = Table("id", "host", "format", "events")
     for h in hooks:
-        table.add_row(h.id, _host_of(h.url), h.format, ", ".join(h.events))
+        table.add_row(h.id, webhook_host(h.url), h.format, ", ".join(h.events))
     out.print(table)
-
-
-def _host_of(url: str) -> str:
-    """A webhook's host: its URL may hold a credential (user:password, a token in the
-    query; a Slack webhook's path is one), and listings end up in CI logs."""
-    return urlsplit(url).hostname or "?"
 
 
 @webhooks_app.command("remove")

@@ -33,7 +33,7 @@ class Cursor(Protocol):
 
 
 class Connection(Protocol):
-    """A DB-API style connection taking ``?`` placeholders (SQLite's own, or an adapter)."""
+    """A DB-API style connection taking ``?`` parameter markers (SQLite's own, or an adapter)."""
 
     def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
 

@@ -30,7 +30,7 @@ PendingReservations = dict[tuple[str, str], dict[str, list[Reservation]]]
 #: Fact reads made ahead for a batch: (tenant, read) -> each query's answer over stored rows.
 FactsAhead = dict[tuple[str, FactRead], list[int]]
 
-#: Each table's INSERT: its leading clause, one row's placeholders, and a trailer.
+#: Each table's INSERT: its leading clause, one row's parameter markers, and a trailer.
 _INSERTS: dict[str, tuple[str, str, str]] = {
     "log": ("INSERT INTO log VALUES ", "(?, ?, ?, ?, ?, ?, ?, ?, ?)", ""),
     "merkle_nodes": ("INSERT INTO merkle_nodes VALUES ", "(?, ?, ?, ?, ?)", ""),

@@ -49,13 +49,13 @@ log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=512)
-def _placeholders(sql: str) -> str:
+def _parameter_markers(sql: str) -> str:
     """The shared SQL uses sqlite3's ``?``; psycopg wants ``%s`` (and ``%%`` for ``%``)."""
     return sql.replace("%", "%%").replace("?", "%s")
 
 
 class _Connection:
-    """A psycopg connection that speaks the shared SQL's dialect of placeholders."""
+    """A psycopg connection that speaks the shared SQL's dialect of parameter markers."""
 
     __slots__ = ("_conn",)
 
@@ -63,11 +63,11 @@ class _Connection:
         self._conn = conn
 
     def execute(self, sql: str, parameters: Any = (), /) -> psycopg.Cursor[Any]:
-        return self._conn.execute(_placeholders(sql), parameters)
+        return self._conn.execute(_parameter_markers(sql), parameters)
 
     def executemany(self, sql: str, rows: Any, /) -> None:
         with self._conn.cursor() as cursor:
-            cursor.executemany(_placeholders(sql), rows)
+            cursor.executemany(_parameter_markers(sql), rows)
 
 
 def _lost_connection(exc: psycopg.OperationalError) -> bool:

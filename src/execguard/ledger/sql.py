@@ -8,7 +8,7 @@ same index, pass a limit together, or consume one permit twice. Nothing is
 ever updated in place in the log; the backends' triggers refuse it.
 
 A backend supplies connections (:meth:`SQLStore._read`, :meth:`SQLStore._write`)
-that accept ``?`` placeholders and turn its driver's errors into
+that accept ``?`` parameter markers and turn its driver's errors into
 :class:`~execguard.protocol.errors.StorageUnavailable`; everything else is here.
 """
 

@@ -107,7 +107,6 @@ class Gateway:
         self.clock = clock
         self._bundles: dict[tuple[str, str], tuple[PolicyBundle, CompiledBundle]] = {}
         self._bundles_lock = threading.Lock()
-        self._unusable_shadows: set[tuple[str, str]] = set()
         #: (tenant, version) -> why that stored version does not load in this release.
         self._unusable: dict[tuple[str, str], str] = {}
         self._keys: dict[str, tuple[ApiKeyRecord, float]] = {}
@@ -214,6 +213,7 @@ class Gateway:
                        f"this release ({exc}): activate a corrected bundle with 'execguard "
                        "policy push --activate'")
                 self._unusable[(tenant, version)] = why
+                log.warning("%s", why)  # once per version: it is not parsed again
                 raise PolicyUnusable(why) from None
             compiled = (bundle, CompiledBundle(bundle))
             self._bundles[(tenant, version)] = compiled
@@ -226,13 +226,9 @@ class Gateway:
             return None
         try:
             _, compiled = self.compiled(tenant, version)
-        except (ServiceUnavailable, BundleInvalid) as exc:
+        except ServiceUnavailable:
             # A comparison only: a candidate that does not load (one stored before this
-            # version's stricter rules) must never fail a live decision.
-            if (tenant, version) not in self._unusable_shadows:
-                self._unusable_shadows.add((tenant, version))
-                log.warning("shadow policy %s of tenant %s is not evaluated: %s",
-                            version[:12], tenant, exc)
+            # release's stricter rules; compiled() says so once) never fails a decision.
             return None
         return compiled if compiled.registry.get(surface) is not None else None
 

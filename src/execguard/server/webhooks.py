@@ -28,7 +28,7 @@ import httpx
 
 from execguard.ledger import WebhookRecord
 
-__all__ = ["EVENTS", "Notifier", "sign_payload"]
+__all__ = ["EVENTS", "Notifier", "sign_payload", "webhook_host"]
 
 log = logging.getLogger("execguard.webhooks")
 
@@ -135,11 +135,14 @@ class Notifier:
             task.cancel()
 
 
-def _where(target: WebhookRecord) -> str:
-    """A webhook as the logs name it: its id and host, never its URL, whose user
+def webhook_host(url: str) -> str:
+    """How a webhook is shown (logs, the CLI): by its host, never its URL, whose user
     information, path or query may be a credential (a Slack webhook's path is one)."""
     try:
-        host = urlsplit(target.url).hostname or "?"
+        return urlsplit(url).hostname or "?"
     except ValueError:
-        host = "?"
-    return f"{target.id} (host {host})"
+        return "?"
+
+
+def _where(target: WebhookRecord) -> str:
+    return f"{target.id} (host {webhook_host(target.url)})"
